@@ -1,0 +1,164 @@
+"""Prometheus metrics, registered on an injected ``CollectorRegistry`` (never the global one),
+so each app and each test has its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """Every metric pullgate exports. Names are part of the public surface (dashboards,
+    alerts in ``charts/pullgate``): rename only together with them."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "pullgate_http_requests_total",
+            "Mirror HTTP requests by endpoint, method and status code.",
+            ["endpoint", "method", "status"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "pullgate_http_request_duration_seconds",
+            "Mirror HTTP request duration (to the last byte) by endpoint.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.cache_results = Counter(
+            "pullgate_cache_requests_total",
+            "Cache lookups by object kind (manifest, blob, tag) and result "
+            "(hit, miss, revalidated, stale, negative).",
+            ["kind", "result"],
+            registry=registry,
+        )
+        self.bytes_served = Counter(
+            "pullgate_bytes_served_total",
+            "Bytes sent to clients by source (cache, upstream).",
+            ["source"],
+            registry=registry,
+        )
+        self.upstream_seconds = Histogram(
+            "pullgate_upstream_request_duration_seconds",
+            "Upstream request latency (to response headers) by upstream and method.",
+            ["upstream", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "pullgate_upstream_errors_total",
+            "Upstream failures by upstream and kind (connect, timeout, status_5xx, "
+            "rate_limited, auth, protocol, digest_mismatch, ...).",
+            ["upstream", "kind"],
+            registry=registry,
+        )
+        self.upstream_bytes = Counter(
+            "pullgate_upstream_bytes_total",
+            "Bytes downloaded from upstreams.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.ratelimit_limit = Gauge(
+            "pullgate_upstream_ratelimit_limit",
+            "Last ratelimit-limit header seen from the upstream (Docker Hub pull limit).",
+            ["upstream"],
+            registry=registry,
+        )
+        self.ratelimit_remaining = Gauge(
+            "pullgate_upstream_ratelimit_remaining",
+            "Last ratelimit-remaining header seen from the upstream.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.digest_mismatches = Counter(
+            "pullgate_digest_mismatches_total",
+            "Upstream content whose digest did not match; never cached or served.",
+            ["upstream", "kind"],
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            "pullgate_cache_size_bytes", "Bytes held in the blob store.", registry=registry
+        )
+        self.cache_objects = Gauge(
+            "pullgate_cache_objects", "Objects held in the blob store.", registry=registry
+        )
+        self.cache_max_bytes = Gauge(
+            "pullgate_cache_max_size_bytes", "Configured cache quota.", registry=registry
+        )
+        self.evictions = Counter(
+            "pullgate_cache_evictions_total", "Images evicted for the quota.", registry=registry
+        )
+        self.evicted_bytes = Counter(
+            "pullgate_cache_evicted_bytes_total", "Bytes evicted for the quota.", registry=registry
+        )
+        self.inflight_fetches = Gauge(
+            "pullgate_upstream_inflight_fetches",
+            "Blob downloads from upstream in progress.",
+            registry=registry,
+        )
+        self.coalesced = Counter(
+            "pullgate_coalesced_requests_total",
+            "Requests that joined a download already in progress instead of starting one.",
+            ["kind"],
+            registry=registry,
+        )
+        self.ready = Gauge(
+            "pullgate_ready", "1 while /readyz answers ready.", registry=registry
+        )
+        # --- admission webhook and policies --------------------------------------------
+        self.admission_reviews = Counter(
+            "pullgate_admission_reviews_total",
+            "AdmissionReviews answered by endpoint (validate, mutate) and outcome "
+            "(allowed, denied, error, timeout).",
+            ["endpoint", "outcome"],
+            registry=registry,
+        )
+        self.admission_seconds = Histogram(
+            "pullgate_admission_review_duration_seconds",
+            "Time to answer an AdmissionReview by endpoint.",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.admission_decisions = Counter(
+            "pullgate_admission_decisions_total",
+            "Per-image policy decisions by policy, mode and result (pass, violation).",
+            ["policy", "mode", "result"],
+            registry=registry,
+        )
+        self.tag_resolutions = Counter(
+            "pullgate_tag_resolutions_total",
+            "Tag-to-digest resolutions for admission by source (cache, upstream, failed).",
+            ["source"],
+            registry=registry,
+        )
+        self.policy_reloads = Counter(
+            "pullgate_policy_reloads_total",
+            "Policy set (re)loads by result (ok, error).",
+            ["result"],
+            registry=registry,
+        )
+        self.policies_loaded = Gauge(
+            "pullgate_policies_loaded", "Policies in the active set.", registry=registry
+        )
+        # --- signatures --------------------------------------------------------------------
+        self.verifications = Counter(
+            "pullgate_signature_verifications_total",
+            "Signature verifications by result (verified, failed, error) and key name.",
+            ["result", "key"],
+            registry=registry,
+        )
+        self.verification_seconds = Histogram(
+            "pullgate_signature_verification_duration_seconds",
+            "Time to verify an image's signatures (cache misses only).",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+            registry=registry,
+        )
+        self.verification_cache = Counter(
+            "pullgate_signature_verification_cache_total",
+            "Verification cache lookups by result (hit, miss).",
+            ["result"],
+            registry=registry,
+        )
