@@ -23,8 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pullgate",
         description=(
-            "Pull-through caching mirror for OCI/Docker registries and Kubernetes "
-            "image-policy admission webhook."
+            "Pull-through caching mirror for OCI/Docker registries and Kubernetes image-policy admission webhook."
         ),
         epilog="Run 'pullgate COMMAND --help' for a command's options.",
     )

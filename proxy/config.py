@@ -122,9 +122,7 @@ class MirrorConfig:
 class Config:
     listen: tuple[str, int] = _listen("127.0.0.1:5000")
     cache: CacheConfig = field(default_factory=CacheConfig)
-    upstreams: tuple[UpstreamConfig, ...] = (
-        UpstreamConfig(name="docker.io", url="https://registry-1.docker.io"),
-    )
+    upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(name="docker.io", url="https://registry-1.docker.io"),)
     default_upstream: str | None = "docker.io"
     timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -140,7 +138,7 @@ class Config:
     def redacted(self) -> dict[str, Any]:
         """A dump safe for logs and ``/debug``: secrets are read from env and never held here,
         but the env variable names are not secret and help debugging."""
-        return _plain(self)
+        return typing.cast(dict[str, Any], _plain(self))
 
 
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -155,7 +153,7 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raise ConfigError(f"config {path}: top level must be a mapping")
         data = loaded or {}
     _apply_env(data, os.environ if environ is None else environ)
-    config = build(Config, data, "")
+    config = typing.cast(Config, build(Config, data, ""))
     _check(config)
     return config
 

@@ -109,3 +109,14 @@ class DigestMismatch(UpstreamError):
     """Bytes from upstream whose digest is not the one asked for: never cached or served."""
 
     code, status = "DIGEST_INVALID", 502
+
+
+# --- signatures --------------------------------------------------------------------------
+class KeyUnsupported(ConfigError):
+    """A verification key that is not a PEM public key of a type cosign signs with."""
+
+
+class SignatureInvalid(UpstreamError):
+    """A signature object from upstream that is not shaped as cosign writes it."""
+
+    code, status = "MANIFEST_INVALID", 502

@@ -29,8 +29,7 @@ class Metrics:
         )
         self.cache_results = Counter(
             "pullgate_cache_requests_total",
-            "Cache lookups by object kind (manifest, blob, tag) and result "
-            "(hit, miss, revalidated, stale, negative).",
+            "Cache lookups by object kind (manifest, blob, tag) and result (hit, miss, revalidated, stale, negative).",
             ["kind", "result"],
             registry=registry,
         )
@@ -78,18 +77,10 @@ class Metrics:
             ["upstream", "kind"],
             registry=registry,
         )
-        self.cache_bytes = Gauge(
-            "pullgate_cache_size_bytes", "Bytes held in the blob store.", registry=registry
-        )
-        self.cache_objects = Gauge(
-            "pullgate_cache_objects", "Objects held in the blob store.", registry=registry
-        )
-        self.cache_max_bytes = Gauge(
-            "pullgate_cache_max_size_bytes", "Configured cache quota.", registry=registry
-        )
-        self.evictions = Counter(
-            "pullgate_cache_evictions_total", "Images evicted for the quota.", registry=registry
-        )
+        self.cache_bytes = Gauge("pullgate_cache_size_bytes", "Bytes held in the blob store.", registry=registry)
+        self.cache_objects = Gauge("pullgate_cache_objects", "Objects held in the blob store.", registry=registry)
+        self.cache_max_bytes = Gauge("pullgate_cache_max_size_bytes", "Configured cache quota.", registry=registry)
+        self.evictions = Counter("pullgate_cache_evictions_total", "Images evicted for the quota.", registry=registry)
         self.evicted_bytes = Counter(
             "pullgate_cache_evicted_bytes_total", "Bytes evicted for the quota.", registry=registry
         )
@@ -104,14 +95,11 @@ class Metrics:
             ["kind"],
             registry=registry,
         )
-        self.ready = Gauge(
-            "pullgate_ready", "1 while /readyz answers ready.", registry=registry
-        )
+        self.ready = Gauge("pullgate_ready", "1 while /readyz answers ready.", registry=registry)
         # --- admission webhook and policies --------------------------------------------
         self.admission_reviews = Counter(
             "pullgate_admission_reviews_total",
-            "AdmissionReviews answered by endpoint (validate, mutate) and outcome "
-            "(allowed, denied, error, timeout).",
+            "AdmissionReviews answered by endpoint (validate, mutate) and outcome (allowed, denied, error, timeout).",
             ["endpoint", "outcome"],
             registry=registry,
         )
@@ -140,9 +128,7 @@ class Metrics:
             ["result"],
             registry=registry,
         )
-        self.policies_loaded = Gauge(
-            "pullgate_policies_loaded", "Policies in the active set.", registry=registry
-        )
+        self.policies_loaded = Gauge("pullgate_policies_loaded", "Policies in the active set.", registry=registry)
         # --- signatures --------------------------------------------------------------------
         self.verifications = Counter(
             "pullgate_signature_verifications_total",

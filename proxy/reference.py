@@ -43,10 +43,7 @@ def validate_tag(tag: str) -> str:
 
 def is_registry_host(component: str) -> bool:
     """Docker's rule: a first path component is a host if it has a '.' or ':' or is localhost."""
-    return (
-        ("." in component or ":" in component or component == "localhost")
-        and _HOST_RE.match(component) is not None
-    )
+    return ("." in component or ":" in component or component == "localhost") and _HOST_RE.match(component) is not None
 
 
 @dataclass(frozen=True, slots=True)

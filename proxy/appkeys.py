@@ -1,0 +1,13 @@
+"""Typed keys for the objects shared on the aiohttp application (no module-level state)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.config import Config
+from proxy.metrics import Metrics
+from proxy.mirror import Mirror
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+MIRROR = web.AppKey("mirror", Mirror)

@@ -1,0 +1,154 @@
+"""The mirror: the cache (store + catalog), the upstream clients and the services built on
+them, opened and closed as one unit. It is what the HTTP routes, the admission webhook
+(tag resolution) and the CLI tools talk to."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+import aiohttp
+import structlog
+from prometheus_client import CollectorRegistry
+
+from proxy.blobs import BlobService
+from proxy.catalog import Catalog
+from proxy.config import Config
+from proxy.digest import Digest
+from proxy.errors import NameUnknown, UpstreamError
+from proxy.manifests import Manifest, ManifestCache
+from proxy.mediatypes import OCI_INDEX
+from proxy.metrics import Metrics
+from proxy.reference import ImageReference
+from proxy.routing import Route, Router
+from proxy.store import BlobStore
+from proxy.upstream import RegistryClient, UpstreamResponse
+
+_FLUSH_INTERVAL = 5.0
+_MAX_LIST_BODY = 4 << 20
+
+
+class Resolution:
+    """A tag resolved to a digest, and whether the answer came from the cache."""
+
+    __slots__ = ("digest", "source")
+
+    def __init__(self, digest: Digest, source: Literal["cache", "upstream"]) -> None:
+        self.digest = digest
+        self.source = source
+
+
+class Mirror:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics(CollectorRegistry())
+        self.router = Router(config)
+        root = config.cache.dir
+        self.store = BlobStore(root)
+        self.catalog = Catalog(root / "catalog.db")
+        self.upstreams: dict[str, RegistryClient] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.manifests: ManifestCache
+        self.blobs: BlobService
+        self._log = structlog.get_logger("pullgate.mirror")
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        self.store.open()
+        self.catalog.open()
+        on_disk = await asyncio.to_thread(lambda: list(self.store.scan()))
+        dropped = self.catalog.reconcile(on_disk)
+        connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers={"User-Agent": "pullgate"}, auto_decompress=False
+        )
+        for upstream in self.config.upstreams:
+            self.upstreams[upstream.name] = RegistryClient(upstream, self._session, self.config.timeouts, self.metrics)
+        self.manifests = ManifestCache(self.store, self.catalog, self.upstreams, self.config.cache, self.metrics)
+        self.blobs = BlobService(self.store, self.catalog, self.upstreams, self.metrics)
+        self._update_size_metrics()
+        self.metrics.cache_max_bytes.set(self.config.cache.max_size)
+        self._flusher = asyncio.create_task(self._flush_loop())
+        self._log.info("cache_opened", dir=str(self.config.cache.dir), reconciled=dropped)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if hasattr(self, "blobs"):
+            await self.blobs.close()
+        if self._session is not None:
+            await self._session.close()
+        self.catalog.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_FLUSH_INTERVAL)
+            self.catalog.flush()
+            self._update_size_metrics()
+
+    def _update_size_metrics(self) -> None:
+        size, count = self.catalog.totals()
+        self.metrics.cache_bytes.set(size)
+        self.metrics.cache_objects.set(count)
+
+    def ready(self) -> bool:
+        return self._session is not None and self.store.writable()
+
+    # --- the registry API --------------------------------------------------------------
+    async def manifest(self, route: Route, reference: str) -> Manifest:
+        return await self.manifests.get(route, reference)
+
+    async def tags_list(self, route: Route, query: dict[str, str]) -> UpstreamResponse:
+        path = "tags/list"
+        if query:
+            path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+        return await self._passthrough(route, path)
+
+    async def referrers(self, route: Route, digest: Digest, artifact_type: str | None) -> tuple[bytes, bool]:
+        """The referrers index (OCI 1.1) and whether it was filtered by artifact type.
+
+        Registries without the referrers API (Distribution 2.8) answer 404: the spec's
+        fallback for clients is an empty index, which is what we return.
+        """
+        path = f"referrers/{digest}" + (f"?artifactType={artifact_type}" if artifact_type else "")
+        response = await self._passthrough(route, path)
+        if response.status in (404, 405, 400):
+            return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode(), False
+        if response.status != 200:
+            raise UpstreamError(f"upstream answered {response.status} for referrers")
+        filtered = "artifactType" in response.headers.get("OCI-Filters-Applied", "")
+        body = response.body
+        if artifact_type and not filtered:
+            body, filtered = _filter_referrers(body, artifact_type), True
+        return body, filtered
+
+    async def _passthrough(self, route: Route, path: str) -> UpstreamResponse:
+        client = self.upstreams[route.upstream]
+        return await client.fetch("GET", route.repository, path, max_size=_MAX_LIST_BODY)
+
+    # --- TagResolver for the admission webhook ----------------------------------------------
+    async def resolve(self, ref: ImageReference) -> Resolution:
+        """Tag -> digest through the cache (a memory lookup while the tag is fresh)."""
+        route = self.route_image(ref)
+        if ref.digest is not None:
+            return Resolution(ref.digest, "cache")
+        assert ref.tag is not None
+        manifest = await self.manifests.get(route, ref.tag)
+        return Resolution(manifest.digest, "cache" if manifest.result in ("hit", "stale") else "upstream")
+
+    def route_image(self, ref: ImageReference) -> Route:
+        try:
+            return self.router.route(ref.repository, ref.registry)
+        except NameUnknown as exc:
+            raise NameUnknown(f"registry {ref.registry} is not mirrored by pullgate (no upstream)") from exc
+
+
+def _filter_referrers(body: bytes, artifact_type: str) -> bytes:
+    try:
+        index: dict[str, Any] = json.loads(body)
+        index["manifests"] = [m for m in index.get("manifests", []) if m.get("artifactType") == artifact_type]
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise UpstreamError("upstream referrers answer is not an index") from exc
+    return json.dumps(index).encode()

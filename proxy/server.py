@@ -1,0 +1,127 @@
+"""The mirror's aiohttp application: wiring, the error boundary, per-request logs and
+metrics, health and metrics endpoints."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from proxy.appkeys import CONFIG, METRICS, MIRROR
+from proxy.config import Config
+from proxy.errors import NameInvalid, NameUnknown, PullgateError
+from proxy.metrics import Metrics
+from proxy.mirror import Mirror
+from proxy.routes import API_VERSION, add_routes, info
+
+_MAX_URL = 8192
+
+
+def create_app(config: Config, registry: CollectorRegistry | None = None) -> web.Application:
+    app = web.Application(middlewares=[request_middleware], client_max_size=64 << 10)
+    app[CONFIG] = config
+    app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry())
+    app.cleanup_ctx.append(_mirror_ctx)
+    add_routes(app)
+    app.router.add_get("/healthz", healthz, name="healthz")
+    app.router.add_get("/readyz", readyz, name="readyz")
+    app.router.add_get("/metrics", metrics, name="metrics")
+    return app
+
+
+async def _mirror_ctx(app: web.Application) -> AsyncIterator[None]:
+    mirror = Mirror(app[CONFIG], app[METRICS])
+    await mirror.open()
+    app[MIRROR] = mirror
+    yield
+    await mirror.close()
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The boundary: every error becomes a spec-shaped JSON body here, and every request
+    leaves one ``http_request`` log event and its metrics."""
+    started = time.monotonic()
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    endpoint = "other"
+    try:
+        _check_path(request)
+        if request.match_info.route.name:
+            endpoint = request.match_info.route.name
+        response = await handler(request)
+    except PullgateError as exc:
+        response = _error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status == 404 and request.path.startswith("/v2/"):
+            response = _error_response(NameUnknown("no such endpoint"))
+        else:
+            raise
+    response.headers["X-Request-Id"] = request_id
+    _observe(request, response, endpoint, request_id, time.monotonic() - started)
+    return response
+
+
+def _check_path(request: web.Request) -> None:
+    """Reject encoded separators and dot segments before routing: a repository name must
+    never be able to climb out of its place or smuggle a '/'."""
+    if not request.path.startswith("/v2/"):
+        return
+    raw = request.raw_path.partition("?")[0]
+    if len(request.raw_path) > _MAX_URL or "%" in raw or "/../" in raw + "/" or "/./" in raw or "//" in raw:
+        raise NameInvalid("invalid characters or path segments in the request path")
+
+
+def _error_response(exc: PullgateError) -> web.Response:
+    headers = dict(API_VERSION, **exc.headers)
+    if exc.status == 401:
+        headers.setdefault("WWW-Authenticate", 'Basic realm="pullgate"')
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+def _observe(
+    request: web.Request, response: web.StreamResponse, endpoint: str, request_id: str, elapsed: float
+) -> None:
+    metrics = request.app[METRICS]
+    metrics.requests.labels(endpoint, request.method, str(response.status)).inc()
+    metrics.request_seconds.labels(endpoint).observe(elapsed)
+    details = info(request)
+    if endpoint in ("metrics", "healthz", "readyz"):
+        return
+    structlog.get_logger("pullgate.http").info(
+        "http_request",
+        request_id=request_id,
+        method=request.method,
+        endpoint=endpoint,
+        status=response.status,
+        upstream=details.upstream,
+        repository=details.repository,
+        reference=details.reference,
+        cache=details.cache,
+        bytes=details.bytes,
+        duration_ms=round(elapsed * 1000, 2),
+        remote=request.remote,
+        user_agent=request.headers.get("User-Agent", "")[:100],
+        **details.extra,
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    mirror = request.app.get(MIRROR)
+    checks = {"config": True, "cache_writable": bool(mirror and mirror.ready())}
+    ready = all(checks.values())
+    request.app[METRICS].ready.set(1 if ready else 0)
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
