@@ -35,6 +35,8 @@ def _size(default: str) -> Any:
 
 
 def _split_hostport(value: str) -> tuple[str, int]:
+    if not isinstance(value, str):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ValueError(f"expected HOST:PORT, got {value!r}")
@@ -46,6 +48,8 @@ def _listen(default: str) -> Any:
 
 
 def _http_url(value: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")

@@ -9,6 +9,7 @@ blob redirects to https hosts (CDNs) — never with our registry credentials att
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
@@ -209,8 +210,7 @@ class RegistryClient:
         if challenge is None:
             return None
         if challenge.scheme == "basic":
-            basic = self._basic()
-            return basic.encode() if basic else None
+            return self._basic()
         realm, service = challenge.realm, challenge.params.get("service", "")
         if not realm:
             raise UpstreamDenied(f"upstream {self.name}: bearer challenge without a realm")
@@ -220,10 +220,11 @@ class RegistryClient:
             token = await self._fetch_token(realm, service, scope, timeout)
         return f"Bearer {token}"
 
-    def _basic(self) -> aiohttp.BasicAuth | None:
+    def _basic(self) -> str | None:
+        """``Authorization: Basic`` for the configured credentials (RFC 7617)."""
         password = self.config.password()
         if self.config.username and password is not None:
-            return aiohttp.BasicAuth(self.config.username, password)
+            return "Basic " + base64.b64encode(f"{self.config.username}:{password}".encode()).decode()
         return None
 
     async def _fetch_token(self, realm: str, service: str, scope: str, timeout: aiohttp.ClientTimeout) -> str:
@@ -233,7 +234,11 @@ class RegistryClient:
         params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
         try:
             async with self._session.get(
-                realm, params=params, auth=self._basic(), allow_redirects=False, timeout=timeout
+                realm,
+                params=params,
+                headers=_optional("Authorization", self._basic()),
+                allow_redirects=False,
+                timeout=timeout,
             ) as response:
                 if response.status != 200:
                     self._metrics.upstream_errors.labels(self.name, "auth").inc()
@@ -271,6 +276,10 @@ async def _read_limited(response: aiohttp.ClientResponse, max_size: int) -> byte
         if len(body) > max_size:
             raise ManifestInvalid(f"upstream response exceeds {max_size} bytes")
     return bytes(body)
+
+
+def _optional(name: str, value: str | None) -> dict[str, str]:
+    return {name: value} if value is not None else {}
 
 
 def _retry_after(value: str | None) -> float:
