@@ -102,7 +102,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     headers = _headers(route, **{"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"})
     if request.method == "HEAD":
         head = await mirror.blobs.head(route, digest)
-        response = web.Response(headers=headers)
+        response = web.StreamResponse(headers=headers)
         if head.size is not None:
             response.content_length = head.size
         return response

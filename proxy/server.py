@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from proxy.appkeys import CONFIG, METRICS, MIRROR
 from proxy.config import Config
-from proxy.errors import NameInvalid, NameUnknown, PullgateError
+from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.routes import API_VERSION, add_routes, info
@@ -57,10 +57,13 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
     except PullgateError as exc:
         response = _error_response(exc)
     except web.HTTPException as exc:
-        if exc.status == 404 and request.path.startswith("/v2/"):
+        # Unrouted paths under /v2/ still get spec-shaped error bodies.
+        if not request.path.startswith("/v2/") or exc.status not in (404, 405):
+            raise
+        if request.method in ("GET", "HEAD"):
             response = _error_response(NameUnknown("no such endpoint"))
         else:
-            raise
+            response = _error_response(Unsupported("pullgate is a read-only mirror"))
     response.headers["X-Request-Id"] = request_id
     _observe(request, response, endpoint, request_id, time.monotonic() - started)
     return response
