@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -49,6 +50,8 @@ class BlobService:
         self._metrics = metrics
         self._flights: dict[Digest, Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.on_stored: Callable[[], None] = lambda: None  # something was added to the store
+        self.on_full: Callable[[], None] = lambda: None  # the disk is full: evict now
         self._log = structlog.get_logger("pullgate.blobs")
 
     async def get(self, route: Route, digest: Digest) -> CachedBlob | Flight:
@@ -122,11 +125,7 @@ class BlobService:
                     raise UpstreamError(f"upstream answered {response.status} for blob GET")
                 flight.begin(response.content_length)
                 await self._receive(route, flight, response)
-            flight.final = await self._store.commit(flight.temp, flight.digest, flight.fd)
-            self._catalog.add_blob(flight.digest, flight.written)
-            self._catalog.link_blob(route.upstream, route.repository, flight.digest)
-            flight.finish()
-            log.info("blob_cached", size=flight.written)
+            await self._keep(route, flight)
         except PullgateError as exc:
             flight.fail(exc)
             log.warning("blob_fetch_failed", error=exc.message, code=exc.code)
@@ -135,24 +134,48 @@ class BlobService:
             flight.fail(UpstreamUnavailable(f"upstream transfer failed: {exc.__class__.__name__}"))
             log.warning("blob_fetch_failed", error=repr(exc), code="UNAVAILABLE")
         except OSError as exc:
-            # ENOSPC and friends: the bytes cannot be kept; clients get a clean failure now
-            # (eviction makes room for the retry) rather than a truncated blob.
             flight.fail(UpstreamUnavailable(f"cache write failed: {errno.errorcode.get(exc.errno or 0, exc)}"))
             log.error("blob_store_failed", error=repr(exc))
         finally:
             if flight.state is State.RUNNING:  # cancelled (shutdown)
                 flight.fail(UpstreamUnavailable("download cancelled"))
             self._metrics.inflight_fetches.dec()
-            self._flights.pop(flight.digest, None)
+            if self._flights.get(flight.digest) is flight:
+                del self._flights[flight.digest]
             if flight.final is None:
                 flight.temp.unlink(missing_ok=True)
             flight.writer_closed()
+
+    async def _keep(self, route: Route, flight: Flight) -> None:
+        """Commit a verified download to the store — unless the disk filled, in which case
+        the clients got their bytes straight through and nothing is cached."""
+        log = self._log.bind(upstream=route.upstream, repository=route.repository, digest=str(flight.digest))
+        if not flight.spilled:
+            try:
+                flight.final = await self._store.commit(flight.temp, flight.digest, flight.fd)
+            except OSError as exc:
+                log.error("blob_store_failed", error=repr(exc))
+        if flight.final is None:
+            flight.finish()
+            log.warning("blob_passed_through", size=flight.written, reason="cache disk full")
+            self.on_full()
+            return
+        self._catalog.add_blob(flight.digest, flight.written)
+        self._catalog.link_blob(route.upstream, route.repository, flight.digest)
+        flight.finish()
+        log.info("blob_cached", size=flight.written)
+        self.on_stored()
 
     async def _receive(self, route: Route, flight: Flight, response: aiohttp.ClientResponse) -> None:
         hasher = flight.digest.hasher()
         async for chunk in response.content.iter_chunked(CHUNK):
             hasher.update(chunk)
             flight.write(chunk)
+            if flight.spilled and self._flights.get(flight.digest) is flight:
+                # New clients must not join a download that keeps only a memory window.
+                del self._flights[flight.digest]
+                self._log.error("cache_disk_full", digest=str(flight.digest), on_disk=flight.disk_bytes)
+                self.on_full()
             if flight.size is not None and flight.written > flight.size:
                 break
         self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written)
@@ -169,6 +192,9 @@ class BlobService:
                 actual=f"{flight.digest.algorithm}:{hasher.hexdigest()}",
             )
             raise DigestMismatch(f"upstream content for {flight.digest} does not match its digest")
+
+    def in_flight(self) -> list[Digest]:
+        return list(self._flights)
 
     async def close(self) -> None:
         """Let running downloads finish (bounded by their own timeouts) on shutdown."""

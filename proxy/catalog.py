@@ -42,6 +42,14 @@ ImageKey = tuple[str, str, str]  # (upstream, repository, digest)
 
 
 @dataclass(frozen=True, slots=True)
+class CatalogSnapshot:
+    sizes: dict[str, int]  # digest -> bytes, every stored object
+    manifests: set[str]  # digests that are manifests
+    refs: list[tuple[str, str]]  # (manifest, referenced digest)
+    last_used: dict[str, float]  # digest -> last pull (or store) time
+
+
+@dataclass(frozen=True, slots=True)
 class TagEntry:
     digest: Digest
     checked: float  # wall-clock time upstream last confirmed this digest
@@ -62,6 +70,7 @@ class Catalog:
         self._images: set[ImageKey] = set()
         self._manifests: dict[str, ManifestInfo] = {}
         self._pulls: dict[ImageKey, tuple[float, int]] = {}
+        self.total_bytes = 0
 
     # --- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -84,6 +93,7 @@ class Catalog:
         return self._db
 
     def _load(self) -> None:
+        self.total_bytes = self.totals()[0]
         self._tags = {
             (u, r, t): TagEntry(Digest.parse(d), c)
             for u, r, t, d, c in self.db.execute("SELECT upstream, repository, tag, digest, checked FROM tags")
@@ -118,6 +128,28 @@ class Catalog:
         self.db.execute("DELETE FROM images WHERE digest = ?", (digest,))
         self.db.execute("DELETE FROM tags WHERE digest = ?", (digest,))
         self.db.execute("DELETE FROM refs WHERE parent = ?", (digest,))
+        self.db.execute("DELETE FROM repo_blobs WHERE digest = ?", (digest,))
+
+    def forget(self, digests: Iterable[Digest]) -> None:
+        """Drop everything known about ``digests`` (evicted or pruned; files already gone)."""
+        keys = {str(d) for d in digests}
+        with self.db:
+            self.db.execute("BEGIN")
+            for key in keys:
+                self._forget(key)
+        self._load()
+        for u, r, key in list(self._pulls):
+            if key in keys:
+                del self._pulls[(u, r, key)]
+
+    def snapshot(self) -> CatalogSnapshot:
+        """Sizes, references and last pull times of everything, for eviction planning."""
+        self.flush()
+        sizes = {d: s for d, s in self.db.execute("SELECT digest, size FROM blobs")}
+        added = {d: a for d, a in self.db.execute("SELECT digest, added FROM blobs")}
+        pulled = dict(self.db.execute("SELECT digest, MAX(last_pulled) FROM images GROUP BY digest").fetchall())
+        refs = self.db.execute("SELECT parent, child FROM refs").fetchall()
+        return CatalogSnapshot(sizes, set(self._manifests), refs, {d: max(added[d], pulled.get(d, 0.0)) for d in sizes})
 
     # --- tags ----------------------------------------------------------------------------
     def tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
@@ -156,13 +188,16 @@ class Catalog:
             self.db.executemany(
                 "INSERT OR IGNORE INTO refs VALUES (?, ?)", [(key, str(c.digest)) for c in parsed.children]
             )
+        if key not in self._manifests:
+            self.total_bytes += size
         self._manifests[key] = ManifestInfo(digest, parsed.media_type, size)
         self._images.add((upstream, repository, key))
 
     def add_blob(self, digest: Digest, size: int) -> None:
-        self.db.execute(
+        cursor = self.db.execute(
             "INSERT OR IGNORE INTO blobs (digest, size, added) VALUES (?, ?, ?)", (str(digest), size, time.time())
         )
+        self.total_bytes += size if cursor.rowcount else 0
 
     def link_blob(self, upstream: str, repository: str, digest: Digest) -> None:
         """Upstream confirmed that ``repository`` holds ``digest`` (a HEAD or GET succeeded)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -63,6 +64,7 @@ class ManifestCache:
         self._negative: dict[tuple[str, str, str], float] = {}
         self._inflight: dict[tuple[str, str, str], asyncio.Task[Manifest]] = {}
         self._log = structlog.get_logger("pullgate.manifests")
+        self.on_stored: Callable[[], None] = lambda: None
 
     async def get(self, route: Route, reference: str) -> Manifest:
         """The manifest for a tag or digest (``reference`` already validated)."""
@@ -185,6 +187,7 @@ class ManifestCache:
             await self._store.put(response.body, digest)
         self._catalog.add_manifest(route.upstream, route.repository, digest, len(response.body), parsed)
         self._remember(digest, response.body)
+        self.on_stored()
         return Manifest(digest, parsed.media_type, response.body, result)
 
     def _cached(self, digest: Digest) -> tuple[str, bytes] | None:

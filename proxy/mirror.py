@@ -17,6 +17,7 @@ from proxy.catalog import Catalog
 from proxy.config import Config
 from proxy.digest import Digest
 from proxy.errors import NameUnknown, UpstreamError
+from proxy.eviction import digests, plan_eviction
 from proxy.manifests import Manifest, ManifestCache
 from proxy.mediatypes import OCI_INDEX
 from proxy.metrics import Metrics
@@ -50,6 +51,7 @@ class Mirror:
         self.upstreams: dict[str, RegistryClient] = {}
         self._session: aiohttp.ClientSession | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._evicting: asyncio.Task[int] | None = None
         self.manifests: ManifestCache
         self.blobs: BlobService
         self._log = structlog.get_logger("pullgate.mirror")
@@ -68,6 +70,8 @@ class Mirror:
             self.upstreams[upstream.name] = RegistryClient(upstream, self._session, self.config.timeouts, self.metrics)
         self.manifests = ManifestCache(self.store, self.catalog, self.upstreams, self.config.cache, self.metrics)
         self.blobs = BlobService(self.store, self.catalog, self.upstreams, self.metrics)
+        self.manifests.on_stored = self.blobs.on_stored = self._check_quota
+        self.blobs.on_full = self._disk_full
         self._update_size_metrics()
         self.metrics.cache_max_bytes.set(self.config.cache.max_size)
         self._flusher = asyncio.create_task(self._flush_loop())
@@ -76,6 +80,8 @@ class Mirror:
     async def close(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._evicting is not None:
+            await self._evicting
         if hasattr(self, "blobs"):
             await self.blobs.close()
         if self._session is not None:
@@ -87,6 +93,44 @@ class Mirror:
             await asyncio.sleep(_FLUSH_INTERVAL)
             self.catalog.flush()
             self._update_size_metrics()
+
+    # --- quota ---------------------------------------------------------------------------
+    def _check_quota(self) -> None:
+        if self.catalog.total_bytes > self.config.cache.max_size and (self._evicting is None or self._evicting.done()):
+            self._evicting = asyncio.create_task(self.evict())
+
+    def _disk_full(self) -> None:
+        """The disk filled before the quota did: shrink to the low-water mark of what the
+        store holds now."""
+        if self._evicting is None or self._evicting.done():
+            target = int(min(self.catalog.total_bytes, self.config.cache.max_size) * self.config.cache.low_water)
+            self._evicting = asyncio.create_task(self.evict(target))
+
+    async def evict(self, target: int | None = None) -> int:
+        """Evict least recently pulled images until the store holds at most ``target``
+        bytes (default: the low-water mark). Returns the bytes freed."""
+        if target is None:
+            target = int(self.config.cache.max_size * self.config.cache.low_water)
+        busy = frozenset(str(d) for d in self.blobs.in_flight())
+        victims = plan_eviction(self.catalog.snapshot(), target, busy)
+        freed = 0
+        for victim in victims:
+            removed = digests(victim)
+            for digest in removed:
+                freed += self.store.remove(digest)
+                self.manifests.forget(digest)
+            self.catalog.forget(removed)
+            self.metrics.evictions.inc()
+            self.metrics.evicted_bytes.inc(victim.size)
+            self._log.info(
+                "cache_evicted",
+                root=victim.root,
+                objects=len(victim.members),
+                bytes=victim.size,
+                last_used=round(victim.last_used),
+            )
+        self._update_size_metrics()
+        return freed
 
     def _update_size_metrics(self) -> None:
         size, count = self.catalog.totals()
