@@ -152,8 +152,18 @@ class Catalog:
         return CatalogSnapshot(sizes, set(self._manifests), refs, {d: max(added[d], pulled.get(d, 0.0)) for d in sizes})
 
     # --- tags ----------------------------------------------------------------------------
+    # Lookups answer from memory; a miss asks SQLite, because another process (the CLI's
+    # ``import``/``warm`` next to a running daemon) may have added rows since we loaded.
     def tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
-        return self._tags.get((upstream, repository, tag))
+        found = self._tags.get((upstream, repository, tag))
+        if found is None:
+            row = self.db.execute(
+                "SELECT digest, checked FROM tags WHERE upstream = ? AND repository = ? AND tag = ?",
+                (upstream, repository, tag),
+            ).fetchone()
+            if row is not None:
+                found = self._tags[(upstream, repository, tag)] = TagEntry(Digest.parse(row[0]), row[1])
+        return found
 
     def set_tag(self, upstream: str, repository: str, tag: str, digest: Digest, checked: float) -> None:
         self._tags[(upstream, repository, tag)] = TagEntry(digest, checked)
@@ -169,10 +179,22 @@ class Catalog:
 
     # --- manifests and images ----------------------------------------------------------
     def manifest(self, digest: Digest) -> ManifestInfo | None:
-        return self._manifests.get(str(digest))
+        found = self._manifests.get(str(digest))
+        if found is None:
+            row = self.db.execute(
+                "SELECT media_type, size FROM blobs WHERE digest = ? AND is_manifest = 1", (str(digest),)
+            ).fetchone()
+            if row is not None:
+                found = self._manifests[str(digest)] = ManifestInfo(digest, row[0], row[1])
+        return found
 
     def has_image(self, upstream: str, repository: str, digest: Digest) -> bool:
-        return (upstream, repository, str(digest)) in self._images
+        key = (upstream, repository, str(digest))
+        if key not in self._images and self.db.execute(
+            "SELECT 1 FROM images WHERE upstream = ? AND repository = ? AND digest = ?", key
+        ).fetchone():
+            self._images.add(key)
+        return key in self._images
 
     def add_manifest(self, upstream: str, repository: str, digest: Digest, size: int, parsed: ParsedManifest) -> None:
         """Record a verified, committed manifest as part of ``repository``."""

@@ -134,6 +134,7 @@ class Mirror:
 
     def _update_size_metrics(self) -> None:
         size, count = self.catalog.totals()
+        self.catalog.total_bytes = size  # also counts what other processes (CLI import) added
         self.metrics.cache_bytes.set(size)
         self.metrics.cache_objects.set(count)
 
