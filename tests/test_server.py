@@ -375,3 +375,22 @@ async def test_health_ready_metrics(mirror: tuple[Client, Origin]) -> None:
     ):
         assert name in text
     assert 'pullgate_http_requests_total{endpoint="manifest",method="GET",status="200"} 1.0' in text
+
+
+async def test_range_on_a_blob_still_downloading(mirror: tuple[Client, Origin]) -> None:
+    client, origin = mirror
+    image = origin.add_image("library/app", "1.0", layers=[1 << 20])
+    await client.get("/v2/app/manifests/1.0")
+    layer = image.layers[0]
+    digest = digest_of(layer)
+    origin.chunk_delay = 0.01  # 16 chunks: the download is still running below
+    first = await client.get(f"/v2/app/blobs/{digest}")
+    await first.content.readexactly(1000)
+    resumed = await client.get(f"/v2/app/blobs/{digest}", headers={"Range": "bytes=500000-"})
+    assert resumed.status == 206
+    assert resumed.headers["Content-Range"] == f"bytes 500000-{len(layer) - 1}/{len(layer)}"
+    assert await resumed.read() == layer[500000:]
+    assert await first.read() == layer[1000:]
+    assert origin.count("GET", f"/blobs/{digest}") == 1
+    bad = await client.get(f"/v2/app/blobs/{digest}", headers={"Range": f"bytes={len(layer)}-"})
+    assert bad.status == 416
