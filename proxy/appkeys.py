@@ -7,7 +7,9 @@ from aiohttp import web
 from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
+from proxy.policyset import PolicyStore
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 MIRROR = web.AppKey("mirror", Mirror)
+POLICIES = web.AppKey("policies", PolicyStore)

@@ -12,12 +12,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.appkeys import CONFIG, METRICS, MIRROR
+from proxy.appkeys import CONFIG, METRICS, MIRROR, POLICIES
 from proxy.config import Config
 from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
+from proxy.policyset import PolicyStore
 from proxy.routes import API_VERSION, add_routes, info
+from proxy.webhook import serve_webhook
 
 _MAX_URL = 8192
 
@@ -27,6 +29,7 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     app[CONFIG] = config
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry())
     app.cleanup_ctx.append(_mirror_ctx)
+    app.cleanup_ctx.append(_policies_ctx)
     add_routes(app)
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
@@ -40,6 +43,21 @@ async def _mirror_ctx(app: web.Application) -> AsyncIterator[None]:
     app[MIRROR] = mirror
     yield
     await mirror.close()
+
+
+async def _policies_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One policy set for the webhook and (with ``mirror.enforce_policies``) the mirror;
+    the webhook listener runs alongside the mirror's when ``admission.enabled``."""
+    config, metrics = app[CONFIG], app[METRICS]
+    log = structlog.get_logger("pullgate.admission")
+    store = PolicyStore(config.policies, metrics, log)
+    async with store.running():
+        app[POLICIES] = store
+        if not config.admission.enabled:
+            yield
+            return
+        async with serve_webhook(config, app[MIRROR], metrics, log, policies=store):
+            yield
 
 
 @web.middleware
@@ -118,8 +136,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    mirror = request.app.get(MIRROR)
-    checks = {"config": True, "cache_writable": bool(mirror and mirror.ready())}
+    mirror, policies = request.app.get(MIRROR), request.app.get(POLICIES)
+    checks = {
+        "config": True,
+        "cache_writable": bool(mirror and mirror.ready()),
+        "policies_loaded": bool(policies and policies.ready),
+    }
     ready = all(checks.values())
     request.app[METRICS].ready.set(1 if ready else 0)
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)

@@ -37,9 +37,7 @@ def _stamp(*paths: Path) -> tuple[tuple[int, int, int], ...]:
 class ReloadingTLS:
     """``context`` goes to the listener; ``running()`` watches the files and swaps certs."""
 
-    def __init__(
-        self, cert: Path, key: Path, logger: FilteringBoundLogger, *, interval: float = 10.0
-    ) -> None:
+    def __init__(self, cert: Path, key: Path, logger: FilteringBoundLogger, *, interval: float = 10.0) -> None:
         self.cert, self.key, self.logger, self.interval = cert, key, logger, interval
         self._stamp = _stamp(cert, key)
         try:
