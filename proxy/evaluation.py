@@ -8,9 +8,11 @@ check`` (offline: no resolver, tags that ``resolveTags`` would pin count as pinn
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import json
+import time
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from proxy.admission import ImageSite, clip
 from proxy.digest import Digest
@@ -24,11 +26,15 @@ from proxy.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from proxy.mediatypes import parse_manifest, pick_platform
 from proxy.metrics import Metrics
 from proxy.policy import Policy
 from proxy.policyset import PolicySet
 from proxy.reference import ImageReference, is_registry_host
-from proxy.rules import ImageContext, ResolutionFailed
+from proxy.rules import DEFAULT_PLATFORM, ImageContext, ManifestDoc, ResolutionFailed
+from proxy.signatures import SignaturePolicy, SignatureSource, VerificationCache, VerificationResult, verify_image
+
+_T = TypeVar("_T")
 
 Outcome = Literal["allow", "warn", "audit", "deny"]
 NoMatch = Literal["allow", "warn", "deny"]
@@ -85,6 +91,7 @@ class Resolutions:
         self.resolver = resolver
         self.metrics = metrics
         self._tasks: dict[ImageReference, asyncio.Task[ResolvedTag]] = {}
+        self._memo: dict[Hashable, asyncio.Future[Any]] = {}
         self.sources: dict[ImageReference, str] = {}
 
     async def resolve(self, ref: ImageReference) -> ResolvedTag:
@@ -108,30 +115,133 @@ class Resolutions:
         self._count(ref, resolution.source)
         return resolution
 
+    async def memo(self, key: Hashable, fetch: Callable[[], Awaitable[_T]]) -> _T:
+        """``fetch()`` once per review for ``key``; concurrent askers share the result."""
+        task = self._memo.get(key)
+        if task is None:
+            task = self._memo[key] = asyncio.ensure_future(fetch())
+        return cast(_T, await task)
+
     def _count(self, ref: ImageReference, source: str) -> None:
         self.sources[ref] = source
         if self.metrics is not None:
             self.metrics.tag_resolutions.labels(source=source).inc()
 
     def close(self) -> None:
-        for task in self._tasks.values():
+        for task in [*self._tasks.values(), *self._memo.values()]:
             if not task.done():
                 task.cancel()
             elif not task.cancelled():
                 task.exception()  # retrieved: no "never retrieved" noise for failures
 
 
+class ContentProvider(Protocol):
+    """The mirror's content side of the seam: manifests, blobs and referrers of the
+    upstream ``ref`` belongs to, through the cache."""
+
+    def content(self, ref: ImageReference) -> SignatureSource: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Facts:
-    """``ImageFacts`` for one reference, sharing the review's ``Resolutions``."""
+    """``ImageFacts`` for one reference, sharing the review's ``Resolutions`` (so each
+    manifest, config and verification is fetched once per review, however many rules ask)."""
 
     ref: ImageReference
     resolutions: Resolutions
+    content: ContentProvider | None = None
+    metrics: Metrics | None = None
 
     async def digest(self) -> Digest:
         if self.ref.digest is not None:
             return self.ref.digest
         return (await self.resolutions.resolve(self.ref)).digest
+
+    def _source(self) -> SignatureSource:
+        if self.content is None:
+            raise ResolutionFailed("image content is not available (no mirror cache)")
+        try:
+            return self.content.content(self.ref)
+        except PullgateError as exc:
+            raise ResolutionFailed(failure_reason(exc, self.ref)) from exc
+
+    async def manifest(self, digest: Digest | None = None) -> ManifestDoc:
+        """The manifest the reference names (or ``digest`` in the same repository)."""
+        wanted = digest or await self.digest()
+        return await self.resolutions.memo(("manifest", self.ref.name, wanted), lambda: self._manifest(wanted))
+
+    async def _manifest(self, digest: Digest) -> ManifestDoc:
+        try:
+            found = await self._source().get_manifest(self.ref.repository, str(digest))
+        except PullgateError as exc:
+            raise ResolutionFailed(failure_reason(exc, self.ref)) from exc
+        if found is None:
+            raise ResolutionFailed(f"manifest {digest} not found in {self.ref.name}")
+        data, media_type = found
+        return ManifestDoc(digest, media_type, data, parse_manifest(data, media_type))
+
+    async def image_manifest(self, platform: str = DEFAULT_PLATFORM) -> ManifestDoc:
+        """The single-platform manifest that will run: the index entry for ``platform``,
+        or the manifest itself when it is not an index."""
+        top = await self.manifest()
+        if not top.parsed.is_index:
+            return top
+        entry = pick_platform(top.parsed, platform)
+        if entry is None:
+            raise ResolutionFailed(f"{self.ref.name} has no {platform} image")
+        return await self.manifest(entry.digest)
+
+    async def blob(self, digest: Digest) -> bytes:
+        """A small blob (config, payload) of the image's repository."""
+        return await self.resolutions.memo(("blob", self.ref.name, digest), lambda: self._blob(digest))
+
+    async def _blob(self, digest: Digest) -> bytes:
+        try:
+            data = await self._source().get_blob(self.ref.repository, digest)
+        except PullgateError as exc:
+            raise ResolutionFailed(failure_reason(exc, self.ref)) from exc
+        if data is None:
+            raise ResolutionFailed(f"blob {digest} not found in {self.ref.name}")
+        return data
+
+    async def config(self, platform: str = DEFAULT_PLATFORM) -> dict[str, Any]:
+        """The image config (``config.User``, ``Env``, ``history``, ``created``, ...)."""
+        image = await self.image_manifest(platform)
+        data = await self.blob(image.parsed.children[0].digest)
+        try:
+            config = json.loads(data)
+        except ValueError as exc:
+            raise ResolutionFailed(f"config of {self.ref.name} is not JSON") from exc
+        if not isinstance(config, dict):
+            raise ResolutionFailed(f"config of {self.ref.name} is not an object")
+        return config
+
+    async def signatures(self, policy: SignaturePolicy, cache: VerificationCache) -> VerificationResult:
+        """Verify the image's cosign signatures against ``policy`` (cached by digest)."""
+        digest = await self.digest()
+        cached = cache.get(digest)
+        if self.metrics is not None:
+            self.metrics.verification_cache.labels("hit" if cached else "miss").inc()
+        if cached is not None:
+            return cached
+        return await self.resolutions.memo(
+            ("signatures", id(cache), digest), lambda: self._verify(digest, policy, cache)
+        )
+
+    async def _verify(self, digest: Digest, policy: SignaturePolicy, cache: VerificationCache) -> VerificationResult:
+        started = time.monotonic()
+        try:
+            result = await verify_image(self._source(), self.ref.repository, (digest,), policy)
+        except PullgateError as exc:
+            if self.metrics is not None:
+                self.metrics.verifications.labels("error", "").inc()
+            raise ResolutionFailed(failure_reason(exc, self.ref)) from exc
+        if self.metrics is not None:
+            self.metrics.verification_seconds.observe(time.monotonic() - started)
+            for key in result.keys:
+                self.metrics.verifications.labels("verified" if key.reason is None else "failed", key.name).inc()
+        cache.put(digest, result)
+        return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +309,7 @@ class Evaluator:
     no_match: NoMatch = "allow"
     resolver: TagResolver | None = None
     metrics: Metrics | None = None
+    content: ContentProvider | None = None
 
     async def evaluate(self, sites: tuple[ImageSite, ...], namespace: str, *, mutate: bool) -> Evaluation:
         """Judge every site. With ``mutate``, pin tags (``resolveTags``) and rewrite hosts
@@ -228,7 +339,7 @@ class Evaluator:
             site.image,
             pin.ref,
             namespace,
-            Facts(pin.ref, resolutions),
+            Facts(pin.ref, resolutions, self.content, self.metrics),
             pin.pinned,
             pin.error,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from typing import Any, Literal
+from urllib.parse import quote, urlencode
 
 import aiohttp
 import structlog
@@ -15,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from proxy.blobs import BlobService
 from proxy.catalog import Catalog
 from proxy.config import Config
+from proxy.content import MirrorContent
 from proxy.digest import Digest
 from proxy.errors import NameUnknown, UpstreamError
 from proxy.eviction import digests, plan_eviction
@@ -148,26 +150,29 @@ class Mirror:
     async def tags_list(self, route: Route, query: dict[str, str]) -> UpstreamResponse:
         path = "tags/list"
         if query:
-            path += "?" + "&".join(f"{k}={v}" for k, v in query.items())
+            path += "?" + urlencode(query)
         return await self._passthrough(route, path)
 
-    async def referrers(self, route: Route, digest: Digest, artifact_type: str | None) -> tuple[bytes, bool]:
-        """The referrers index (OCI 1.1) and whether it was filtered by artifact type.
+    async def referrers_index(
+        self, route: Route, digest: Digest, artifact_type: str | None
+    ) -> tuple[bytes, bool, bool]:
+        """The referrers index (OCI 1.1), whether it was filtered by artifact type, and
+        whether the upstream supports the API at all.
 
         Registries without the referrers API (Distribution 2.8) answer 404: the spec's
         fallback for clients is an empty index, which is what we return.
         """
-        path = f"referrers/{digest}" + (f"?artifactType={artifact_type}" if artifact_type else "")
-        response = await self._passthrough(route, path)
+        query = f"?artifactType={quote(artifact_type, safe='')}" if artifact_type else ""
+        response = await self._passthrough(route, f"referrers/{digest}{query}")
         if response.status in (404, 405, 400):
-            return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode(), False
+            return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode(), False, False
         if response.status != 200:
             raise UpstreamError(f"upstream answered {response.status} for referrers")
         filtered = "artifactType" in response.headers.get("OCI-Filters-Applied", "")
         body = response.body
         if artifact_type and not filtered:
             body, filtered = _filter_referrers(body, artifact_type), True
-        return body, filtered
+        return body, filtered, True
 
     async def _passthrough(self, route: Route, path: str) -> UpstreamResponse:
         client = self.upstreams[route.upstream]
@@ -182,6 +187,10 @@ class Mirror:
         assert ref.tag is not None
         manifest = await self.manifests.get(route, ref.tag)
         return Resolution(manifest.digest, "cache" if manifest.result in ("hit", "stale") else "upstream")
+
+    def content(self, ref: ImageReference) -> MirrorContent:
+        """Manifests, blobs and referrers of ``ref``'s upstream, through the cache."""
+        return MirrorContent.for_image(self, ref)
 
     def route_image(self, ref: ImageReference) -> Route:
         try:

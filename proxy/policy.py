@@ -21,7 +21,8 @@ from proxy.errors import ConfigError
 from proxy.fields import FieldError
 from proxy.globs import GlobSet
 from proxy.reference import DOCKER_HUB, ImageReference, is_registry_host
-from proxy.rules import RULES, ResolveTagsFailure, Rule, normalise_registry
+from proxy.rulebook import RULES
+from proxy.rules import ResolveTagsFailure, Rule, normalise_registry
 
 API_VERSION = "pullgate.dev/v1"
 KIND = "ImagePolicy"
@@ -63,8 +64,9 @@ class Policy:
         return self.match.applies(ref, namespace)
 
 
-def parse_policy(doc: object, source: str = "") -> Policy:
-    """Build a policy from one YAML document; raises ``FieldError`` naming the field."""
+def parse_policy(doc: object, source: str = "", base: Path | None = None) -> Policy:
+    """Build a policy from one YAML document; raises ``FieldError`` naming the field.
+    ``base`` is where relative file names in the policy (key files) are looked up."""
     top = fields.mapping(doc, "(document)", ("apiVersion", "kind", "metadata", "spec"))
     if top.get("apiVersion") != API_VERSION:
         raise FieldError("apiVersion", f"expected {API_VERSION}, got {top.get('apiVersion')!r}")
@@ -84,7 +86,7 @@ def parse_policy(doc: object, source: str = "") -> Policy:
         name=name,
         mode=cast(Mode, mode),
         match=_parse_match(spec.get("match")),
-        rules=_parse_rules(rules_doc, resolve_tags),
+        rules=_parse_rules(rules_doc, resolve_tags, base or Path.cwd()),
         resolve_tags=resolve_tags,
         rewrite_registry=_parse_rewrite(rules_doc.get("rewriteRegistry")),
         source=source,
@@ -105,11 +107,11 @@ def _parse_match(value: object) -> Match:
     return Match(images, exclude, namespaces)
 
 
-def _parse_rules(rules: Mapping[str, Any], resolve_tags: bool) -> tuple[Rule, ...]:
+def _parse_rules(rules: Mapping[str, Any], resolve_tags: bool, base: Path) -> tuple[Rule, ...]:
     built = []
     for key, factory in RULES.items():
         if key in rules:
-            rule = factory(rules[key], f"spec.rules.{key}")
+            rule = factory(rules[key], f"spec.rules.{key}", base)
             if rule is not None:
                 built.append(rule)
     if resolve_tags and not rules.get("requireDigest"):
@@ -163,7 +165,7 @@ def load_file(path: Path) -> tuple[Policy, ...]:
             continue
         where = f"{path}: document {number}{_doc_name(doc)}"
         try:
-            policies.append(parse_policy(doc, where))
+            policies.append(parse_policy(doc, where, path.parent))
         except FieldError as exc:
             raise PolicyInvalid(f"{where}: {exc.message}") from exc
     return tuple(policies)

@@ -195,7 +195,7 @@ async def referrers(request: web.Request) -> web.Response:
     mirror, route = _route(request)
     digest = Digest.parse(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
-    body, filtered = await mirror.referrers(route, digest, artifact_type)
+    body, filtered, _ = await mirror.referrers_index(route, digest, artifact_type)
     headers = _headers(route, **{"Content-Type": "application/vnd.oci.image.index.v1+json"})
     if filtered:
         headers["OCI-Filters-Applied"] = "artifactType"

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol
 
 from proxy import fields
 from proxy.digest import Digest
 from proxy.errors import PullgateError
 from proxy.globs import GlobSet
+from proxy.mediatypes import ParsedManifest
 from proxy.reference import DOCKER_HUB, ImageReference
+from proxy.signatures import SignaturePolicy, VerificationCache, VerificationResult
 
 _DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
 
@@ -35,12 +38,45 @@ class ResolutionFailed(PullgateError):
         self.reason = reason
 
 
+DEFAULT_PLATFORM = "linux/amd64"
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestDoc:
+    digest: Digest
+    media_type: str
+    data: bytes
+    parsed: ParsedManifest
+
+
 class ImageFacts(Protocol):
-    """Facts about the image a reference names, fetched lazily (and at most once)."""
+    """Facts about the image a reference names, fetched lazily (and at most once per review)
+    through the mirror's cache. Every method raises ``ResolutionFailed`` with the reason
+    when the fact cannot be had (tag not found, upstream unreachable, no cache offline)."""
 
     async def digest(self) -> Digest:
-        """The manifest digest (the reference's own, or its tag resolved); raises
-        ``ResolutionFailed``."""
+        """The manifest digest (the reference's own, or its tag resolved)."""
+        ...
+
+    async def manifest(self, digest: Digest | None = None) -> ManifestDoc:
+        """The manifest the reference names (an index for multi-arch images), or the
+        manifest ``digest`` of the same repository."""
+        ...
+
+    async def image_manifest(self, platform: str = DEFAULT_PLATFORM) -> ManifestDoc:
+        """The single-platform manifest that runs on ``platform``."""
+        ...
+
+    async def blob(self, digest: Digest) -> bytes:
+        """A small blob of the image's repository (config, signature payload)."""
+        ...
+
+    async def config(self, platform: str = DEFAULT_PLATFORM) -> dict[str, Any]:
+        """The image config JSON of the ``platform`` image."""
+        ...
+
+    async def signatures(self, policy: SignaturePolicy, cache: VerificationCache) -> VerificationResult:
+        """cosign verification of the image's digest against ``policy``."""
         ...
 
 
@@ -68,7 +104,8 @@ class Rule(Protocol):
         ...
 
 
-RuleFactory = Callable[[object, str], Rule | None]
+# (YAML value, field path for errors, directory of the policy file for relative paths)
+RuleFactory = Callable[[object, str, Path], Rule | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +155,7 @@ class DenyTags:
         return (f"denies tag {image.ref.tag}",)
 
 
-def _require_digest(value: object, path: str) -> Rule | None:
+def _require_digest(value: object, path: str, base: Path) -> Rule | None:
     return RequireDigest() if fields.boolean(value, path) else None
 
 
@@ -126,7 +163,7 @@ def normalise_registry(host: str) -> str:
     return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
 
 
-def _allowed_registries(value: object, path: str) -> Rule | None:
+def _allowed_registries(value: object, path: str, base: Path) -> Rule | None:
     hosts = fields.string_list(value, path)
     for i, host in enumerate(hosts):
         if "/" in host or "@" in host:
@@ -134,7 +171,7 @@ def _allowed_registries(value: object, path: str) -> Rule | None:
     return AllowedRegistries(GlobSet.compile(normalise_registry(h) for h in hosts))
 
 
-def _deny_tags(value: object, path: str) -> Rule | None:
+def _deny_tags(value: object, path: str, base: Path) -> Rule | None:
     tags = fields.string_list(value, path)
     for i, tag in enumerate(tags):
         if "/" in tag or "@" in tag or ":" in tag:
@@ -142,9 +179,9 @@ def _deny_tags(value: object, path: str) -> Rule | None:
     return DenyTags(GlobSet.compile(tags)) if tags else None
 
 
-# Rule kinds by their ``spec.rules`` key. ``resolveTags`` and ``rewriteRegistry`` are
-# mutation directives, read by ``proxy.policy`` itself.
-RULES: Mapping[str, RuleFactory] = MappingProxyType(
+# Built-in rule kinds by their ``spec.rules`` key (``proxy.rulebook`` adds the rest).
+# ``resolveTags`` and ``rewriteRegistry`` are mutation directives, read by ``proxy.policy``.
+BUILTIN_RULES: Mapping[str, RuleFactory] = MappingProxyType(
     {
         "requireDigest": _require_digest,
         "allowedRegistries": _allowed_registries,

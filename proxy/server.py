@@ -56,7 +56,7 @@ async def _policies_ctx(app: web.Application) -> AsyncIterator[None]:
         if not config.admission.enabled:
             yield
             return
-        async with serve_webhook(config, app[MIRROR], metrics, log, policies=store):
+        async with serve_webhook(config, app[MIRROR], metrics, log, policies=store, content=app[MIRROR]):
             yield
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -238,3 +239,31 @@ def _json(data: bytes, what: str) -> Any:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SignatureInvalid(f"{what} is not JSON: {exc}") from exc
+
+
+class VerificationCache:
+    """Results by image digest for one signature rule (one policy version: a reload builds
+    new rules, so a changed key set never reuses old answers). Successes are trusted for
+    ``ttl``, failures only for ``failure_ttl`` so a freshly pushed signature is seen soon.
+    Keyed by digest, so a tag moved to an unsigned image is verified afresh."""
+
+    def __init__(self, ttl: float = 600.0, failure_ttl: float = 30.0, max_entries: int = 10_000) -> None:
+        self.ttl = ttl
+        self.failure_ttl = failure_ttl
+        self.max_entries = max_entries
+        self._entries: dict[Digest, tuple[float, VerificationResult]] = {}
+
+    def get(self, digest: Digest) -> VerificationResult | None:
+        entry = self._entries.get(digest)
+        if entry is None or entry[0] <= time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, digest: Digest, result: VerificationResult) -> None:
+        if len(self._entries) >= self.max_entries:
+            now = time.monotonic()
+            self._entries = {d: e for d, e in self._entries.items() if e[0] > now}
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+        ttl = self.ttl if result.allowed else self.failure_ttl
+        self._entries[digest] = (time.monotonic() + ttl, result)

@@ -23,7 +23,7 @@ from structlog.typing import FilteringBoundLogger
 from proxy.admission import AdmissionRequest, clip, parse_review, review_response, sites_to_check
 from proxy.config import Config
 from proxy.errors import PullgateError
-from proxy.evaluation import Decision, Evaluation, Evaluator, TagResolver
+from proxy.evaluation import ContentProvider, Decision, Evaluation, Evaluator, TagResolver
 from proxy.metrics import Metrics
 from proxy.policyset import PolicyStore
 from proxy.tlsreload import ReloadingTLS
@@ -45,6 +45,7 @@ class Webhook:
     metrics: Metrics
     logger: FilteringBoundLogger
     policies: PolicyStore
+    content: ContentProvider | None = None  # image content for signature/content rules
 
 
 WEBHOOK = web.AppKey("webhook", Webhook)
@@ -57,12 +58,13 @@ def create_webhook_app(
     logger: FilteringBoundLogger,
     *,
     policies: PolicyStore | None = None,
+    content: ContentProvider | None = None,
 ) -> web.Application:
     """The webhook application. Without ``policies`` it loads and watches ``config.policies``
     itself (through ``cleanup_ctx``); pass a ``PolicyStore`` to share one that runs elsewhere."""
     app = web.Application(client_max_size=config.admission.max_body_size)
     store = policies or PolicyStore(config.policies, metrics, logger)
-    app[WEBHOOK] = Webhook(config, resolver, metrics, logger, store)
+    app[WEBHOOK] = Webhook(config, resolver, metrics, logger, store, content)
     if policies is None:
         app.cleanup_ctx.append(_policies_ctx)
     app.router.add_post("/validate", validate)
@@ -128,7 +130,7 @@ async def _answer(hook: Webhook, review: AdmissionRequest, endpoint: str, starte
     if policies is None:
         raise PoliciesNotReady(f"no valid policy set loaded: {hook.policies.error or 'loading'}")
     sites = sites_to_check(review)
-    evaluator = Evaluator(policies, hook.config.defaults.no_match, hook.resolver, hook.metrics)
+    evaluator = Evaluator(policies, hook.config.defaults.no_match, hook.resolver, hook.metrics, hook.content)
     namespace = review.namespace or _metadata(review, "namespace")
     deadline = hook.config.admission.deadline
     try:
@@ -279,8 +281,9 @@ async def serve_webhook(
     logger: FilteringBoundLogger,
     *,
     policies: PolicyStore | None = None,
+    content: ContentProvider | None = None,
 ) -> AsyncIterator[WebhookServer]:
     """``create_webhook_app`` + ``run_webhook``: for the daemon's ``cleanup_ctx``."""
-    app = create_webhook_app(config, resolver, metrics, logger, policies=policies)
+    app = create_webhook_app(config, resolver, metrics, logger, policies=policies, content=content)
     async with run_webhook(app, config, logger) as server:
         yield server

@@ -67,7 +67,7 @@ def doc(**changes: Any) -> dict[str, Any]:
         ({"spec__rules__denyTags": ["a:b"]}, "spec.rules.denyTags[0]: expected a tag"),
         ({"spec__rules__allowedRegistries": ["ghcr.io/acme"]}, "allowedRegistries[0]: expected"),
         ({"spec__rules__rewriteRegistry": "not a host"}, "spec.rules.rewriteRegistry: expected"),
-        ({"spec__rules__signatures": {}}, "spec.rules.signatures: unknown field (allowed: "),
+        ({"spec__rules__notarize": {}}, "spec.rules.notarize: unknown field (allowed: "),
     ],
 )
 def test_parse_policy(changes: dict[str, Any], error: str | None) -> None:
