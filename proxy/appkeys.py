@@ -8,8 +8,10 @@ from proxy.config import Config
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.policyset import PolicyStore
+from proxy.pullpolicy import PullPolicy
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 MIRROR = web.AppKey("mirror", Mirror)
 POLICIES = web.AppKey("policies", PolicyStore)
+PULL_POLICY = web.AppKey("pull_policy", PullPolicy)

@@ -190,9 +190,12 @@ class Catalog:
 
     def has_image(self, upstream: str, repository: str, digest: Digest) -> bool:
         key = (upstream, repository, str(digest))
-        if key not in self._images and self.db.execute(
-            "SELECT 1 FROM images WHERE upstream = ? AND repository = ? AND digest = ?", key
-        ).fetchone():
+        if (
+            key not in self._images
+            and self.db.execute(
+                "SELECT 1 FROM images WHERE upstream = ? AND repository = ? AND digest = ?", key
+            ).fetchone()
+        ):
             self._images.add(key)
         return key in self._images
 
@@ -214,6 +217,16 @@ class Catalog:
             self.total_bytes += size
         self._manifests[key] = ManifestInfo(digest, parsed.media_type, size)
         self._images.add((upstream, repository, key))
+
+    def parents(self, upstream: str, repository: str, digest: Digest) -> list[Digest]:
+        """Manifests of ``repository`` that reference ``digest`` (indexes listing a
+        platform manifest)."""
+        rows = self.db.execute(
+            """SELECT refs.parent FROM refs JOIN images ON images.digest = refs.parent
+               WHERE refs.child = ? AND images.upstream = ? AND images.repository = ?""",
+            (str(digest), upstream, repository),
+        ).fetchall()
+        return [Digest.parse(row[0]) for row in rows]
 
     def add_blob(self, digest: Digest, size: int) -> None:
         cursor = self.db.execute(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.appkeys import MIRROR
+from proxy.appkeys import MIRROR, PULL_POLICY
 from proxy.blobs import CachedBlob
 from proxy.digest import Digest
 from proxy.errors import NameUnknown, RangeInvalid, Unsupported, UpstreamError
@@ -86,6 +86,9 @@ async def manifest(request: web.Request) -> web.Response:
         child = pick_platform(parse_manifest(found.data, found.media_type))
         if child is not None:
             found = await mirror.manifest(route, str(child.digest))
+    pull_policy = request.app.get(PULL_POLICY)
+    if pull_policy is not None:
+        await pull_policy.check(route, reference, found)
     details = info(request)
     details.cache = found.result
     details.bytes = len(found.data) if request.method == "GET" else 0

@@ -12,12 +12,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.appkeys import CONFIG, METRICS, MIRROR, POLICIES
+from proxy.appkeys import CONFIG, METRICS, MIRROR, POLICIES, PULL_POLICY
 from proxy.config import Config
 from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.policyset import PolicyStore
+from proxy.pullpolicy import PullPolicy
 from proxy.routes import API_VERSION, add_routes, info
 from proxy.webhook import serve_webhook
 
@@ -53,6 +54,8 @@ async def _policies_ctx(app: web.Application) -> AsyncIterator[None]:
     store = PolicyStore(config.policies, metrics, log)
     async with store.running():
         app[POLICIES] = store
+        if config.mirror.enforce_policies:
+            app[PULL_POLICY] = PullPolicy(app[MIRROR], store, config.admission.deadline)
         if not config.admission.enabled:
             yield
             return

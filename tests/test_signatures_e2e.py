@@ -18,11 +18,12 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.appkeys import METRICS
-from proxy.config import AdmissionConfig, CacheConfig, Config, UpstreamConfig
+from proxy.config import AdmissionConfig, CacheConfig, Config, MirrorConfig, UpstreamConfig
 from proxy.server import create_app
 from tests.signer import Artifact, Rekor, SigningKey, generate_key, sign_bundle, sign_legacy, write_oci_layout
+from tests.support.containerd import Containerd
 from tests.support.images import OCI_INDEX, ImageFactory
-from tests.support.procs import free_port
+from tests.support.procs import CommandError, free_port
 from tests.support.registry import Registry
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
@@ -216,3 +217,45 @@ async def test_multi_arch_index_signed_at_the_index(world: World, image_factory:
     assert answer["allowed"] is True
     assert pinned(answer) == f"{ref}:1@{index.index_digest}"
     assert OCI_INDEX  # the pinned digest is the index: every platform of it is covered
+
+
+async def test_mirror_enforces_signatures_at_pull_time(
+    registry: Registry,
+    containerd: Containerd,
+    aiohttp_server: ServerFactory,
+    image_factory: ImageFactory,
+    repo: str,
+    tmp_path: Path,
+) -> None:
+    keys = {name: generate_key() for name in ("release", "ci", "other")}
+    config = Config(
+        cache=CacheConfig(dir=tmp_path / "cache"),
+        upstreams=(UpstreamConfig("docker.io", registry.url),),
+        mirror=MirrorConfig(enforce_policies=True),
+        policies=policies(tmp_path / "policies", repo, keys, Rekor()),
+    )
+    server = await aiohttp_server(create_app(config))
+    mirror = f"http://{server.host}:{server.port}"
+    signed = image_factory.index("1", layers=[3_000])
+    await registry.apush(signed.layout, "1", f"{repo}/single/signed:1")
+    ref = f"docker.io/{repo}/single/signed"
+    artifact = sign_legacy(signed.index_digest, ref, [keys["ci"]])
+    await push_artifact(registry, artifact, f"{repo}/single/signed", tmp_path)
+    unsigned = image_factory.image("1", layers=[3_000])
+    await registry.apush(unsigned.layout, "1", f"{repo}/single/unsigned:1")
+    # Signed at the index: containerd's pull (tag, index, platform manifest, blobs) succeeds.
+    digest = await containerd.apull(f"{ref}:1", mirror, namespace=containerd.new_namespace())
+    assert digest == signed.index_digest
+    # Unsigned: the manifest is refused with the reason.
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{mirror}/v2/{repo}/single/unsigned/manifests/1") as response:
+            assert response.status == 403
+            error = (await response.json())["errors"][0]
+        assert error["code"] == "DENIED" and "no signature found" in error["message"]
+        # Images no policy covers pull as usual; so do the signature objects themselves.
+        async with session.get(f"{mirror}/v2/{repo}/single/signed/manifests/{artifact.tag}") as response:
+            assert response.status == 200
+    with pytest.raises(CommandError):
+        await containerd.apull(
+            f"docker.io/{repo}/single/unsigned:1", mirror, namespace=containerd.new_namespace(), timeout=30
+        )
