@@ -196,11 +196,14 @@ class BlobService:
     def in_flight(self) -> list[Digest]:
         return list(self._flights)
 
-    async def close(self) -> None:
-        """Let running downloads finish (bounded by their own timeouts) on shutdown."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def cancel(self) -> None:
-        for task in self._tasks:
+    async def close(self, grace: float) -> None:
+        """Let running downloads finish within ``grace`` seconds (they are cached for the
+        next start), then cancel the rest: their temp files are removed."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in pending:
             task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+

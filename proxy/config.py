@@ -134,7 +134,8 @@ class Config:
     policies: Path | None = None
     defaults: PolicyDefaults = field(default_factory=PolicyDefaults)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
-    shutdown_grace: float = _duration("30s")
+    shutdown_grace: float = _duration("30s")  # how long in-flight pulls may finish after SIGTERM
+    shutdown_delay: float = _duration("3s")  # unready before closing, so load balancers stop routing
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)

@@ -85,7 +85,7 @@ class Mirror:
         if self._evicting is not None:
             await self._evicting
         if hasattr(self, "blobs"):
-            await self.blobs.close()
+            await self.blobs.close(self.config.shutdown_grace)
         if self._session is not None:
             await self._session.close()
         self.catalog.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
+from proxy.appkeys import CONFIG, LIFECYCLE, POLICIES
 from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.log import configure_logging
@@ -56,21 +57,26 @@ def run(args: argparse.Namespace) -> int:
         overrides["PULLGATE_LISTEN"] = args.listen
     if args.cache_dir:
         overrides["PULLGATE_CACHE__DIR"] = str(args.cache_dir)
+    path = Path(args.config) if args.config else None
     try:
-        config = load_config(Path(args.config) if args.config else None, overrides)
+        config = load_config(path, overrides)
     except ConfigError as exc:
         print(f"pullgate: config error: {exc.message}", file=sys.stderr)
         return 2
     configure_logging(config.log)
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, path, overrides))
     except OSError as exc:
         structlog.get_logger("pullgate").error("listen_failed", error=str(exc))
         return 1
     return 0
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, path: Path | None = None, environ: dict[str, str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads. Drain order (Kubernetes sends SIGTERM
+    while it removes the pod from Service endpoints): /readyz turns 503, wait
+    ``shutdown_delay``, stop accepting, let in-flight requests finish within
+    ``shutdown_grace``, close the cache (waiting for running downloads)."""
     log = structlog.get_logger("pullgate")
     app = create_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace)
@@ -82,7 +88,38 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(reload(app, path, environ or dict(os.environ)))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     await stop.wait()
-    log.info("shutdown_started", grace_seconds=config.shutdown_grace)
+    app[LIFECYCLE].draining = True
+    log.info("shutdown_started", delay_seconds=config.shutdown_delay, grace_seconds=config.shutdown_grace)
+    await asyncio.sleep(min(config.shutdown_delay, config.shutdown_grace))
     await runner.cleanup()
     log.info("shutdown_complete")
+
+
+async def reload(app: web.Application, path: Path | None, environ: dict[str, str]) -> None:
+    """SIGHUP: re-read the config and reload what can change live (policies, log level);
+    keys that need a restart are named in the log. A bad file changes nothing."""
+    log = structlog.get_logger("pullgate")
+    try:
+        new = load_config(path, environ)
+    except ConfigError as exc:
+        log.error("config_reload_failed", error=exc.message)
+        return
+    old = app[CONFIG]
+    if new.log != old.log:
+        configure_logging(new.log)
+    policies = app.get(POLICIES)
+    if policies is not None and new.policies == old.policies:
+        await policies.reload()
+    restart = sorted(k for k, v in new.redacted().items() if k != "log" and v != old.redacted()[k])
+    if restart:
+        log.warning("config_reload_needs_restart", keys=restart)
+    log.info("config_reloaded", policies_reloaded=policies is not None)

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.appkeys import CONFIG, METRICS, MIRROR, POLICIES, PULL_POLICY
+from proxy.appkeys import CONFIG, LIFECYCLE, METRICS, MIRROR, POLICIES, PULL_POLICY, Lifecycle
 from proxy.config import Config
 from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
 from proxy.metrics import Metrics
@@ -28,6 +28,7 @@ _MAX_URL = 8192
 def create_app(config: Config, registry: CollectorRegistry | None = None) -> web.Application:
     app = web.Application(middlewares=[request_middleware], client_max_size=64 << 10)
     app[CONFIG] = config
+    app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry())
     app.cleanup_ctx.append(_mirror_ctx)
     app.cleanup_ctx.append(_policies_ctx)
@@ -141,6 +142,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     mirror, policies = request.app.get(MIRROR), request.app.get(POLICIES)
     checks = {
+        "serving": not request.app[LIFECYCLE].draining,
         "config": True,
         "cache_writable": bool(mirror and mirror.ready()),
         "policies_loaded": bool(policies and policies.ready),
