@@ -1,0 +1,29 @@
+"""The benchmark runs end to end (``bench/bench_mirror.py --quick``: small blobs, 1 s wrk
+runs, ~15 s): it prints its table, and the 16 concurrent cold GETs through pullgate reached
+the upstream exactly once (request coalescing) with every client getting the whole blob."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.e2e
+def test_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = run([sys.executable, str(ROOT / "bench" / "bench_mirror.py"), "--quick", "--out", str(out)],
+               timeout=120)
+    assert "| measurement | pullgate | reference (Distribution proxy) |" in done.stdout
+    assert "warm manifest by tag" in done.stdout
+    result = json.loads(out.read_text())
+    concurrent = result["concurrent"]["pullgate"]
+    assert concurrent["upstream_blob_gets"] == 1
+    assert concurrent["ok"] == concurrent["clients"] == 16
+    assert result["warm"]["manifest"]["pullgate"]["tag"]["errors"] == 0
