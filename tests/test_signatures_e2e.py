@@ -182,10 +182,14 @@ async def test_admission_verifies_signatures(
     assert answer["allowed"] is allowed, answer
     if allowed:
         assert pinned(answer) == f"{ref}:1@{digest}", "the verified digest is what the pod runs"
+        validated = await admit(world, f"{ref}:1@{digest}", "validate")
+        assert validated["allowed"] is True, "the pinned image passes the validating webhook"
     else:
         message = answer["status"]["message"]
         assert reason is not None and reason in message
         assert 'container "app"' in message and "signature" in message
+        validated = await admit(world, f"{ref}@{digest}", "validate")
+        assert validated["allowed"] is False and reason in validated["status"]["message"]
 
 
 async def test_verification_is_cached_and_a_moved_tag_is_verified_again(
