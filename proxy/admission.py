@@ -74,6 +74,9 @@ class ImageSite:
     field: str  # containers, initContainers, ephemeralContainers or volumes
     name: str
     image: str
+    # Effective securityContext.runAsUser / runAsNonRoot (container over pod), None if unset.
+    run_as_user: int | None = None
+    run_as_non_root: bool | None = None
 
     def describe(self) -> str:
         noun = "volume" if self.field == "volumes" else "container"
@@ -155,12 +158,21 @@ def extract_sites(obj: Mapping[str, Any], group: str, kind: str) -> tuple[ImageS
 
 
 def _pod_spec_sites(spec: Mapping[str, Any], prefix: str) -> Iterator[ImageSite]:
+    pod_user, pod_non_root = _run_as(spec)
     for field in CONTAINER_LISTS:
         for i, container in _items(spec, field, prefix):
             image = _image(container.get("image"), f"{prefix}/{field}/{i}/image")
             if image is not None:
                 name = str(container.get("name") or f"#{i}")
-                yield ImageSite(f"{prefix}/{field}/{i}/image", field, name, image)
+                user, non_root = _run_as(container)
+                yield ImageSite(
+                    f"{prefix}/{field}/{i}/image",
+                    field,
+                    name,
+                    image,
+                    pod_user if user is None else user,
+                    pod_non_root if non_root is None else non_root,
+                )
     for i, volume in _items(spec, "volumes", prefix):
         source = volume.get("image")
         if isinstance(source, dict):
@@ -168,6 +180,20 @@ def _pod_spec_sites(spec: Mapping[str, Any], prefix: str) -> Iterator[ImageSite]
             image = _image(source.get("reference"), pointer)
             if image is not None:
                 yield ImageSite(pointer, "volumes", str(volume.get("name") or f"#{i}"), image)
+
+
+def _run_as(holder: Mapping[str, Any]) -> tuple[int | None, bool | None]:
+    """``securityContext.runAsUser`` and ``runAsNonRoot`` of a pod spec or container; the
+    container's settings win over the pod's (core/v1 SecurityContext). The API server has
+    already checked the types; anything else counts as unset."""
+    context = holder.get("securityContext")
+    if not isinstance(context, dict):
+        return None, None
+    user, non_root = context.get("runAsUser"), context.get("runAsNonRoot")
+    return (
+        user if isinstance(user, int) and not isinstance(user, bool) else None,
+        non_root if isinstance(non_root, bool) else None,
+    )
 
 
 def _items(spec: Mapping[str, Any], field: str, prefix: str) -> Iterator[tuple[int, Any]]:
@@ -193,18 +219,23 @@ def _image(value: object, pointer: str) -> str | None:
 
 def sites_to_check(request: AdmissionRequest) -> tuple[ImageSite, ...]:
     """The images a request introduces: all on CREATE, on UPDATE only those not already in
-    the old object (they were admitted before, and policies depend only on the image and
-    the namespace, which an update cannot change)."""
+    the old object with the same user to run as (they were admitted before, and policies
+    depend only on the image, the user it runs as and the namespace, which an update
+    cannot change)."""
     if not request.checks_images or request.object is None:
         return ()
     sites = extract_sites(request.object, request.group, request.kind)
     if request.operation == "UPDATE" and request.old_object is not None:
         try:
-            old = {s.image for s in extract_sites(request.old_object, request.group, request.kind)}
+            old = {_admitted(s) for s in extract_sites(request.old_object, request.group, request.kind)}
         except ReviewInvalid:
             old = set()
-        sites = tuple(s for s in sites if s.image not in old)
+        sites = tuple(s for s in sites if _admitted(s) not in old)
     return sites
+
+
+def _admitted(site: ImageSite) -> tuple[str, int | None, bool | None]:
+    return site.image, site.run_as_user, site.run_as_non_root
 
 
 def clip(text: str, limit: int = MAX_WARNING) -> str:

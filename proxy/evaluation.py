@@ -342,6 +342,9 @@ class Evaluator:
             Facts(pin.ref, resolutions, self.content, self.metrics),
             pin.pinned,
             pin.error,
+            site.run_as_user,
+            site.run_as_non_root,
+            runs=site.field != "volumes",
         )
         decisions = [d for p in matching for d in await self._check(p, context, site)]
         new_image = _mutated(site, pin.ref, matching) if mutate else None

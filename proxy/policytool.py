@@ -1,24 +1,39 @@
 """``pullgate policy check`` and ``pullgate policy lint``: policies without a cluster.
 
-``check`` evaluates Kubernetes manifests (multi-document YAML, ``kind: List`` too) offline
-against a policy set, the way ``/mutate`` would: tags that a ``resolveTags`` policy would pin
-count as pinned. It prints one line per image and policy; exit 1 on any deny, 2 on bad input.
+``check`` evaluates Kubernetes manifests (multi-document YAML, ``kind: List`` too) against a
+policy set, the way ``/mutate`` would. It prints one line per image and policy; exit 1 on any
+deny, 2 on bad input.
+
+Offline (the default) nothing is fetched: tags that a ``resolveTags`` policy would pin count
+as pinned, and ``image`` rules (what is inside the image) are not evaluated — each policy
+that has them prints a NOTE line instead of a verdict, so an offline run never denies for
+content it could not see. With ``--config FILE`` and/or ``--cache-dir DIR`` it opens the
+mirror's cache (and its upstreams) as the webhook does: tags resolve, and content rules are
+judged on the cached manifests and configs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
+import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO, cast
 
+import structlog
 import yaml
 
+from proxy import imagerules
 from proxy.admission import POD_SPEC_PATHS, ReviewInvalid, extract_sites
+from proxy.config import LogConfig, load_config
 from proxy.errors import PullgateError
 from proxy.evaluation import Decision, Evaluator, ImageResult, NoMatch
+from proxy.log import configure_logging
+from proxy.mirror import Mirror
 from proxy.policy import PolicyInvalid, load_file
 from proxy.policyset import PolicySet, load_policies, policy_files
 
@@ -27,7 +42,9 @@ examples:
   pullgate policy lint policies/
   pullgate policy check --policies policies/ deploy/web.yaml deploy/jobs.yaml
   kubectl get deploy -A -o yaml | pullgate policy check --policies policies/ -
+  pullgate policy check --config /etc/pullgate/config.yaml --policies policies/ deploy/web.yaml
 """
+OFFLINE_NOTE = "image rules not evaluated offline (use --config or --cache-dir)"
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,6 +65,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default="allow",
         help="what happens to images no policy matches (defaults.no_match)",
     )
+    check.add_argument("--config", type=Path, help="judge content too, through this mirror config's cache")
+    check.add_argument("--cache-dir", type=Path, help="judge content too, through this cache (overrides cache.dir)")
     check.add_argument("files", nargs="+", metavar="FILE", help="manifest files ('-' = stdin)")
     check.set_defaults(func=run_check)
     lint = tools.add_parser("lint", help="validate policy files")
@@ -92,31 +111,86 @@ def _lint_errors(path: Path) -> list[str]:
 
 def run_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
+    online = args.config is not None or args.cache_dir is not None
     try:
         policies = load_policies(args.policies)
         objects = [obj for name in args.files for obj in _manifests(name)]
-        results = asyncio.run(_check(policies, objects, args.namespace, args.no_match))
+        skipped = set() if online else {p.name for p in policies.policies if _has_image_rules(p.rules)}
+        if skipped:
+            policies = _without_image_rules(policies)
+        results = asyncio.run(_check(args, policies, objects))
     except PullgateError as exc:
         print(f"pullgate policy check: {exc.message}", file=sys.stderr)
         return 2
     pinning = {p.name for p in policies.policies if p.resolve_tags}
     counts = {"allow": 0, "warn": 0, "audit": 0, "deny": 0}
+    notes = 0
     for label, result in results:
         for decision in result.decisions:
             counts[decision.outcome] += 1
             print(_line(label, result, decision, decision.policy in pinning), file=out)
+        for policy in dict.fromkeys(d.policy for d in result.decisions if d.policy in skipped):
+            notes += 1
+            print(f"NOTE   {label}  {result.site.describe()}: policy {policy} {OFFLINE_NOTE}", file=out)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
-    print(f"{len(results)} images, {sum(counts.values())} decisions: {summary}", file=out)
+    noted = f"; {notes} notes" if notes else ""
+    print(f"{len(results)} images, {sum(counts.values())} decisions: {summary}{noted}", file=out)
     return 1 if counts["deny"] else 0
 
 
+def _has_image_rules(rules: tuple[Any, ...]) -> bool:
+    return any(isinstance(rule, imagerules.ImageRules) for rule in rules)
+
+
+def _without_image_rules(policies: PolicySet) -> PolicySet:
+    """The policy set minus ``image`` rules, which need the image's content."""
+    kept = tuple(
+        dataclasses.replace(p, rules=tuple(r for r in p.rules if not isinstance(r, imagerules.ImageRules)))
+        for p in policies.policies
+    )
+    return PolicySet.of(kept, policies.files)
+
+
+@contextlib.asynccontextmanager
+async def _evaluator(args: argparse.Namespace, policies: PolicySet) -> AsyncIterator[Evaluator]:
+    no_match = cast(NoMatch, args.no_match)
+    if args.config is None and args.cache_dir is None:
+        yield Evaluator(policies, no_match)
+        return
+    overrides = dict(os.environ)
+    if args.cache_dir is not None:
+        overrides["PULLGATE_CACHE__DIR"] = str(args.cache_dir)
+    mirror = Mirror(load_config(args.config, overrides))
+    with _logs_to_stderr():
+        await mirror.open()
+        try:
+            yield Evaluator(policies, no_match, mirror, mirror.metrics, mirror)
+        finally:
+            await mirror.close()
+
+
+@contextlib.contextmanager
+def _logs_to_stderr() -> Iterator[None]:
+    """The mirror's warnings go to stderr while it is open: stdout is the report. The
+    previous logging setup comes back afterwards (the command may run in-process)."""
+    saved = structlog.get_config()
+    configure_logging(LogConfig(level="warning", format="console"))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
 async def _check(
-    policies: PolicySet,
-    objects: list[tuple[str, Mapping[str, Any]]],
-    namespace: str,
-    no_match: str,
+    args: argparse.Namespace, policies: PolicySet, objects: list[tuple[str, Mapping[str, Any]]]
 ) -> list[tuple[str, ImageResult]]:
-    evaluator = Evaluator(policies, cast(NoMatch, no_match))
+    async with _evaluator(args, policies) as evaluator:
+        return await _evaluate(evaluator, objects, args.namespace)
+
+
+async def _evaluate(
+    evaluator: Evaluator, objects: list[tuple[str, Mapping[str, Any]]], namespace: str
+) -> list[tuple[str, ImageResult]]:
     results: list[tuple[str, ImageResult]] = []
     for source, obj in objects:
         group, kind = _group_kind(obj)

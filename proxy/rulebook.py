@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from proxy import signaturerule
+from proxy import imagerules, signaturerule
 from proxy.rules import BUILTIN_RULES, RuleFactory
 
 RULES: Mapping[str, RuleFactory] = MappingProxyType(
     {
         **BUILTIN_RULES,
         signaturerule.NAME: signaturerule.build,
+        imagerules.NAME: imagerules.build,
     }
 )

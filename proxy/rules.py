@@ -91,6 +91,10 @@ class ImageContext:
     facts: ImageFacts
     pinned: bool  # the image will run by digest (given, or pinned by resolveTags)
     resolution_error: str | None = None  # why resolveTags could not pin it
+    # The container's effective securityContext (its own over the pod's); None when unset.
+    run_as_user: int | None = None
+    run_as_non_root: bool | None = None
+    runs: bool = True  # False for image volumes: their content is mounted, never executed
 
 
 class Rule(Protocol):
