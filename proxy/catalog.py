@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS repo_blobs (
 """
 
 ImageKey = tuple[str, str, str]  # (upstream, repository, digest)
+_SYNC_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,8 @@ class Catalog:
         self._manifests: dict[str, ManifestInfo] = {}
         self._pulls: dict[ImageKey, tuple[float, int]] = {}
         self.total_bytes = 0
+        self._synced = 0.0
+        self._version: int | None = None
 
     # --- lifecycle ---------------------------------------------------------------------
     def open(self) -> None:
@@ -79,6 +82,8 @@ class Catalog:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._load()
+        self._version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        self._synced = time.monotonic()
 
     def close(self) -> None:
         if self._db is not None:
@@ -117,7 +122,7 @@ class Catalog:
                 self._forget(digest)
             now = time.time()
             self.db.executemany(
-                "INSERT INTO blobs (digest, size, added) VALUES (?, ?, ?)",
+                "INSERT OR IGNORE INTO blobs (digest, size, added) VALUES (?, ?, ?)",
                 [(d, s, now) for d, s in on_disk.items() if d not in rows],
             )
         self._load()
@@ -154,7 +159,21 @@ class Catalog:
     # --- tags ----------------------------------------------------------------------------
     # Lookups answer from memory; a miss asks SQLite, because another process (the CLI's
     # ``import``/``warm`` next to a running daemon) may have added rows since we loaded.
+    def _sync(self) -> None:
+        """Reload the memory maps when another process (``import``, ``prune``) committed:
+        SQLite's ``data_version`` changes only for other connections' commits. Checked at
+        most once a second, so the hot path stays a dictionary lookup."""
+        now = time.monotonic()
+        if now - self._synced < _SYNC_INTERVAL:
+            return
+        self._synced = now
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            self._version = version
+            self._load()
+
     def tag(self, upstream: str, repository: str, tag: str) -> TagEntry | None:
+        self._sync()
         found = self._tags.get((upstream, repository, tag))
         if found is None:
             row = self.db.execute(

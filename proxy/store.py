@@ -24,11 +24,16 @@ class BlobStore:
         self.tmp = root / "tmp"
 
     def open(self) -> None:
-        """Create the layout and drop temp files a crash may have left behind."""
+        """Create the layout and drop temp files a crash left behind.
+
+        Temp files carry their writer's PID: several processes share one cache (the daemon
+        and the CLI's ``warm``/``import``), so only files whose writer is gone are swept.
+        """
         self.blobs.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
         for stray in self.tmp.iterdir():
-            stray.unlink(missing_ok=True)
+            if not _writer_alive(stray.name):
+                stray.unlink(missing_ok=True)
 
     def path(self, digest: Digest) -> Path:
         return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
@@ -46,7 +51,7 @@ class BlobStore:
             return None
 
     def temp_path(self) -> Path:
-        return self.tmp / f"{uuid.uuid4().hex}.part"
+        return self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}.part"
 
     async def commit(self, temp: Path, digest: Digest, fd: int | None = None) -> Path:
         """fsync ``temp`` (via ``fd`` if open) and move it to its final place atomically.
@@ -107,3 +112,16 @@ class BlobStore:
         except OSError:
             return False
         return True
+
+
+def _writer_alive(name: str) -> bool:
+    pid, sep, _ = name.partition("-")
+    if not sep or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True

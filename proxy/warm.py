@@ -5,10 +5,9 @@ downloads, digest verification before anything is committed), so a warmed image 
 what a pull through the daemon would have cached. Images warm concurrently (``jobs`` at a
 time, a few blobs each); an index warms every platform unless ``platforms`` narrows it.
 
-Safe next to a running daemon on the same cache: the store's commits are atomic renames and
-the catalog is SQLite (WAL). The one thing the daemon's ``open`` does that a second process
-must not is sweep ``tmp/`` (the daemon's downloads in progress live there), so the mirror
-opened here uses a store that leaves ``tmp/`` alone.
+Safe next to a running daemon on the same cache: the store's commits are atomic renames,
+the catalog is SQLite (WAL), and opening the store sweeps only temp files whose writing
+process is gone (the daemon's downloads in progress stay).
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from proxy.mirror import Mirror
 from proxy.progress import Progress, Task
 from proxy.reference import ImageReference
 from proxy.routing import Route
-from proxy.store import BlobStore
 from proxy.units import format_size
 
 BLOBS_PER_IMAGE = 3
@@ -44,17 +42,8 @@ class WarmInputInvalid(PullgateError):
     code, status = "BAD_REQUEST", 400
 
 
-class SharedStore(BlobStore):
-    """A blob store opened by a second process: ``tmp/`` may hold the daemon's downloads."""
-
-    def open(self) -> None:
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir(parents=True, exist_ok=True)
-
-
 async def open_mirror(config: Config) -> Mirror:
     mirror = Mirror(config)
-    mirror.store = SharedStore(config.cache.dir)
     await mirror.open()
     return mirror
 

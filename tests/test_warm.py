@@ -6,6 +6,7 @@ files and Kubernetes manifests."""
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -130,11 +131,15 @@ async def test_warm_with_signatures(
 async def test_a_second_process_leaves_the_daemons_downloads_alone(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     (cache / "tmp").mkdir(parents=True)
-    download = cache / "tmp" / "in-progress.part"
+    # Our parent process is alive: it stands in for the daemon writing a download.
+    download = cache / "tmp" / f"{os.getppid()}-in-progress.part"
     download.write_bytes(b"partial")
+    crashed = cache / "tmp" / "2147483646-left-by-a-crash.part"  # no such process
+    crashed.write_bytes(b"stale")
     opened = await open_mirror(warm_config(cache, "http://127.0.0.1:9"))
     await opened.close()
     assert download.read_bytes() == b"partial"
+    assert not crashed.exists()
 
 
 # --- image lists -----------------------------------------------------------------------------------
