@@ -26,12 +26,16 @@ from proxy import listing
 from proxy.archive import ExportPlan, export_to_file, plan_export, write_archive
 from proxy.catalog import Catalog
 from proxy.config import Config, LogConfig, load_config
+from proxy.digest import Digest
 from proxy.errors import ConfigError, PullgateError
 from proxy.globs import GlobSet
+from proxy.imagefindings import image_findings
 from proxy.importer import commit, plan_import, stage
 from proxy.inventory import PINNED, Inventory, registry_name
 from proxy.log import configure_logging
+from proxy.policyset import PolicySet, load_policies
 from proxy.progress import Progress
+from proxy.reference import ImageReference
 from proxy.routing import Router
 from proxy.store import BlobStore
 from proxy.units import format_size, parse_duration
@@ -141,6 +145,9 @@ def _cache_parsers(commands: Parsers, common: argparse.ArgumentParser) -> None:
     inspect = tools.add_parser("inspect", parents=[common], help="manifest, config, layers and history of an image")
     inspect.add_argument("image", metavar="IMAGE")
     inspect.add_argument("--platform", help="only this platform of an index")
+    inspect.add_argument(
+        "--policies", type=Path, help="policy file or directory to judge the image by (default: config policies)"
+    )
     inspect.set_defaults(func=_command(_inspect))
     du = tools.add_parser("du", parents=[common], help="disk usage per repository and layer-sharing savings")
     du.set_defaults(func=_command(_du))
@@ -358,9 +365,23 @@ def _ls(config: Config, args: argparse.Namespace) -> int:
 def _inspect(config: Config, args: argparse.Namespace) -> int:
     with _cache(config) as (store, catalog):
         inventory = _inventory(config, store, catalog)
-        details = listing.inspect(inventory, inventory.locate(args.image), args.platform)
+        image = inventory.locate(args.image)
+        details = listing.inspect(inventory, image, args.platform)
+    policies = args.policies or config.policies
+    if policies is not None:
+        ref = ImageReference(image.registry, image.repository, None, Digest.parse(image.digest))
+        details["policy_findings"] = asyncio.run(_findings(config, load_policies(policies), ref))
     _emit(args, details, lambda: listing.inspect_lines(details))
     return 0
+
+
+async def _findings(config: Config, policies: PolicySet, ref: ImageReference) -> list[str]:
+    """Which ``image`` rules the cached image would fail (configs are read through the cache)."""
+    mirror = await open_mirror(config)
+    try:
+        return await image_findings(policies, mirror, mirror, ref)
+    finally:
+        await mirror.close()
 
 
 def _du(config: Config, args: argparse.Namespace) -> int:

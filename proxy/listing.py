@@ -127,6 +127,11 @@ def inspect_lines(details: dict[str, Any]) -> Iterator[str]:
             rows = [(h["created"] or "", _clip(h["created_by"] or h["comment"] or "", 70), format_size(h["size"]))
                     for h in reversed(platform["history"])]  # fmt: skip
             yield from ("  " + line for line in _table(("CREATED", "CREATED BY", "SIZE"), rows))
+    findings = details.get("policy_findings")
+    if findings is not None:
+        yield ""
+        yield f"POLICY       {len(findings)} image rule violation(s)" if findings else "POLICY       image rules pass"
+        yield from (f"  {line}" for line in findings)
 
 
 def _image_facts(image: dict[str, Any]) -> list[tuple[str, Any]]:

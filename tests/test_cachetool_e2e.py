@@ -225,3 +225,23 @@ async def test_prune_keeps_what_kept_images_need_and_they_still_pull(
     host = mirror.removeprefix("http://")
     await skopeo.acopy(f"docker://{host}/{repo}-keep:1", f"oci:{tmp_path / 'pulled'}:x")
     assert OciLayout(tmp_path / "pulled").tagged("x")["digest"] == keep.manifest_digest
+
+
+async def test_inspect_shows_which_image_rules_an_image_would_fail(
+    registry: Registry, image_factory: ImageFactory, repo: str, tmp_path: Path
+) -> None:
+    root = image_factory.image("1", layers=[1_000], env=["PATH=/usr/bin", "DB_PASSWORD=hunter2-is-not-a-good-one"])
+    await registry.apush(root.layout, "1", f"{repo}:1")
+    policies = tmp_path / "policies.yaml"
+    policies.write_text(
+        "apiVersion: pullgate.dev/v1\nkind: ImagePolicy\nmetadata: {name: hygiene}\n"
+        'spec:\n  match: {images: ["**"]}\n  rules:\n    image: {denyRootUser: true, denySecretsInEnv: true}\n'
+    )
+    config = write_config(tmp_path / "config.yaml", tmp_path / "cache", registry.url)
+    await pullgate(config, "warm", f"{repo}:1")
+    details = await pullgate_json(config, "cache", "inspect", f"{repo}:1", "--policies", str(policies))
+    findings = "\n".join(details["policy_findings"])
+    assert "policy hygiene (enforce) image.denyRootUser" in findings
+    assert "DB_PASSWORD" in findings and "hunter2" not in findings, "names the variable, never its value"
+    text = (await pullgate(config, "cache", "inspect", f"{repo}:1", "--policies", str(policies))).stdout
+    assert "POLICY       2 image rule violation(s)" in text
