@@ -23,12 +23,13 @@ from proxy.digest import Digest
 from proxy.errors import (
     DigestMismatch,
     ManifestUnknown,
+    PullgateError,
     UpstreamDenied,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
-from proxy.mediatypes import UPSTREAM_ACCEPT, parse_manifest
+from proxy.mediatypes import MANIFEST_TYPES, UPSTREAM_ACCEPT, ParsedManifest, parse_manifest
 from proxy.metrics import Metrics
 from proxy.routing import Route
 from proxy.store import BlobStore
@@ -65,9 +66,11 @@ class ManifestCache:
         self._inflight: dict[tuple[str, str, str], asyncio.Task[Manifest]] = {}
         self._log = structlog.get_logger("pullgate.manifests")
         self.on_stored: Callable[[], None] = lambda: None
+        self._background: set[asyncio.Task[None]] = set()
 
-    async def get(self, route: Route, reference: str) -> Manifest:
-        """The manifest for a tag or digest (``reference`` already validated)."""
+    async def get(self, route: Route, reference: str, *, count: bool = True) -> Manifest:
+        """The manifest for a tag or digest (``reference`` already validated); ``count``
+        records a pull (off for the mirror's own prefetches)."""
         key = (route.upstream, route.repository, reference)
         task = self._inflight.get(key)
         if task is None:
@@ -81,8 +84,9 @@ class ManifestCache:
         else:
             self._metrics.coalesced.labels("manifest").inc()
         manifest = await asyncio.shield(task)
-        self._metrics.cache_results.labels("manifest", manifest.result).inc()
-        self._catalog.touch(route.upstream, route.repository, manifest.digest)
+        if count:
+            self._metrics.cache_results.labels("manifest", manifest.result).inc()
+            self._catalog.touch(route.upstream, route.repository, manifest.digest)
         return manifest
 
     # --- by digest ------------------------------------------------------------------------
@@ -188,7 +192,28 @@ class ManifestCache:
         self._catalog.add_manifest(route.upstream, route.repository, digest, len(response.body), parsed)
         self._remember(digest, response.body)
         self.on_stored()
+        if parsed.is_index:
+            self._prefetch(route, parsed)
         return Manifest(digest, parsed.media_type, response.body, result)
+
+    def _prefetch(self, route: Route, index: ParsedManifest) -> None:
+        """Cache every platform manifest of a new index in the background (they are small):
+        a node of another architecture can then pull while the upstream is down."""
+        for child in index.children:
+            if child.media_type in MANIFEST_TYPES and not self._catalog.has_image(
+                route.upstream, route.repository, child.digest
+            ):
+                task = asyncio.create_task(self._prefetch_one(route, child.digest))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _prefetch_one(self, route: Route, digest: Digest) -> None:
+        try:
+            await self.get(route, str(digest), count=False)
+        except PullgateError as exc:  # a best-effort warm-up: the client's own request reports errors
+            self._log.info(
+                "manifest_prefetch_failed", repository=route.repository, digest=str(digest), error=exc.message
+            )
 
     def _cached(self, digest: Digest) -> tuple[str, bytes] | None:
         info = self._catalog.manifest(digest)
@@ -212,6 +237,12 @@ class ManifestCache:
         while self._memory_bytes > _MEMORY_BYTES:
             _, old = self._memory.popitem(last=False)
             self._memory_bytes -= len(old)
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._background:
+            await asyncio.wait(set(self._background))
 
     def forget(self, digest: Digest) -> None:
         """Drop a manifest from memory (eviction)."""

@@ -84,6 +84,8 @@ class Mirror:
             self._flusher.cancel()
         if self._evicting is not None:
             await self._evicting
+        if hasattr(self, "manifests"):
+            await self.manifests.close()
         if hasattr(self, "blobs"):
             await self.blobs.close(self.config.shutdown_grace)
         if self._session is not None:

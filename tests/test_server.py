@@ -329,6 +329,15 @@ async def test_index_and_platform_fallback(mirror: tuple[Client, Origin]) -> Non
     assert response.headers["Docker-Content-Digest"] == index_digest
     response = await client.get("/v2/multi/manifests/1", headers={"Accept": OCI_MANIFEST})
     assert response.headers["Docker-Content-Digest"] == amd.digest
+    # Every platform manifest of the index was cached in the background: arm64 nodes can
+    # pull while the upstream is down.
+    for _ in range(100):
+        if client.app[MIRROR].catalog.has_image("docker.io", "library/multi", Digest.parse(arm.digest)):
+            break
+        await asyncio.sleep(0.01)
+    origin.status = 503
+    response = await client.get(f"/v2/multi/manifests/{arm.digest}")
+    assert response.status == 200
 
 
 async def test_path_prefix_routing(mirror: tuple[Client, Origin]) -> None:
