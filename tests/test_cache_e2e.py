@@ -22,9 +22,9 @@ from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.digest import Digest
 from proxy.server import create_app
 from tests.support.containerd import Containerd
+from tests.support.daemon import Daemon
 from tests.support.images import ImageFactory, ImageInfo
 from tests.support.procs import CommandError
-from tests.support.pullgate import PullgateProcess
 from tests.support.registry import Registry
 from tests.support.relay import Relay
 
@@ -274,19 +274,13 @@ async def test_sigkill_mid_download_then_restart(
     await push(registry, image, f"{repo}:1")
     _, relay_url = await start_relay(aiohttp_server, registry, chunk_delay=0.005)  # ~0.6 s transfer
     cache = tmp_path / "cache"
-    daemon = PullgateProcess(
-        tmp_path / "daemon",
-        {
-            "cache": {"dir": str(cache)},
-            "upstreams": [{"name": "docker.io", "url": relay_url}],
-        },
-    )
+    daemon = Daemon(tmp_path / "daemon", relay_url, cache={"dir": str(cache)})
     await asyncio.to_thread(daemon.start)
     try:
-        async with session.get(f"{daemon.url}/v2/{repo}/manifests/1") as response:
+        async with session.get(f"{daemon.url('')}/v2/{repo}/manifests/1") as response:
             assert response.status == 200
         big = image.layer_digests[0]
-        response = await session.get(f"{daemon.url}/v2/{repo}/blobs/{big}")
+        response = await session.get(f"{daemon.url('')}/v2/{repo}/blobs/{big}")
         await response.content.readexactly(1 << 20)  # mid-download
         assert any((cache / "tmp").iterdir()), "a partial download is on disk"
         await asyncio.to_thread(daemon.kill)
@@ -294,10 +288,10 @@ async def test_sigkill_mid_download_then_restart(
         await asyncio.to_thread(daemon.start)
         assert list((cache / "tmp").iterdir()) == [], "partial files are cleaned at start"
         # The manifest survived the crash; the blob downloads again, correctly.
-        async with session.get(f"{daemon.url}/v2/{repo}/manifests/1") as response:
+        async with session.get(f"{daemon.url('')}/v2/{repo}/manifests/1") as response:
             assert response.headers["Docker-Content-Digest"] == image.manifest_digest
         for digest in image.blob_digests:
-            _, got, _ = await fetch_digest(session, f"{daemon.url}/v2/{repo}/blobs/{digest}", 0)
+            _, got, _ = await fetch_digest(session, f"{daemon.url('')}/v2/{repo}/blobs/{digest}", 0)
             assert got == digest
         blobs = {p.name for p in (cache / "blobs" / "sha256").rglob("*") if p.is_file()}
         assert {d.split(":")[1] for d in image.blob_digests} <= blobs

@@ -24,9 +24,9 @@ from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.server import create_app
 from tests.support import skopeo
 from tests.support.containerd import Containerd
+from tests.support.daemon import Daemon
 from tests.support.images import ImageFactory, IndexInfo, OciLayout
 from tests.support.procs import Completed, arun, free_port
-from tests.support.pullgate import PullgateProcess
 from tests.support.registry import Registry
 
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
@@ -128,17 +128,18 @@ async def test_import_into_the_cache_of_a_running_daemon(
     await skopeo.acopy(f"oci:{image.layout}:1", f"oci-archive:{archive}:1.0")  # a bare tag: needs --image
     cache = tmp_path / "cache"
     config = write_config(tmp_path / "pullgate.yaml", cache, dead_upstream())
-    daemon_config = yaml.safe_load(config.read_text())
-    with PullgateProcess(tmp_path / "daemon", daemon_config) as daemon:
+    settings = yaml.safe_load(config.read_text())
+    upstream = settings.pop("upstreams")[0]["url"]
+    with Daemon(tmp_path / "daemon", upstream, **settings) as daemon:
         failed = await pullgate(config, "import", str(archive), expect=1)
         assert "--image" in failed.stderr
         await pullgate(config, "import", str(archive), "--image", "docker.io/acme/live")
         ref = "docker.io/acme/live:1.0"
-        digest = await containerd.apull(ref, daemon.url, namespace=containerd.new_namespace())
+        digest = await containerd.apull(ref, daemon.url(""), namespace=containerd.new_namespace())
         assert digest == image.manifest_digest
         (listed,) = await pullgate_json(config, "cache", "ls")
         assert listed["reference"] == ref
-    assert "Traceback" not in daemon.log()
+    assert "Traceback" not in daemon.events_text()
 
 
 def damage(archive: bytes, how: str) -> bytes:

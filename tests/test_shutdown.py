@@ -10,126 +10,23 @@ the Service's endpoints (https://kubernetes.io/docs/concepts/workloads/pods/pod-
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import http.client
-import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from aiohttp import web
 
+from tests.support.daemon import Daemon, OriginThread
 from tests.support.origin import Origin
-from tests.support.procs import free_port, http_status, start_daemon, stop_daemon, wait_until
+from tests.support.procs import http_status, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 1 << 16  # Origin writes 64 KiB per chunk_delay
-
-
-class OriginThread:
-    """The Origin app on 127.0.0.1 in a background thread (the daemon is another process)."""
-
-    def __init__(self, origin: Origin, headers: dict[str, str] | None = None) -> None:
-        self.origin = origin
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        app = origin.app()
-        if headers:
-            # e.g. Docker Hub's ratelimit-* headers, on every response.
-            async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
-                response.headers.update(headers)
-
-            app.on_response_prepare.append(add_headers)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        self._thread = threading.Thread(target=self._loop.run_forever, name="origin", daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> OriginThread:
-        self._thread.start()
-        self._call(self._start())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._call(self._runner.cleanup())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-    async def _start(self) -> None:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def _call(self, coro: object) -> None:
-        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)  # type: ignore[arg-type]
-
-
-class Daemon:
-    """``python -m proxy serve`` as a subprocess, configured through a YAML file."""
-
-    def __init__(self, tmp: Path, upstream: str, **settings: object) -> None:
-        self.port = free_port()
-        self.log = tmp / "daemon.log"
-        self.config = tmp / "config.yaml"
-        config: dict[str, object] = {
-            "listen": f"127.0.0.1:{self.port}",
-            "cache": {"dir": str(tmp / "cache")},
-            "upstreams": [{"name": "docker.io", "url": upstream}],
-            "timeouts": {"connect": "2s", "read": "10s", "retries": 1, "backoff": "10ms"},
-            "log": {"level": "info", "format": "json"},
-            **settings,
-        }
-        self.config.write_text(yaml.safe_dump(config))
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def __enter__(self) -> Daemon:
-        env_cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(self.config)]
-        self.proc = start_daemon(env_cmd, stdout=self.log, stderr=self.log, cwd=ROOT)
-        wait_until(lambda: http_status(self.url("/readyz")) == 200, timeout=15, what="pullgate",
-                   proc=self.proc, log=self.log)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            stop_daemon(self.proc, grace=5)
-
-    def signal(self, sig: signal.Signals) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, sig)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"pullgate still running {timeout}s after the signal\n{self.events_text()}")
-
-    def events(self) -> list[dict[str, object]]:
-        lines = self.log.read_text(errors="replace").splitlines() if self.log.exists() else []
-        out = []
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict):
-                    out.append(event)
-        return out
-
-    def events_text(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
 
 
 @pytest.fixture
@@ -155,9 +52,7 @@ def read_rest(response: http.client.HTTPResponse) -> bytes:
     return b"".join(chunks)
 
 
-def test_sigterm_lets_a_running_blob_download_finish_then_exits_0(
-    slow_origin: OriginThread, tmp_path: Path
-) -> None:
+def test_sigterm_lets_a_running_blob_download_finish_then_exits_0(slow_origin: OriginThread, tmp_path: Path) -> None:
     image = slow_origin.origin.add_image("library/app", "1", layers=[3 << 20])  # ~48 chunks: ~2.4 s
     layer = image.layers[0]
     digest = "sha256:" + hashlib.sha256(layer).hexdigest()
@@ -198,29 +93,41 @@ def test_sigterm_gives_up_after_the_grace_period(slow_origin: OriginThread, tmp_
 
 
 def test_readyz_turns_unready_while_draining(slow_origin: OriginThread, tmp_path: Path) -> None:
-    """During the drain, ``/readyz`` answers 503 (the Service stops routing new pulls here)
-    while the in-flight pull continues."""
+    """For ``shutdown_delay`` after SIGTERM, ``/readyz`` answers 503 (the Service stops
+    routing new pulls here) while the port still accepts and the in-flight pull continues."""
     image = slow_origin.origin.add_image("library/app", "1", layers=[3 << 20])
     digest = "sha256:" + hashlib.sha256(image.layers[0]).hexdigest()
-    with Daemon(tmp_path, slow_origin.url, shutdown_grace="20s") as daemon:
+    with Daemon(tmp_path, slow_origin.url, shutdown_grace="20s", shutdown_delay="2s") as daemon:
         conn, response = open_blob(daemon, digest)
-        response.read(CHUNK)
+        head = response.read(CHUNK)
         daemon.signal(signal.SIGTERM)
         time.sleep(0.3)
         status = http_status(daemon.url("/readyz"))
-        read_rest(response)
+        alive = http_status(daemon.url("/healthz"))
+        body = head + read_rest(response)
         conn.close()
-        daemon.wait(20)
+        code = daemon.wait(20)
     assert status == 503, f"/readyz during drain answered {status} (None: connection refused)"
+    assert alive == 200, "still accepting during shutdown_delay"
+    assert len(body) == len(image.layers[0]) and code == 0
 
 
 def test_sighup_reloads_instead_of_exiting(slow_origin: OriginThread, tmp_path: Path) -> None:
-    """SIGHUP re-reads the config file and policies; the process keeps serving."""
+    """SIGHUP re-reads the config file (and policies); the process keeps serving."""
     with Daemon(tmp_path, slow_origin.url) as daemon:
+        config = yaml.safe_load(daemon.config.read_text())
+        config["log"]["level"] = "debug"
+        daemon.config.write_text(yaml.safe_dump(config))
         daemon.signal(signal.SIGHUP)
-        time.sleep(0.5)
         assert daemon.proc is not None
+        wait_until(
+            lambda: "config_reloaded" in [e.get("event") for e in daemon.events()],
+            timeout=10,
+            what="config_reloaded event",
+            proc=daemon.proc,
+            log=daemon.log,
+        )
+        status = http_status(daemon.url("/readyz"))
         alive = daemon.proc.poll() is None
-        status = http_status(daemon.url("/readyz")) if alive else None
     assert alive, f"pullgate exited on SIGHUP with {daemon.proc.returncode}\n{daemon.events_text()}"
     assert status == 200
