@@ -7,7 +7,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from proxy.access import Access
 from proxy.config import Config
+from proxy.limits import FetchLimiter
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.policyset import PolicyStore
@@ -22,7 +24,9 @@ class Lifecycle:
     config_path: Path | None = None
 
 
+ACCESS = web.AppKey("access", Access)  # only when access.enabled
 CONFIG = web.AppKey("config", Config)
+FETCH_LIMITER = web.AppKey("fetch_limiter", FetchLimiter)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 METRICS = web.AppKey("metrics", Metrics)
 MIRROR = web.AppKey("mirror", Mirror)

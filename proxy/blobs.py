@@ -23,7 +23,7 @@ from proxy.flight import CHUNK, Flight, State
 from proxy.metrics import Metrics
 from proxy.routing import Route
 from proxy.store import BlobStore
-from proxy.upstream import RegistryClient
+from proxy.upstream import RegistryClient, describe_error
 
 _START_TIMEOUT = 60.0
 
@@ -132,7 +132,7 @@ class BlobService:
         except (aiohttp.ClientError, TimeoutError) as exc:
             self._metrics.upstream_errors.labels(route.upstream, "read").inc()
             flight.fail(UpstreamUnavailable(f"upstream transfer failed: {exc.__class__.__name__}"))
-            log.warning("blob_fetch_failed", error=repr(exc), code="UNAVAILABLE")
+            log.warning("blob_fetch_failed", error=describe_error(exc), code="UNAVAILABLE")
         except OSError as exc:
             flight.fail(UpstreamUnavailable(f"cache write failed: {errno.errorcode.get(exc.errno or 0, exc)}"))
             log.error("blob_store_failed", error=repr(exc))

@@ -15,6 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -56,6 +57,10 @@ def _http_url(value: str) -> str:
     if parts.query or parts.fragment or parts.username:
         raise ValueError(f"the URL must not carry credentials, a query or a fragment: {value!r}")
     return value.rstrip("/")
+
+
+def _optional_http_url(value: str | None) -> str | None:
+    return None if value is None else _http_url(value)
 
 
 @dataclass(frozen=True)
@@ -122,9 +127,78 @@ class MirrorConfig:
     enforce_policies: bool = False
 
 
+def _groups(value: Any) -> Mapping[str, tuple[str, ...]]:
+    """``{group: [user, ...]}`` as a read-only mapping."""
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of group name to a list of users")
+    groups: dict[str, tuple[str, ...]] = {}
+    for name, users in value.items():
+        if not isinstance(name, str) or not isinstance(users, list) or not all(isinstance(u, str) for u in users):
+            raise ValueError(f"group {name!r}: expected a list of user names")
+        groups[name] = tuple(users)
+    return MappingProxyType(groups)
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may pull which repositories. ``repositories`` are globs over
+    ``UPSTREAM/REPOSITORY`` (the configured upstream's name and the repository as the
+    upstream knows it, e.g. ``docker.io/library/**``, ``ghcr.io/acme/*``). A rule grants
+    ``pull`` to the ``users`` (``"*"``: any authenticated identity), to members of
+    ``groups``, and to everyone when ``anonymous``."""
+
+    repositories: tuple[str, ...]
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    anonymous: bool = False
+
+
+@dataclass(frozen=True)
+class AccessConfig:
+    """Client authentication and pull rules for the mirror listener (off: a public mirror).
+
+    ``htpasswd``: ``user:hash`` lines, hashes bcrypt (``htpasswd -B``), argon2id or
+    ``$scrypt$``. ``tokens``: ``name:sha256:<hex of the token's SHA-256>`` lines for static
+    bearer tokens. Files are re-read when they change; no secret is ever held in plain."""
+
+    enabled: bool = False
+    realm: str = "pullgate"  # the realm of Basic challenges and the service of Bearer ones
+    token_realm: str | None = field(default=None, metadata={"parse": _optional_http_url})  # default: this listener
+    token_secret_env: str | None = None  # env var with the token signing key (share it between replicas)
+    token_ttl: float = _duration("5m")
+    htpasswd: Path | None = None
+    tokens: Path | None = None
+    groups: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({}), metadata={"parse": _groups}
+    )
+    rules: tuple[AccessRule, ...] = ()
+    failed_login_limit: int = 10  # failed logins per minute per source address, then 429
+    credential_cache_ttl: float = _duration("5m")  # how long a verified password is remembered
+
+    def token_secret(self) -> bytes | None:
+        """The signing key, read from the environment (never stored in the config)."""
+        value = os.environ.get(self.token_secret_env) if self.token_secret_env else None
+        return value.encode() if value else None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Input and concurrency limits of the mirror listener."""
+
+    max_header_size: int = _size("8KiB")  # one request header field
+    max_headers: int = 100
+    max_url_length: int = 8192
+    upstream_fetches: int = 64  # concurrent upstream fetches in all
+    upstream_fetches_per_client: int = 16  # ... started by one client address
+    idle_timeout: float = _duration("30s")  # idle keep-alive, and a request's headers must arrive within it
+    send_timeout: float = _duration("60s")  # a client that accepts no byte for this long is cut off
+
+
 @dataclass(frozen=True)
 class Config:
     listen: tuple[str, int] = _listen("127.0.0.1:5000")
+    tls_cert: Path | None = None  # mirror listener TLS (PEM), reloaded when the files change
+    tls_key: Path | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: tuple[UpstreamConfig, ...] = (UpstreamConfig(name="docker.io", url="https://registry-1.docker.io"),)
     default_upstream: str | None = "docker.io"
@@ -134,6 +208,8 @@ class Config:
     policies: Path | None = None
     defaults: PolicyDefaults = field(default_factory=PolicyDefaults)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     shutdown_grace: float = _duration("30s")  # how long in-flight pulls may finish after SIGTERM
     shutdown_delay: float = _duration("3s")  # unready before closing, so load balancers stop routing
 
@@ -265,14 +341,62 @@ def _check(config: Config) -> None:
         raise ConfigError("cache.low_water: must be in (0, 1]")
     if (config.admission.tls_cert is None) != (config.admission.tls_key is None):
         raise ConfigError("admission.tls_cert: tls_cert and tls_key go together")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("tls_cert: tls_cert and tls_key go together")
     for i, upstream in enumerate(config.upstreams):
         if upstream.password_env and not upstream.username:
             raise ConfigError(f"upstreams[{i}].password_env: needs a username")
+    _check_limits(config.limits)
+    _check_access(config.access, names)
+
+
+def _check_limits(limits: LimitsConfig) -> None:
+    for key in ("max_header_size", "max_headers", "max_url_length", "upstream_fetches", "upstream_fetches_per_client"):
+        if getattr(limits, key) < 1:
+            raise ConfigError(f"limits.{key}: must be at least 1")
+    for key in ("idle_timeout", "send_timeout"):
+        if getattr(limits, key) <= 0:
+            raise ConfigError(f"limits.{key}: must be positive")
+
+
+def _check_access(access: AccessConfig, upstreams: list[str]) -> None:
+    if not access.enabled:
+        return
+    if not access.rules:
+        raise ConfigError("access.rules: access is enabled but no rule grants anything")
+    if access.failed_login_limit < 1:
+        raise ConfigError("access.failed_login_limit: must be at least 1")
+    if not access.realm or '"' in access.realm or "\\" in access.realm:
+        raise ConfigError("access.realm: must be non-empty, without quotes or backslashes")
+    if access.token_realm is not None and ('"' in access.token_realm or "\\" in access.token_realm):
+        raise ConfigError("access.token_realm: must not contain quotes or backslashes")
+    if access.token_ttl <= 0:
+        raise ConfigError("access.token_ttl: must be positive")
+    for name, members in access.groups.items():
+        if not members:
+            raise ConfigError(f"access.groups.{name}: a group needs at least one user")
+    for i, rule in enumerate(access.rules):
+        key = f"access.rules[{i}]"
+        if not rule.repositories:
+            raise ConfigError(f"{key}.repositories: at least one glob is required")
+        for glob in rule.repositories:
+            first = glob.partition("/")[0]
+            if "*" not in first and first not in upstreams:
+                raise ConfigError(f"{key}.repositories: {glob!r} does not start with a configured upstream name")
+        unknown = sorted(set(rule.groups) - set(access.groups))
+        if unknown:
+            raise ConfigError(f"{key}.groups: unknown group {unknown[0]!r}")
+        if not (rule.users or rule.groups or rule.anonymous):
+            raise ConfigError(f"{key}: grants nobody (set users, groups or anonymous)")
+        if (rule.users or rule.groups) and access.htpasswd is None and access.tokens is None:
+            raise ConfigError(f"{key}.users: no access.htpasswd or access.tokens file to authenticate them")
 
 
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, Path):

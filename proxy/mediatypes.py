@@ -68,8 +68,9 @@ def parse_manifest(data: bytes, content_type: str | None) -> ParsedManifest:
         media_type = OCI_INDEX
     elif media_type is None and "layers" in doc:
         media_type = OCI_MANIFEST
-    if media_type not in MANIFEST_TYPES:
-        raise ManifestInvalid(f"unsupported manifest media type {media_type!r}")
+    # isinstance first: a JSON object or list as mediaType is unhashable (found by fuzz/).
+    if not isinstance(media_type, str) or media_type not in MANIFEST_TYPES:
+        raise ManifestInvalid(f"unsupported manifest media type {str(media_type)[:100]!r}")
     try:
         if media_type in INDEX_TYPES:
             children = tuple(_descriptor(d, with_platform=True) for d in doc["manifests"])

@@ -96,6 +96,26 @@ class Metrics:
             registry=registry,
         )
         self.ready = Gauge("pullgate_ready", "1 while /readyz answers ready.", registry=registry)
+        # --- client access and limits ------------------------------------------------------
+        self.auth_failures = Counter(
+            "pullgate_auth_failures_total",
+            "Refused client credentials by reason (bad_password, unknown_user, bad_token, "
+            "malformed, rate_limited). No user label: names typed by attackers are not metrics.",
+            ["reason"],
+            registry=registry,
+        )
+        self.access_decisions = Counter(
+            "pullgate_access_decisions_total",
+            "Pull authorisation decisions by result (allowed, unauthorized, denied).",
+            ["result"],
+            registry=registry,
+        )
+        self.fetch_limit_rejections = Counter(
+            "pullgate_fetch_limit_rejections_total",
+            "Upstream fetches refused with 429 by the limit hit (overall, client).",
+            ["scope"],
+            registry=registry,
+        )
         # --- admission webhook and policies --------------------------------------------
         self.admission_reviews = Counter(
             "pullgate_admission_reviews_total",

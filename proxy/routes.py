@@ -8,16 +8,19 @@ bodies in ``proxy.server``'s middleware.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from proxy.appkeys import MIRROR, PULL_POLICY
+from proxy.access import ANONYMOUS, Identity
+from proxy.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
 from proxy.blobs import CachedBlob
 from proxy.digest import Digest
-from proxy.errors import NameUnknown, RangeInvalid, Unsupported, UpstreamError
+from proxy.errors import NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
 from proxy.flight import Flight
+from proxy.limits import FETCH_CLIENT, client_key
 from proxy.mediatypes import INDEX_TYPES, acceptable, parse_accept, parse_manifest, pick_platform
 from proxy.mirror import Mirror
 from proxy.reference import validate_tag
@@ -25,6 +28,7 @@ from proxy.routing import Route
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 _MAX_PAGE = 10_000
 
 
@@ -51,12 +55,40 @@ def info(request: web.Request) -> RequestInfo:
     return found
 
 
-def _route(request: web.Request) -> tuple[Mirror, Route]:
+async def _route(request: web.Request) -> tuple[Mirror, Route]:
+    """Route the request, then check the client may pull that repository — before any
+    cache lookup or upstream contact, on the canonical (upstream, repository)."""
+    identity = await _identify(request)
     mirror = request.app[MIRROR]
     route = mirror.router.route(request.match_info["name"], request.query.get("ns"))
     details = info(request)
     details.upstream, details.repository = route.upstream, route.repository
+    access = request.app.get(ACCESS)
+    if access is not None:
+        scope = f"repository:{request.match_info['name']}:pull"
+        access.authorize(identity, route, access.challenge(token_realm(request), scope))
+    # Upstream fetches this request starts are charged to its client (proxy.limits).
+    FETCH_CLIENT.set(client_key(request.remote))
     return mirror, route
+
+
+async def _identify(request: web.Request) -> Identity:
+    access = request.app.get(ACCESS)
+    if access is None:
+        return ANONYMOUS
+    challenge = access.challenge(token_realm(request))
+    identity = await access.identify(request.headers.get("Authorization"), request.remote, challenge)
+    if identity.name is not None:
+        info(request).extra["user"] = identity.name
+    return identity
+
+
+def token_realm(request: web.Request) -> str:
+    """Our token endpoint as the client reached us. The Host header is the client's own
+    (it can only point itself elsewhere) but is checked so it cannot break out of the
+    quoted challenge parameter; ``access.token_realm`` overrides it behind proxies."""
+    host = request.host if _HOST_RE.match(request.host) else "localhost"
+    return f"{request.scheme}://{host}/auth/token"
 
 
 def _headers(route: Route, **extra: str) -> dict[str, str]:
@@ -68,11 +100,28 @@ def _headers(route: Route, **extra: str) -> dict[str, str]:
 
 
 async def api_base(request: web.Request) -> web.Response:
+    # With access on, a request without credentials gets the Bearer challenge (as Docker Hub
+    # does): clients decide from this ping whether to authenticate at all, and fetch an
+    # anonymous token when they have no credentials (see proxy.accesstokens).
+    await _identify(request)
+    access = request.app.get(ACCESS)
+    if access is not None and "Authorization" not in request.headers:
+        raise Unauthorized("authentication required", headers=access.challenge(token_realm(request)))
     return web.json_response({}, headers=API_VERSION)
 
 
+async def token(request: web.Request) -> web.Response:
+    """``GET /auth/token`` (Docker token flow): the bearer token for the Basic credentials
+    sent, or an anonymous one."""
+    access = request.app.get(ACCESS)
+    if access is None:
+        raise NameUnknown("access control is off: there is no token endpoint")
+    body = await access.issue(request.headers.get("Authorization"), request.remote)
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
 async def manifest(request: web.Request) -> web.Response:
-    mirror, route = _route(request)
+    mirror, route = await _route(request)
     reference = request.match_info["reference"]
     if Digest.looks_like(reference):
         reference = str(Digest.parse(reference))
@@ -99,7 +148,7 @@ async def manifest(request: web.Request) -> web.Response:
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
-    mirror, route = _route(request)
+    mirror, route = await _route(request)
     digest = Digest.parse(request.match_info["digest"])
     info(request).reference = str(digest)
     headers = _headers(route, **{"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"})
@@ -135,16 +184,20 @@ async def _stream(request: web.Request, flight: Flight, headers: dict[str, str])
         response.content_length = end - start
     await response.prepare(request)
     metrics = request.app[MIRROR].metrics
+    send_timeout = request.app[CONFIG].limits.send_timeout
     details = info(request)
     try:
         async for chunk in flight.read(start, end):
-            await response.write(chunk)
+            # A client that takes no byte for send_timeout is cut off. (A slow one only
+            # slows itself: the download writes to disk whatever clients do.)
+            async with asyncio.timeout(send_timeout):
+                await response.write(chunk)
             details.bytes += len(chunk)
             metrics.bytes_served.labels("upstream").inc(len(chunk))
-    except UpstreamError as exc:
+    except (UpstreamError, TimeoutError) as exc:
         # Headers are sent; the only honest signal left is a connection closed short of
         # Content-Length, so the client discards what it got.
-        details.extra["aborted"] = exc.code
+        details.extra["aborted"] = exc.code if isinstance(exc, UpstreamError) else "SEND_TIMEOUT"
         if request.transport is not None:
             request.transport.abort()
         return response
@@ -175,7 +228,7 @@ def _parse_range(header: str, size: int) -> tuple[int, int]:
 
 
 async def tags_list(request: web.Request) -> web.Response:
-    mirror, route = _route(request)
+    mirror, route = await _route(request)
     query = {k: v for k, v in request.query.items() if k in ("n", "last")}
     if "n" in query and (not query["n"].isdigit() or int(query["n"]) > _MAX_PAGE):
         query["n"] = str(_MAX_PAGE)
@@ -195,7 +248,7 @@ async def tags_list(request: web.Request) -> web.Response:
 
 
 async def referrers(request: web.Request) -> web.Response:
-    mirror, route = _route(request)
+    mirror, route = await _route(request)
     digest = Digest.parse(request.match_info["digest"])
     artifact_type = request.query.get("artifactType")
     body, filtered, _ = await mirror.referrers_index(route, digest, artifact_type)
@@ -212,6 +265,7 @@ async def unsupported(request: web.Request) -> web.Response:
 def add_routes(app: web.Application) -> None:
     name = r"{name:[^?#]+?}"
     app.router.add_get("/v2/", api_base, name="base")
+    app.router.add_get("/auth/token", token, name="token")
     app.router.add_get(rf"/v2/{name}/manifests/{{reference}}", manifest, name="manifest")
     app.router.add_get(rf"/v2/{name}/blobs/{{digest}}", blob, name="blob")
     app.router.add_get(rf"/v2/{name}/tags/list", tags_list, name="tags")

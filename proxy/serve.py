@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -19,6 +20,7 @@ from proxy.config import Config, load_config
 from proxy.errors import ConfigError
 from proxy.log import configure_logging
 from proxy.server import create_app
+from proxy.tlsreload import ReloadingTLS
 
 EXAMPLE = """\
 examples:
@@ -66,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(config.log)
     try:
         asyncio.run(serve(config, path, overrides))
+    except ConfigError as exc:  # files the config names (TLS, htpasswd, tokens) are read at start
+        print(f"pullgate: config error: {exc.message}", file=sys.stderr)
+        return 2
     except OSError as exc:
         structlog.get_logger("pullgate").error("listen_failed", error=str(exc))
         return 1
@@ -79,11 +84,31 @@ async def serve(config: Config, path: Path | None = None, environ: dict[str, str
     ``shutdown_grace``, close the cache (waiting for running downloads)."""
     log = structlog.get_logger("pullgate")
     app = create_app(config)
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = ReloadingTLS(config.tls_cert, config.tls_key, log, name="mirror")
+    # Header, URL and idle limits are the app's handler_args (proxy.server.handler_args).
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace)
     await runner.setup()
     host, port = config.listen
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
-    log.info("mirror_listening", address=f"{host}:{port}", upstreams=[u.name for u in config.upstreams])
+    await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls.context if tls else None).start()
+    log.info(
+        "mirror_listening",
+        address=f"{host}:{port}",
+        tls=tls is not None,
+        access=config.access.enabled,
+        upstreams=[u.name for u in config.upstreams],
+    )
+    async with tls.running() if tls else contextlib.nullcontext():
+        await _until_stopped(app, config, path, environ, tls)
+    await runner.cleanup()
+    log.info("shutdown_complete")
+
+
+async def _until_stopped(
+    app: web.Application, config: Config, path: Path | None, environ: dict[str, str] | None, tls: ReloadingTLS | None
+) -> None:
+    log = structlog.get_logger("pullgate")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -91,6 +116,8 @@ async def serve(config: Config, path: Path | None = None, environ: dict[str, str
     reloads: set[asyncio.Task[None]] = set()
 
     def on_hup() -> None:
+        if tls is not None:
+            tls.reload()  # cert-manager rotated the files: no need to wait for the watcher
         task = asyncio.create_task(reload(app, path, environ or dict(os.environ)))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
@@ -100,8 +127,6 @@ async def serve(config: Config, path: Path | None = None, environ: dict[str, str
     app[LIFECYCLE].draining = True
     log.info("shutdown_started", delay_seconds=config.shutdown_delay, grace_seconds=config.shutdown_grace)
     await asyncio.sleep(min(config.shutdown_delay, config.shutdown_grace))
-    await runner.cleanup()
-    log.info("shutdown_complete")
 
 
 async def reload(app: web.Application, path: Path | None, environ: dict[str, str]) -> None:

@@ -12,9 +12,21 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from proxy.appkeys import CONFIG, LIFECYCLE, METRICS, MIRROR, POLICIES, PULL_POLICY, Lifecycle
-from proxy.config import Config
+from proxy.access import Access
+from proxy.appkeys import (
+    ACCESS,
+    CONFIG,
+    FETCH_LIMITER,
+    LIFECYCLE,
+    METRICS,
+    MIRROR,
+    POLICIES,
+    PULL_POLICY,
+    Lifecycle,
+)
+from proxy.config import Config, LimitsConfig
 from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
+from proxy.limits import FetchLimiter
 from proxy.metrics import Metrics
 from proxy.mirror import Mirror
 from proxy.policyset import PolicyStore
@@ -22,14 +34,19 @@ from proxy.pullpolicy import PullPolicy
 from proxy.routes import API_VERSION, add_routes, info
 from proxy.webhook import serve_webhook
 
-_MAX_URL = 8192
-
 
 def create_app(config: Config, registry: CollectorRegistry | None = None) -> web.Application:
-    app = web.Application(middlewares=[request_middleware], client_max_size=64 << 10)
+    app = web.Application(
+        middlewares=[request_middleware], client_max_size=64 << 10, handler_args=handler_args(config.limits)
+    )
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry())
+    if config.access.enabled:
+        app[ACCESS] = Access(config.access, app[METRICS])  # reads the credential files: ConfigError
+    app[FETCH_LIMITER] = FetchLimiter(
+        config.limits.upstream_fetches, config.limits.upstream_fetches_per_client, app[METRICS]
+    )
     app.cleanup_ctx.append(_mirror_ctx)
     app.cleanup_ctx.append(_policies_ctx)
     add_routes(app)
@@ -39,9 +56,25 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     return app
 
 
+def handler_args(limits: LimitsConfig) -> dict[str, float]:
+    """aiohttp's per-connection limits (``RequestHandler``): a request line longer than the
+    URL limit, a header field past ``max_header_size`` or too many headers is a 400 from the
+    parser, before any handler runs. The keep-alive timer also runs while a request's
+    headers trickle in, so a slowloris connection is closed after ``idle_timeout``."""
+    return {
+        "max_line_size": limits.max_url_length + 64,  # "GET " + URL + " HTTP/1.1"
+        "max_field_size": limits.max_header_size,
+        "max_headers": limits.max_headers,
+        "keepalive_timeout": limits.idle_timeout,
+    }
+
+
 async def _mirror_ctx(app: web.Application) -> AsyncIterator[None]:
     mirror = Mirror(app[CONFIG], app[METRICS])
     await mirror.open()
+    for client in mirror.upstreams.values():
+        # Fetches for mirror clients are limited; the CLI tools' own Mirrors are not.
+        client.limiter = app[FETCH_LIMITER]
     app[MIRROR] = mirror
     yield
     await mirror.close()
@@ -97,7 +130,8 @@ def _check_path(request: web.Request) -> None:
     if not request.path.startswith("/v2/"):
         return
     raw = request.raw_path.partition("?")[0]
-    if len(request.raw_path) > _MAX_URL or "%" in raw or "/../" in raw + "/" or "/./" in raw or "//" in raw:
+    too_long = len(request.raw_path) > request.app[CONFIG].limits.max_url_length
+    if too_long or "%" in raw or "/../" in raw + "/" or "/./" in raw or "//" in raw:
         raise NameInvalid("invalid characters or path segments in the request path")
 
 

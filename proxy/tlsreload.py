@@ -37,13 +37,18 @@ def _stamp(*paths: Path) -> tuple[tuple[int, int, int], ...]:
 class ReloadingTLS:
     """``context`` goes to the listener; ``running()`` watches the files and swaps certs."""
 
-    def __init__(self, cert: Path, key: Path, logger: FilteringBoundLogger, *, interval: float = 10.0) -> None:
-        self.cert, self.key, self.logger, self.interval = cert, key, logger, interval
+    def __init__(
+        self, cert: Path, key: Path, logger: FilteringBoundLogger, *, interval: float = 10.0, name: str = "admission"
+    ) -> None:
+        """``name``: the listener, for the config key in errors and the log event names
+        (``admission``: ``admission.tls_cert``; ``mirror``: top-level ``tls_cert``)."""
+        self.cert, self.key, self.logger, self.interval, self.name = cert, key, logger, interval, name
         self._stamp = _stamp(cert, key)
+        key_name = "admission.tls_cert" if name == "admission" else "tls_cert"
         try:
             self._current = self._build()
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"admission.tls_cert: cannot load {cert} / {key}: {exc}") from exc
+            raise ConfigError(f"{key_name}: cannot load {cert} / {key}: {exc}") from exc
         self.context = self._build()
         self.context.sni_callback = self._select
 
@@ -62,9 +67,9 @@ class ReloadingTLS:
         try:
             self._current = self._build()
         except (OSError, ssl.SSLError) as exc:
-            self.logger.error("admission_tls_reload_failed", cert=str(self.cert), error=str(exc))
+            self.logger.error(f"{self.name}_tls_reload_failed", cert=str(self.cert), error=str(exc))
             return False
-        self.logger.info("admission_tls_reloaded", cert=str(self.cert))
+        self.logger.info(f"{self.name}_tls_reloaded", cert=str(self.cert))
         return True
 
     async def watch(self) -> None:

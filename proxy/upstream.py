@@ -2,8 +2,10 @@
 backoff, ``429``/``Retry-After``, credential-free redirects, timeouts on every call, and
 metrics for all of it.
 
-Only the configured upstream URL is ever contacted, plus token realms on allowed hosts and
-blob redirects to https hosts (CDNs) — never with our registry credentials attached.
+Only the configured upstream URL is ever contacted, plus token realms on allowed hosts
+(``auth_hosts``) and redirects to https hosts whose addresses pass ``proxy.netguard`` (no
+loopback, link-local or private targets unless the upstream itself is there) — never with
+our registry credentials attached.
 """
 
 from __future__ import annotations
@@ -12,15 +14,17 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager, nullcontext, suppress
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NoReturn, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import structlog
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
+from proxy import netguard
 from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import (
     ManifestInvalid,
@@ -29,11 +33,19 @@ from proxy.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from proxy.limits import FetchLimiter
 from proxy.metrics import Metrics
 from proxy.tokens import Challenge, TokenCache, parse_challenge
 
-# Token hosts of the big public registries (their realms live on other hosts than the API).
-WELL_KNOWN_AUTH_HOSTS = ("auth.docker.io", "ghcr.io", "quay.io", "gcr.io", "public.ecr.aws", "mcr.microsoft.com")
+# Token hosts of the big public registries, by API host. Only Docker Hub keeps its realm on
+# another host; ghcr.io, quay.io, gcr.io, public.ecr.aws serve tokens from the API host.
+# A registry's challenge may send our credentials to these hosts and its own, no others.
+WELL_KNOWN_AUTH_HOSTS: Mapping[str, tuple[str, ...]] = {
+    "registry-1.docker.io": ("auth.docker.io",),
+    "index.docker.io": ("auth.docker.io",),
+    "docker.io": ("auth.docker.io",),
+}
+_OWN_ADDRESSES_TTL = 60.0
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
 _MAX_RETRY_AFTER = 2.0  # wait inline for short Retry-After; longer ones go back to the client
@@ -73,8 +85,15 @@ class RegistryClient:
         self._tokens = TokenCache()
         self._challenge: Challenge | None = None
         self._host = urlsplit(config.url).hostname or ""
-        self._auth_hosts = set(config.auth_hosts) or {self._host, *WELL_KNOWN_AUTH_HOSTS}
+        self._plain = urlsplit(config.url).scheme == "http"
+        self._auth_hosts = set(config.auth_hosts) or {self._host, *WELL_KNOWN_AUTH_HOSTS.get(self._host, ())}
+        self._own: tuple[float, frozenset[netguard.IPAddress]] | None = None
         self._log = structlog.get_logger("pullgate.upstream").bind(upstream=self.name)
+        # Set by the server: fetches for mirror clients count against proxy.limits.
+        self.limiter: FetchLimiter | None = None
+
+    def _permit(self) -> AbstractContextManager[None]:
+        return self.limiter.permit() if self.limiter is not None else nullcontext()
 
     # --- public API ---------------------------------------------------------------------
     async def fetch(
@@ -82,14 +101,16 @@ class RegistryClient:
     ) -> UpstreamResponse:
         """A whole (small) response: manifests, tag lists, referrers."""
         timeout = aiohttp.ClientTimeout(total=self._timeouts.manifest, connect=self._timeouts.connect)
-        response = await self._send(method, repository, path, headers, timeout)
-        try:
-            body = await _read_limited(response, max_size) if method != "HEAD" else b""
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self._metrics.upstream_errors.labels(self.name, "read").inc()
-            raise UpstreamUnavailable(f"upstream {self.name}: reading response failed: {exc!r}") from exc
-        finally:
-            response.release()
+        with self._permit():
+            response = await self._send(method, repository, path, headers, timeout)
+            try:
+                body = await _read_limited(response, max_size) if method != "HEAD" else b""
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self._metrics.upstream_errors.labels(self.name, "read").inc()
+                error = describe_error(exc)
+                raise UpstreamUnavailable(f"upstream {self.name}: reading response failed: {error}") from exc
+            finally:
+                response.release()
         return UpstreamResponse(response.status, response.headers, body)
 
     @asynccontextmanager
@@ -98,11 +119,12 @@ class RegistryClient:
     ) -> AsyncIterator[aiohttp.ClientResponse]:
         """A streaming response (blobs): no total timeout, but connect and per-read ones."""
         timeout = aiohttp.ClientTimeout(total=None, connect=self._timeouts.connect, sock_read=self._timeouts.read)
-        response = await self._send(method, repository, path, headers, timeout)
-        try:
-            yield response
-        finally:
-            response.release()
+        with self._permit():  # held for the whole transfer
+            response = await self._send(method, repository, path, headers, timeout)
+            try:
+                yield response
+            finally:
+                response.release()
 
     # --- retries --------------------------------------------------------------------------
     async def _send(
@@ -118,7 +140,9 @@ class RegistryClient:
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError) as exc:
                 kind = "timeout" if isinstance(exc, TimeoutError) else "connect"
                 self._metrics.upstream_errors.labels(self.name, kind).inc()
-                self._log.warning("upstream_request_failed", method=method, url=url, error=repr(exc), attempt=attempt)
+                self._log.warning(
+                    "upstream_request_failed", method=method, url=url, error=describe_error(exc), attempt=attempt
+                )
                 if last:
                     raise UpstreamUnavailable(f"upstream {self.name} unreachable: {kind}") from exc
                 await asyncio.sleep(self._timeouts.backoff * 2**attempt)
@@ -181,28 +205,62 @@ class RegistryClient:
     ) -> aiohttp.ClientResponse:
         """Follow redirects (registries send blobs to CDNs) without our Authorization header:
         credentials for the registry must never reach another host."""
+        base = str(response.url)
         for _ in range(_MAX_REDIRECTS):
             location = response.headers.get("Location")
             response.release()
             if not location:
                 raise UpstreamError(f"upstream {self.name} redirected without a Location")
-            target = urljoin(str(response.url), location)
-            self._check_redirect(target)
-            plain = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            target = URL(urljoin(base, location))
+            url, server_hostname = await self._check_redirect(target)
+            plain = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "host")}
+            if url is not target:  # pinned to the checked address: name for Host and TLS
+                plain["Host"] = target.raw_authority.rpartition("@")[2]
             response = await self._session.request(
-                method, target, headers=plain, allow_redirects=False, timeout=timeout
+                method, url, headers=plain, allow_redirects=False, timeout=timeout, server_hostname=server_hostname
             )
+            base = str(target)
             if response.status not in _REDIRECTS:
                 return response
         response.release()
         raise UpstreamError(f"upstream {self.name}: too many redirects")
 
-    def _check_redirect(self, target: str) -> None:
-        parts = urlsplit(target)
-        if parts.scheme == "https" or (parts.scheme == "http" and parts.hostname == self._host):
-            return
+    async def _check_redirect(self, target: URL) -> tuple[URL, str | None]:
+        """The URL to connect to for a redirect target (pinned to a checked address) and the
+        TLS server name; ``UpstreamError`` when the target is not allowed."""
+        host = target.host or ""
+        if target.scheme in ("http", "https") and host == self._host:
+            return target, None  # the upstream's own host
+        if target.scheme != "https" or not host:
+            self._refuse_redirect(host, "scheme")
+        try:
+            addresses = await netguard.resolve(host, target.port or 443, self._timeouts.connect)
+        except (OSError, TimeoutError, UnicodeError):
+            self._refuse_redirect(host, "unresolvable")
+        own = await self._own_addresses()
+        if not all(netguard.allowed(address, own) for address in addresses):
+            self._refuse_redirect(host, "address")
+        if netguard.literal(host) is not None:
+            return target, None
+        return netguard.pin(target, addresses[0]), host
+
+    def _refuse_redirect(self, host: str, reason: str) -> NoReturn:
         self._metrics.upstream_errors.labels(self.name, "redirect_refused").inc()
+        # The host only: redirect URLs carry presigned credentials in their query.
+        self._log.warning("upstream_redirect_refused", host=host[:255], reason=reason)
         raise UpstreamError(f"upstream {self.name} redirected to a disallowed location")
+
+    async def _own_addresses(self) -> frozenset[netguard.IPAddress]:
+        now = time.monotonic()
+        if self._own is not None and self._own[0] > now:
+            return self._own[1]
+        port = urlsplit(self.config.url).port or (80 if self._plain else 443)
+        try:
+            own = frozenset(await netguard.resolve(self._host, port, self._timeouts.connect))
+        except (OSError, TimeoutError, UnicodeError):
+            own = frozenset()
+        self._own = (now + _OWN_ADDRESSES_TTL, own)
+        return own
 
     async def _authorization(
         self, repository: str, challenge: Challenge | None, timeout: aiohttp.ClientTimeout, *, force: bool = False
@@ -228,8 +286,13 @@ class RegistryClient:
         return None
 
     async def _fetch_token(self, realm: str, service: str, scope: str, timeout: aiohttp.ClientTimeout) -> str:
-        if urlsplit(realm).hostname not in self._auth_hosts or urlsplit(realm).scheme not in ("http", "https"):
+        parts = urlsplit(realm)
+        # Plain http only for an upstream that is plain http itself: Basic credentials must
+        # not travel in clear text to a host reached over TLS otherwise.
+        scheme_ok = parts.scheme == "https" or (parts.scheme == "http" and self._plain)
+        if parts.hostname not in self._auth_hosts or not scheme_ok:
             self._metrics.upstream_errors.labels(self.name, "realm_refused").inc()
+            self._log.warning("upstream_realm_refused", host=(parts.hostname or "")[:255], scheme=parts.scheme[:10])
             raise UpstreamDenied(f"upstream {self.name}: token realm host is not allowed (auth_hosts)")
         params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
         try:
@@ -276,6 +339,14 @@ async def _read_limited(response: aiohttp.ClientResponse, max_size: int) -> byte
         if len(body) > max_size:
             raise ManifestInvalid(f"upstream response exceeds {max_size} bytes")
     return bytes(body)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception for logs and error messages. Not ``repr``: aiohttp's response errors
+    carry the request's headers (our ``Authorization``) in their ``request_info``."""
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{exc.__class__.__name__}(status={exc.status})"
+    return f"{exc.__class__.__name__}({str(exc)[:200]})"
 
 
 def _optional(name: str, value: str | None) -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,58 @@ from tests.support.tokenserver import TokenServer
 
 DATA_DIR = Path(__file__).parent / "data"
 E2E_FIXTURES = frozenset({"registry", "auth_registry", "token_server", "containerd"})
+
+# --- log scan: no configured secret may appear in any test's output -------------------------
+# Every test's captured output (structlog prints there unless a test captures it itself)
+# is checked against the secrets configured so far: values of environment variables that a
+# test sets (monkeypatch) with names like passwords, tokens or keys (upstream password_env,
+# token signing keys), plus those registered through the ``secret`` fixture (client
+# passwords, bearer tokens, the token issuer's password). The machine's own environment is
+# left alone. Values shorter than MIN_SECRET_LENGTH are too likely to occur by chance.
+MIN_SECRET_LENGTH = 8
+_SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|_KEY$", re.IGNORECASE)
+_SECRETS = pytest.StashKey[set[str]]()
+_START_ENV = pytest.StashKey[dict[str, str]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[_SECRETS] = set()
+    config.stash[_START_ENV] = dict(os.environ)
+
+
+def register_secret(config: pytest.Config, value: str) -> None:
+    if len(value) >= MIN_SECRET_LENGTH:
+        config.stash[_SECRETS].add(value)
+
+
+@pytest.fixture
+def secret(request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """``secret("hunter2-passphrase")``: the value is scanned for in every later test's
+    output (the log scan fails a test whose output contains it); returns the value."""
+
+    def register(value: str) -> str:
+        register_secret(request.config, value)
+        return value
+
+    return register
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, object, None]:
+    start = item.config.stash[_START_ENV]
+    for name, value in os.environ.items():  # the test's monkeypatched environment is still set
+        if _SECRET_NAME.search(name) and start.get(name) != value:
+            register_secret(item.config, value)
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    output = "\n".join(
+        text for title, text in report.sections if title.startswith("Captured") and title.endswith(call.when)
+    )
+    leaked = sorted(s for s in item.config.stash[_SECRETS] if s in output)
+    if leaked and report.passed:
+        report.outcome = "failed"
+        hints = ", ".join(f"{s[:2]}…({len(s)} chars)" for s in leaked)
+        report.longrepr = f"log scan: configured secret(s) {hints} appear in the {call.when} output of {item.nodeid}"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,9 +95,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
 
 
 @pytest.fixture(scope="session")
-def token_server() -> Iterator[TokenServer]:
+def token_server(request: pytest.FixtureRequest) -> Iterator[TokenServer]:
     """Token issuer with one user (``token_server.creds``); anonymous gets no access."""
     with TokenServer() as server:
+        register_secret(request.config, server.creds[1])
         yield server
 
 

@@ -14,8 +14,9 @@ differs from the image's registry, containerd adds ``?ns=<registry>`` to every r
 from __future__ import annotations
 
 import itertools
+import json
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from tests.support.procs import Completed, arun, run, start_daemon, stop_daemon, wait_until
@@ -62,13 +63,19 @@ def default_server(registry_host: str) -> str:
 
 def hosts_toml(server: str, mirror_url: str | None, *,
                capabilities: Sequence[str] = ("pull", "resolve"),
-               ca_file: Path | None = None) -> str:
+               ca_file: Path | None = None, headers: Mapping[str, str] | None = None) -> str:
+    """``headers`` go on every request to the mirror, e.g. ``Authorization = "Basic ..."``
+    (https://github.com/containerd/containerd/blob/main/docs/hosts.md#header-fields-in-the-toml-table-format)."""
     lines = [f'server = "{server}"']
     if mirror_url is not None:
         caps = ", ".join(f'"{c}"' for c in capabilities)
         lines += ["", f'[host."{mirror_url}"]', f"  capabilities = [{caps}]"]
         if ca_file is not None:
             lines.append(f'  ca = "{ca_file}"')
+        if headers:
+            lines.append(f'  [host."{mirror_url}".header]')
+            # TOML basic strings share JSON's escapes for what headers can hold.
+            lines += [f"    {name} = {json.dumps(value)}" for name, value in headers.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -126,20 +133,20 @@ class Containerd:
 
     def write_hosts(self, registry_host: str, mirror_url: str | None, *,
                     server: str | None = None, capabilities: Sequence[str] = ("pull", "resolve"),
-                    ca_file: Path | None = None) -> Path:
+                    ca_file: Path | None = None, headers: Mapping[str, str] | None = None) -> Path:
         """A fresh hosts dir holding ``<registry_host>/hosts.toml``; returns the dir."""
         hosts_dir = self.workdir / f"hosts-{next(self._counter)}"
         (hosts_dir / registry_host).mkdir(parents=True)
         (hosts_dir / registry_host / "hosts.toml").write_text(hosts_toml(
             server or default_server(registry_host), mirror_url, capabilities=capabilities,
-            ca_file=ca_file))
+            ca_file=ca_file, headers=headers))
         return hosts_dir
 
     def pull_args(self, ref: str, mirror_url: str | None, *, registry_host: str | None,
                   platform: str | None, server: str | None, namespace: str | None,
-                  extra: Sequence[str]) -> list[str]:
+                  extra: Sequence[str], headers: Mapping[str, str] | None = None) -> list[str]:
         hosts_dir = self.write_hosts(registry_host or registry_of(ref), mirror_url,
-                                     server=server)
+                                     server=server, headers=headers)
         args = ["images", "pull", "--hosts-dir", str(hosts_dir), "--snapshotter", "native"]
         if platform is not None:
             args += ["--platform", platform]
@@ -159,11 +166,13 @@ class Containerd:
     async def apull(self, ref: str, mirror_url: str | None = None, *,
                     registry_host: str | None = None, platform: str | None = None,
                     server: str | None = None, namespace: str | None = None,
-                    extra: Sequence[str] = (), timeout: float = PULL_TIMEOUT) -> str:
-        """``pull`` without blocking the event loop (for a mirror running in the test)."""
+                    extra: Sequence[str] = (), timeout: float = PULL_TIMEOUT,
+                    headers: Mapping[str, str] | None = None) -> str:
+        """``pull`` without blocking the event loop (for a mirror running in the test);
+        ``headers`` go into the mirror's hosts.toml entry (e.g. ``Authorization``)."""
         await arun(self.pull_args(ref, mirror_url, registry_host=registry_host,
                                   platform=platform, server=server, namespace=namespace,
-                                  extra=extra), timeout=timeout)
+                                  extra=extra, headers=headers), timeout=timeout)
         result = await arun(self._ctr_args(["images", "ls"], namespace), timeout=CTR_TIMEOUT)
         return _digest_from_listing(result.stdout, ref)
 

@@ -1,0 +1,134 @@
+{{/* Names ------------------------------------------------------------------------------- */}}
+{{- define "pullgate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pullgate.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pullgate.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pullgate.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pullgate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pullgate.labels" -}}
+helm.sh/chart: {{ include "pullgate.chart" . }}
+{{ include "pullgate.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pullgate
+{{- end -}}
+
+{{- define "pullgate.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "pullgate.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pullgate.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pullgate.mirrorScheme" -}}
+{{- if .Values.mirrorTLS.existingSecret -}}HTTPS{{- else -}}HTTP{{- end -}}
+{{- end -}}
+
+{{- define "pullgate.workloadKind" -}}
+{{- if .Values.persistence.enabled -}}StatefulSet{{- else -}}Deployment{{- end -}}
+{{- end -}}
+
+{{- define "pullgate.policiesConfigMap" -}}
+{{- default (printf "%s-policies" (include "pullgate.fullname" .)) .Values.policies.existingConfigMap -}}
+{{- end -}}
+
+{{- define "pullgate.webhookSecret" -}}
+{{- printf "%s-webhook-tls" (include "pullgate.fullname" .) -}}
+{{- end -}}
+
+{{/* The DNS names the API server uses to reach the webhook Service. */}}
+{{- define "pullgate.serviceDNSNames" -}}
+{{- $svc := include "pullgate.fullname" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.cluster.local" $svc $ns) | toJson -}}
+{{- end -}}
+
+{{/* Environment variable carrying upstream N's password (not PULLGATE_*: those are config overrides). */}}
+{{- define "pullgate.passwordEnv" -}}
+{{- printf "UPSTREAM_%d_PASSWORD" . -}}
+{{- end -}}
+
+{{/* Where containerd looks an upstream up: its registry host (docker.io for Docker Hub). */}}
+{{- define "pullgate.registryHost" -}}
+{{- $host := (urlParse .url).host -}}
+{{- if or (has .name (list "docker.io" "index.docker.io" "registry-1.docker.io")) (has $host (list "docker.io" "index.docker.io" "registry-1.docker.io")) -}}
+docker.io
+{{- else if regexMatch "^[a-z0-9.-]+\\.[a-z]+(:[0-9]+)?$" .name -}}
+{{- .name -}}
+{{- else -}}
+{{- $host -}}
+{{- end -}}
+{{- end -}}
+
+{{/* pullgate's config.yaml: the user's `config` plus what the chart owns. */}}
+{{- define "pullgate.config" -}}
+{{- $cfg := deepCopy (default (dict) .Values.config) -}}
+{{- $_ := set $cfg "listen" "0.0.0.0:5000" -}}
+{{- $cache := deepCopy (default (dict) (get $cfg "cache")) -}}
+{{- $_ := set $cache "dir" "/var/cache/pullgate" -}}
+{{- $_ := set $cfg "cache" $cache -}}
+{{- $upstreams := list -}}
+{{- range $i, $u := .Values.upstreams -}}
+{{- $o := dict "name" $u.name "url" $u.url -}}
+{{- with $u.username }}{{ $_ := set $o "username" . }}{{ end -}}
+{{- if $u.passwordSecret }}{{ $_ := set $o "password_env" (include "pullgate.passwordEnv" $i) }}{{ end -}}
+{{- with $u.auth_hosts }}{{ $_ := set $o "auth_hosts" . }}{{ end -}}
+{{- $upstreams = append $upstreams $o -}}
+{{- end -}}
+{{- $_ := set $cfg "upstreams" $upstreams -}}
+{{- $_ := set $cfg "policies" "/etc/pullgate/policies" -}}
+{{- if .Values.mirrorTLS.existingSecret -}}
+{{- $_ := set $cfg "tls_cert" "/etc/pullgate/mirror-tls/tls.crt" -}}
+{{- $_ := set $cfg "tls_key" "/etc/pullgate/mirror-tls/tls.key" -}}
+{{- end -}}
+{{- if .Values.accessSecret.name -}}
+{{- $access := deepCopy (default (dict) (get $cfg "access")) -}}
+{{- with .Values.accessSecret.htpasswdKey }}{{ $_ := set $access "htpasswd" (printf "/etc/pullgate/access/%s" .) }}{{ end -}}
+{{- with .Values.accessSecret.tokensKey }}{{ $_ := set $access "tokens" (printf "/etc/pullgate/access/%s" .) }}{{ end -}}
+{{- if .Values.accessSecret.tokenSecretKey }}{{ $_ := set $access "token_secret_env" "ACCESS_TOKEN_SECRET" }}{{ end -}}
+{{- $_ := set $cfg "access" $access -}}
+{{- end -}}
+{{- $_ := set $cfg "shutdown_grace" (printf "%ds" (int .Values.shutdownGraceSeconds)) -}}
+{{- $_ := set $cfg "shutdown_delay" (printf "%ds" (int .Values.shutdownDelaySeconds)) -}}
+{{- $admission := deepCopy (default (dict) (get $cfg "admission")) -}}
+{{- $_ := set $admission "enabled" (.Values.webhook.enabled | default false) -}}
+{{- if .Values.webhook.enabled -}}
+{{- $_ := set $admission "listen" (printf "0.0.0.0:%d" (int .Values.webhook.port)) -}}
+{{- $_ := set $admission "tls_cert" "/etc/pullgate/tls/tls.crt" -}}
+{{- $_ := set $admission "tls_key" "/etc/pullgate/tls/tls.key" -}}
+{{- if not (hasKey $admission "deadline") -}}
+{{- $_ := set $admission "deadline" (printf "%ds" (max 1 (sub (int .Values.webhook.timeoutSeconds) 2))) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cfg "admission" $admission -}}
+{{- toYaml $cfg -}}
+{{- end -}}

@@ -1,0 +1,942 @@
+"""The Helm chart (``charts/pullgate``), rendered by Helm's own engine (``helm-python-sdk``
+embeds the Go SDK: no helm binary, no cluster): lint, every rendered object against the
+Kubernetes OpenAPI schemas (``kubernetes-validate``), the webhook configurations' safety
+properties, the generated config against pullgate's own loader, the generated webhook
+certificate in a real TLS handshake, and the node-mirror script writing real hosts.toml files.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import hashlib
+import http.server
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.config import Config, load_config
+from proxy.units import parse_duration
+from tests.support.procs import free_port, http_status, start_daemon, stop_daemon, wait_until
+
+helm = pytest.importorskip("helm_python", reason="pip install '.[test]' (helm-python-sdk)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install '.[test]'")
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "charts" / "pullgate"
+NAME, NAMESPACE = "pg", "pullgate-system"
+FULLNAME = "pg-pullgate"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
+KUBE_VERSIONS = ("1.28.0", "1.33.0")
+# Custom resources: no OpenAPI schema in kubernetes-validate; checked field by field below.
+CUSTOM_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("cert-manager.io/v1", "Issuer"),
+}
+CLUSTER_SCOPED = {"MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"}
+
+EVERYTHING: dict[str, Any] = {
+    "image": {"digest": "sha256:" + "a" * 64},
+    "replicaCount": 3,
+    "upstreams": [
+        {
+            "name": "docker.io",
+            "url": "https://registry-1.docker.io",
+            "username": "robot",
+            "passwordSecret": {"name": "hub", "key": "token"},
+        },
+        {"name": "ghcr.io", "url": "https://ghcr.io"},
+        {"name": "registry.internal:5001", "url": "http://10.0.0.7:5001"},
+    ],
+    "config": {
+        "cache": {"max_size": "40GiB", "tag_ttl": "10m"},
+        "log": {"level": "debug"},
+        "defaults": {"no_match": "warn"},
+        "admission": {"on_timeout": "allow"},
+    },
+    "extraEnv": [{"name": "PULLGATE_CACHE__NEGATIVE_TTL", "value": "1m"}],
+    "policies": {"files": {"no-latest.yaml": (ROOT / "policies" / "no-latest.yaml").read_text()}},
+    "persistence": {"enabled": True, "size": "50Gi", "storageClassName": "fast"},
+    "webhook": {
+        "failurePolicy": "Ignore",
+        "timeoutSeconds": 5,
+        "excludeNamespaces": ["monitoring"],
+        "mutating": {"workloads": False},
+        "matchConditions": [{"name": "not-dry-run", "expression": "!request.dryRun"}],
+    },
+    "certManager": {
+        "enabled": True,
+        "issuerRef": {"kind": "ClusterIssuer", "name": "internal-ca", "group": "cert-manager.io"},
+    },
+    "nodeMirror": {"enabled": True, "registries": ["docker.io", "ghcr.io", "registry.internal:5001"]},
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kps"}}, "prometheusRule": {"enabled": True}},
+    "autoscaling": {"enabled": True},
+    "networkPolicy": {
+        "enabled": True,
+        "mirrorFrom": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
+        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+    },
+}
+
+COMBINATIONS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "persistence": {"persistence": {"enabled": True}},
+    "cert-manager": {"certManager": {"enabled": True}},
+    "webhook-off": {"webhook": {"enabled": False}},
+    "validating-only": {"webhook": {"mutating": {"enabled": False}}},
+    "existing-policies": {"policies": {"existingConfigMap": "team-policies"}},
+    "tls-and-access": {
+        "upstreams": [
+            {"name": "docker.io", "url": "https://registry-1.docker.io"},
+            {"name": "ghcr.io", "url": "https://ghcr.io"},
+        ],
+        "mirrorTLS": {"existingSecret": "mirror-tls"},
+        "accessSecret": {
+            "name": "mirror-users",
+            "htpasswdKey": "htpasswd",
+            "tokensKey": "tokens",
+            "tokenSecretKey": "signing-key",
+        },
+        "config": {
+            "access": {
+                "enabled": True,
+                "token_ttl": "10m",
+                "groups": {"ci": ["robot"]},
+                "rules": [
+                    {"repositories": ["docker.io/**"], "anonymous": True},
+                    {"repositories": ["ghcr.io/acme/**"], "groups": ["ci"]},
+                ],
+            },
+            "limits": {"upstream_fetches": 32, "idle_timeout": "20s"},
+        },
+        "nodeMirror": {"enabled": True, "endpoint": "https://mirror.internal:5000"},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
+    "node-mirror-endpoint": {
+        "nodeMirror": {"enabled": True, "endpoint": "http://10.96.0.50:5000"},
+        "service": {"clusterIP": "10.96.0.50"},
+    },
+    "everything": EVERYTHING,
+}
+
+
+# --- rendering ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chart() -> Iterator[Any]:
+    loaded = helm.Chart.load(str(CHART))
+    yield loaded
+    loaded.close()
+
+
+def render(chart: Any, values: dict[str, Any], namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    files = chart.render(values, name=NAME, namespace=namespace, is_install=True)
+    objects = []
+    for path, text in sorted(files.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for obj in yaml.safe_load_all(text):
+            if obj is not None:
+                obj.setdefault("_template", path)
+                objects.append(obj)
+    return objects
+
+
+def strip(obj: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if k != "_template"}
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, got {[o['metadata']['name'] for o in found]}"
+    return found[0]
+
+
+def kinds(objects: list[dict[str, Any]]) -> list[str]:
+    return sorted(o["kind"] for o in objects)
+
+
+def workload(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (found,) = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet")]
+    return found
+
+
+def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = workload(objects)["spec"]["template"]["spec"]["containers"]
+    (main,) = [c for c in containers if c["name"] == "pullgate"]
+    return dict(main)
+
+
+def rendered_config(objects: list[dict[str, Any]], tmp_path: Path) -> Config:
+    """The ConfigMap's config.yaml, loaded by pullgate's own loader (paths moved under tmp)."""
+    text = find(objects, "ConfigMap", FULLNAME)["data"]["config.yaml"]
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return load_config(path, environ={})
+
+
+# --- lint and schemas ---------------------------------------------------------------------
+@pytest.mark.parametrize("combination", ["defaults", "everything"])
+def test_helm_lint_is_clean(combination: str) -> None:
+    report = helm.lint(str(CHART), COMBINATIONS[combination], strict=True, namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+@pytest.mark.parametrize("combination", sorted(COMBINATIONS))
+def test_rendered_objects_are_valid_kubernetes(chart: Any, combination: str) -> None:
+    objects = render(chart, COMBINATIONS[combination])
+    assert objects
+    for obj in objects:
+        where = f"{obj['_template']}: {obj['kind']}/{obj['metadata']['name']}"
+        if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
+            continue
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(strip(obj), version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{where} invalid for Kubernetes {version}: {exc.message} at {list(exc.path)}")
+        if obj["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in obj["metadata"], where
+        else:
+            assert obj["metadata"]["namespace"] == NAMESPACE, where
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/instance"] == NAME and labels["app.kubernetes.io/name"] == "pullgate", where
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(names) == len(set(names)), "duplicate objects"
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"webhook": {"failurePolicy": "Sometimes"}}, "failurePolicy"),
+        ({"webhook": {"timeoutSeconds": 31}}, "timeoutSeconds"),
+        ({"webhook": {"timeoutSeconds": 1}}, "timeoutSeconds"),
+        ({"config": {"cache": {"max_sise": "1GiB"}}}, "max_sise"),
+        ({"config": {"cache": {"tag_ttl": "soon"}}}, "tag_ttl"),
+        ({"config": {"listen": "0.0.0.0:80"}}, "listen"),
+        ({"config": {"defaults": {"no_match": "maybe"}}}, "no_match"),
+        ({"upstreams": []}, "upstreams"),
+        ({"upstreams": [{"name": "x", "url": "ftp://x"}]}, "url"),
+        ({"upstreams": [{"name": "x", "url": "https://x", "password": "hunter2"}]}, "password"),
+        ({"persistence": {"enabled": "yes"}}, "enabled"),
+        ({"image": {"digest": "latest"}}, "digest"),
+        ({"policies": {"files": {"policy.json": "{}"}}}, "policy.json"),
+        ({"replicas": 3}, "replicas"),
+    ],
+)
+def test_bad_values_fail_at_install_time(chart: Any, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as failure:
+        chart.render(values, name=NAME, namespace=NAMESPACE, is_install=True)
+    assert message in str(failure.value)
+
+
+def test_node_mirror_over_tls_needs_an_endpoint_the_nodes_trust(chart: Any) -> None:
+    values = {"mirrorTLS": {"existingSecret": "mirror-tls"}, "nodeMirror": {"enabled": True}}
+    with pytest.raises(helm.HelmError) as failure:
+        chart.render(values, name=NAME, namespace=NAMESPACE, is_install=True)
+    assert "nodeMirror.endpoint" in str(failure.value)
+
+
+def test_mirror_tls_and_access_secrets_are_mounted_where_the_config_points(chart: Any, tmp_path: Path) -> None:
+    objects = render(chart, COMBINATIONS["tls-and-access"])
+    config = rendered_config(objects, tmp_path)
+    main = container(objects)
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    volumes = {v["name"]: v for v in workload(objects)["spec"]["template"]["spec"]["volumes"]}
+    for path, secret in (
+        (config.tls_cert, "mirror-tls"),
+        (config.access.htpasswd, "mirror-users"),
+        (config.access.tokens, "mirror-users"),
+    ):
+        assert path is not None
+        volume = volumes[mounts[str(path.parent)]]
+        assert volume["secret"]["secretName"] == secret
+    assert config.access.enabled and config.access.rules[0].anonymous
+    assert config.limits.upstream_fetches == 32
+    assert config.access.token_secret_env == "ACCESS_TOKEN_SECRET" and config.access.token_ttl == 600
+    env_from = {e["name"]: e.get("valueFrom") for e in main["env"]}
+    assert env_from["ACCESS_TOKEN_SECRET"] == {"secretKeyRef": {"name": "mirror-users", "key": "signing-key"}}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert main[probe]["httpGet"]["scheme"] == "HTTPS"
+    endpoint = find(objects, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https"
+    env = {
+        e["name"]: e.get("value")
+        for e in find(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["MIRROR_ENDPOINT"] == "https://mirror.internal:5000"
+
+
+def test_values_schema_covers_pullgate_config() -> None:
+    """Every key of pullgate's config is either settable under ``config`` or owned by the
+    chart, and the schema allows no key pullgate would reject at startup."""
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["config"]["properties"]
+    owned = {
+        "listen",
+        "upstreams",
+        "policies",
+        "shutdown_grace",
+        "shutdown_delay",
+        "cache.dir",
+        "tls_cert",
+        "tls_key",
+        "access.htpasswd",
+        "access.tokens",
+        "access.token_secret_env",
+        "admission.enabled",
+        "admission.listen",
+        "admission.tls_cert",
+        "admission.tls_key",
+    }
+
+    def keys(cls: type[Any], prefix: str = "") -> set[str]:
+        out = set()
+        for f in dataclasses.fields(cls):
+            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+            if nested is not None and dataclasses.is_dataclass(nested):
+                out |= keys(nested, f"{prefix}{f.name}.")
+            else:
+                out.add(prefix + f.name)
+        return out
+
+    def schema_keys(props: dict[str, Any], prefix: str = "") -> set[str]:
+        out = set()
+        for name, sub in props.items():
+            if sub.get("type") == "object" and "properties" in sub:
+                out |= schema_keys(sub["properties"], f"{prefix}{name}.")
+            else:
+                out.add(prefix + name)
+        return out
+
+    daemon, chart_keys = keys(Config), schema_keys(schema)
+    assert chart_keys <= daemon, f"schema allows keys pullgate does not know: {sorted(chart_keys - daemon)}"
+    assert daemon - owned <= chart_keys, f"config keys the chart cannot set: {sorted(daemon - owned - chart_keys)}"
+
+
+# --- the generated config -------------------------------------------------------------------
+@pytest.mark.parametrize("combination", sorted(COMBINATIONS))
+def test_generated_config_is_accepted_by_pullgate(chart: Any, combination: str, tmp_path: Path) -> None:
+    values = COMBINATIONS[combination]
+    objects = render(chart, values)
+    config = rendered_config(objects, tmp_path)
+    main = container(objects)
+    assert main["args"] == ["--config", "/etc/pullgate/config/config.yaml"]
+    mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
+    assert mounts["/etc/pullgate/config"] == "config"
+    assert str(config.policies) == "/etc/pullgate/policies" and mounts[str(config.policies)] == "policies"
+    assert str(config.cache.dir) == "/var/cache/pullgate" and mounts[str(config.cache.dir)] == "cache"
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    assert config.listen == ("0.0.0.0", ports["http"])
+    # Credentials: only a reference to a Secret, in an env name that is not a config override.
+    env = {e["name"]: e for e in main.get("env", [])}
+    for upstream in config.upstreams:
+        if upstream.password_env:
+            assert not upstream.password_env.startswith("PULLGATE_")
+            assert set(env[upstream.password_env]["valueFrom"]) == {"secretKeyRef"}
+    assert "hunter2" not in json.dumps(objects)
+    webhook = values.get("webhook", {})
+    if webhook.get("enabled", True):
+        assert config.admission.enabled
+        assert config.admission.listen == ("0.0.0.0", ports["webhook"])
+        assert str(config.admission.tls_cert).startswith("/etc/pullgate/tls/")
+        assert mounts["/etc/pullgate/tls"] == "webhook-tls"
+        # pullgate must answer (even "timed out") before the API server gives up.
+        assert config.admission.deadline < webhook.get("timeoutSeconds", 10)
+    else:
+        assert not config.admission.enabled and "webhook" not in ports
+    # The kubelet's SIGKILL must come after pullgate's own drain: unready, then in-flight pulls.
+    spec = workload(objects)["spec"]["template"]["spec"]
+    assert spec["terminationGracePeriodSeconds"] > config.shutdown_delay + config.shutdown_grace
+    assert config.shutdown_delay > 0, "endpoints need time to drop the pod before the port closes"
+
+
+def test_config_overrides_reach_pullgate(chart: Any, tmp_path: Path) -> None:
+    config = rendered_config(render(chart, EVERYTHING), tmp_path)
+    assert config.cache.max_size == 40 << 30 and config.cache.tag_ttl == 600
+    assert config.admission.on_timeout == "allow" and config.admission.deadline == 3
+    assert [u.name for u in config.upstreams] == ["docker.io", "ghcr.io", "registry.internal:5001"]
+    assert config.upstreams[0].username == "robot" and config.upstreams[0].password_env == "UPSTREAM_0_PASSWORD"
+    assert config.shutdown_grace == 25 and config.shutdown_delay == 5
+
+
+# --- workload -------------------------------------------------------------------------------
+@pytest.mark.parametrize("combination", ["defaults", "persistence", "everything"])
+def test_pod_is_locked_down_and_probed(chart: Any, combination: str) -> None:
+    objects = render(chart, COMBINATIONS[combination])
+    pod = workload(objects)["spec"]["template"]["spec"]
+    main = container(objects)
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 10001
+    context = main["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert main["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert main["startupProbe"]["httpGet"]["path"] == "/readyz"
+    assert {"cpu", "memory"} <= set(main["resources"]["requests"]) and "memory" in main["resources"]["limits"]
+    assert pod["automountServiceAccountToken"] is False
+    assert find(objects, "ServiceAccount")["automountServiceAccountToken"] is False
+    assert not {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"} & set(kinds(objects))
+    spread = pod["topologySpreadConstraints"][0]
+    assert spread["labelSelector"]["matchLabels"] == workload(objects)["spec"]["selector"]["matchLabels"]
+    assert find(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+
+def test_persistence_makes_a_statefulset_with_a_claim(chart: Any) -> None:
+    objects = render(chart, {"persistence": {"enabled": True, "size": "50Gi", "storageClassName": "fast"}})
+    assert "Deployment" not in kinds(objects)
+    sts = find(objects, "StatefulSet")
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "cache"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi" and claim["spec"]["storageClassName"] == "fast"
+    assert "cache" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert find(objects, "Service", sts["spec"]["serviceName"])["spec"]["clusterIP"] == "None"
+    defaults = render(chart, {})
+    volumes = {v["name"]: v for v in find(defaults, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cache"]["emptyDir"]["sizeLimit"] == "10Gi"
+
+
+def test_optional_objects_follow_values(chart: Any) -> None:
+    defaults = kinds(render(chart, {}))
+    assert defaults == sorted(
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "MutatingWebhookConfiguration",
+            "PodDisruptionBudget",
+            "Secret",
+            "Service",
+            "ServiceAccount",
+            "ValidatingWebhookConfiguration",
+        ]
+    )
+    everything = render(chart, EVERYTHING)
+    for kind in (
+        "ServiceMonitor",
+        "PrometheusRule",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "DaemonSet",
+        "Certificate",
+        "StatefulSet",
+    ):
+        assert kind in kinds(everything), kind
+    hpa = find(everything, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
+    assert "replicas" not in find(everything, "StatefulSet")["spec"], "the HPA owns the replica count"
+    monitor = find(everything, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http" and monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    service = find(everything, "Service", FULLNAME)
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    policy = find(everything, "NetworkPolicy")
+    mirror_rule, webhook_rule = policy["spec"]["ingress"]
+    assert {"ipBlock": {"cidr": "10.0.0.0/16"}} in mirror_rule["from"] and "from" not in webhook_rule
+
+
+def test_policies_from_values_or_an_existing_configmap(chart: Any) -> None:
+    inline = render(chart, EVERYTHING)
+    data = find(inline, "ConfigMap", f"{FULLNAME}-policies")["data"]
+    assert yaml.safe_load(data["no-latest.yaml"])["metadata"]["name"] == "no-latest"
+    existing = render(chart, COMBINATIONS["existing-policies"])
+    assert not [o for o in existing if o["metadata"]["name"] == f"{FULLNAME}-policies"]
+    volumes = {v["name"]: v for v in workload(existing)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["policies"]["configMap"]["name"] == "team-policies"
+
+
+def test_dashboard_configmap_ships_the_dashboard_file(chart: Any) -> None:
+    configmap = find(render(chart, {}), "ConfigMap", f"{FULLNAME}-dashboard")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads(configmap["data"]["pullgate.json"])
+    assert shipped == json.loads((CHART / "dashboards" / "pullgate.json").read_text())
+
+
+# --- webhooks ---------------------------------------------------------------------------------
+def webhooks(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {}
+    for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        for obj in objects:
+            if obj["kind"] == kind:
+                (hook,) = obj["webhooks"]
+                out[kind] = hook
+    return out
+
+
+def excluded_namespaces(hook: dict[str, Any]) -> set[str]:
+    for expression in hook["namespaceSelector"]["matchExpressions"]:
+        if expression["key"] == "kubernetes.io/metadata.name":
+            assert expression["operator"] == "NotIn"
+            return set(expression["values"])
+    return set()
+
+
+def resources(hook: dict[str, Any]) -> set[str]:
+    out = set()
+    for rule in hook["rules"]:
+        assert set(rule["operations"]) == {"CREATE", "UPDATE"}
+        out |= {
+            f"{group}/{resource}" if group else resource
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+        }
+    return out
+
+
+WORKLOADS = {
+    "apps/deployments",
+    "apps/replicasets",
+    "apps/statefulsets",
+    "apps/daemonsets",
+    "batch/jobs",
+    "batch/cronjobs",
+    "replicationcontrollers",
+    "podtemplates",
+}
+
+
+@pytest.mark.parametrize("namespace", [NAMESPACE, "kube-system", "images"])
+def test_webhooks_never_see_their_own_namespace_or_kube_system(chart: Any, namespace: str) -> None:
+    hooks = webhooks(render(chart, {}, namespace=namespace))
+    assert set(hooks) == {"MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"}
+    for hook in hooks.values():
+        assert {"kube-system", namespace} <= excluded_namespaces(hook)
+        opt_out = [e for e in hook["namespaceSelector"]["matchExpressions"] if e["key"] == "pullgate.dev/admission"]
+        assert opt_out == [{"key": "pullgate.dev/admission", "operator": "NotIn", "values": ["disabled"]}]
+
+
+def test_webhook_defaults_are_safe(chart: Any) -> None:
+    objects = render(chart, {})
+    hooks = webhooks(objects)
+    for kind, hook in hooks.items():
+        assert hook["failurePolicy"] == "Fail" and hook["timeoutSeconds"] == 10, kind
+        assert hook["sideEffects"] == "None" and hook["admissionReviewVersions"] == ["v1"], kind
+        assert {"pods", "pods/ephemeralcontainers"} | WORKLOADS <= resources(hook), kind
+        assert all(rule["scope"] == "Namespaced" for rule in hook["rules"])
+        assert {c["name"] for c in hook["matchConditions"]} == {"spec-changed", "not-controller-owned-template"}
+    assert hooks["MutatingWebhookConfiguration"]["reinvocationPolicy"] == "IfNeeded"
+    assert hooks["MutatingWebhookConfiguration"]["clientConfig"]["service"]["path"] == "/mutate"
+    assert hooks["ValidatingWebhookConfiguration"]["clientConfig"]["service"]["path"] == "/validate"
+    # The clientConfig reaches the container's webhook port through the Service.
+    service = find(objects, "Service", FULLNAME)
+    for hook in hooks.values():
+        ref = hook["clientConfig"]["service"]
+        assert (ref["name"], ref["namespace"]) == (FULLNAME, NAMESPACE)
+        (port,) = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]]
+        assert port["targetPort"] == "webhook"
+    assert {"name": "webhook", "containerPort": 8443, "protocol": "TCP"} in container(objects)["ports"]
+
+
+def test_webhook_settings_follow_values(chart: Any) -> None:
+    objects = render(chart, EVERYTHING)
+    hooks = webhooks(objects)
+    for kind, hook in hooks.items():
+        assert hook["failurePolicy"] == "Ignore" and hook["timeoutSeconds"] == 5, kind
+        assert {"kube-system", "monitoring", NAMESPACE} == excluded_namespaces(hook), kind
+        assert {"name": "not-dry-run", "expression": "!request.dryRun"} in hook["matchConditions"]
+        assert "caBundle" not in hook["clientConfig"], "cert-manager injects it"
+    assert resources(hooks["MutatingWebhookConfiguration"]) == {"pods", "pods/ephemeralcontainers"}
+    assert resources(hooks["ValidatingWebhookConfiguration"]) >= WORKLOADS
+    for kind in ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"):
+        annotation = find(objects, kind)["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+        assert annotation == f"{NAMESPACE}/{FULLNAME}-webhook"
+    certificate = find(objects, "Certificate")
+    assert certificate["metadata"]["name"] == f"{FULLNAME}-webhook"
+    assert certificate["spec"]["secretName"] == f"{FULLNAME}-webhook-tls"
+    assert f"{FULLNAME}.{NAMESPACE}.svc" in certificate["spec"]["dnsNames"]
+    assert certificate["spec"]["issuerRef"] == {
+        "kind": "ClusterIssuer",
+        "name": "internal-ca",
+        "group": "cert-manager.io",
+    }
+    assert "Issuer" not in kinds(objects) and "Secret" not in kinds(objects)
+    own_issuer = render(chart, COMBINATIONS["cert-manager"])
+    issuer = find(own_issuer, "Issuer")
+    assert issuer["spec"] == {"selfSigned": {}}
+    assert find(own_issuer, "Certificate")["spec"]["issuerRef"]["name"] == issuer["metadata"]["name"]
+
+
+def test_webhook_off_renders_no_webhook(chart: Any) -> None:
+    objects = render(chart, COMBINATIONS["webhook-off"])
+    assert not webhooks(objects) and "Secret" not in kinds(objects)
+    assert [p["name"] for p in find(objects, "Service", FULLNAME)["spec"]["ports"]] == ["http"]
+    assert container(objects)["startupProbe"]["httpGet"]["port"] == "http"
+
+
+@dataclasses.dataclass
+class Pod:
+    """The pullgate container as rendered, run as a local process: its ConfigMaps and
+    Secret written where the volumes mount them (under ``root``), its args; listen addresses
+    moved to loopback ports and paths under ``root``."""
+
+    objects: list[dict[str, Any]]
+    root: Path
+    secrets: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # ones the chart only references
+    ports: dict[str, int] = dataclasses.field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def local(self, path: str) -> Path:
+        return self.root / path.lstrip("/")
+
+    @property
+    def log(self) -> Path:
+        return self.root / "pod.log"
+
+    def __enter__(self) -> Pod:
+        main = container(self.objects)
+        volumes = {v["name"]: v for v in workload(self.objects)["spec"]["template"]["spec"]["volumes"]}
+        for mount in main["volumeMounts"]:
+            target = self.local(mount["mountPath"])
+            target.mkdir(parents=True, exist_ok=True)
+            volume = volumes[mount["name"]]
+            if "configMap" in volume:
+                data = find(self.objects, "ConfigMap", volume["configMap"]["name"])["data"]
+            elif "secret" in volume and volume["secret"]["secretName"] in self.secrets:
+                data = self.secrets[volume["secret"]["secretName"]]
+            elif "secret" in volume:
+                encoded = find(self.objects, "Secret", volume["secret"]["secretName"])["data"]
+                data = {k: base64.b64decode(v).decode() for k, v in encoded.items()}
+            else:
+                continue
+            for key, text in data.items():
+                (target / key).write_text(text)
+        self.ports = {p["name"]: free_port() for p in main["ports"]}
+        assert main["args"][0] == "--config"
+        config_path = self.local(main["args"][1])
+        config = yaml.safe_load(config_path.read_text())
+        config["listen"] = f"127.0.0.1:{self.ports['http']}"
+        config["cache"]["dir"] = str(self.local(config["cache"]["dir"]))
+        config["policies"] = str(self.local(config["policies"]))
+        if config["admission"]["enabled"]:
+            config["admission"]["listen"] = f"127.0.0.1:{self.ports['webhook']}"
+            for key in ("tls_cert", "tls_key"):
+                config["admission"][key] = str(self.local(config["admission"][key]))
+        for section in (config, config.get("access", {})):
+            for key in ("tls_cert", "tls_key", "htpasswd", "tokens"):
+                if section.get(key):
+                    section[key] = str(self.local(section[key]))
+        config["shutdown_delay"] = "0s"  # no Service endpoints to drain here
+        config_path.write_text(yaml.safe_dump(config))
+        command = [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)]
+        self.proc = start_daemon(command, stdout=self.log, stderr=self.log, cwd=ROOT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            stop_daemon(self.proc)
+
+    def url(self, port: str, path: str, scheme: str = "http") -> str:
+        return f"{scheme}://127.0.0.1:{self.ports[port]}{path}"
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{") and json.loads(line).get("event") == name:
+                out.append(json.loads(line))
+        return out
+
+
+def test_rendered_pod_starts_and_passes_its_probes(chart: Any, tmp_path: Path) -> None:
+    """Every probe of the pod spec passes against the pod as rendered, and an AdmissionReview
+    over TLS is answered with the certificate checked against caBundle for the Service's DNS
+    name (what the API server does)."""
+    values = {"policies": {"files": {"no-latest.yaml": (ROOT / "policies" / "no-latest.yaml").read_text()}}}
+    objects = render(chart, values)
+    main = container(objects)
+    secret = find(objects, "Secret", f"{FULLNAME}-webhook-tls")["data"]
+    tls = ssl.create_default_context(cadata=base64.b64decode(secret["ca.crt"]).decode())
+    server_name = f"{FULLNAME}.{NAMESPACE}.svc"
+    with Pod(objects, tmp_path / "pod") as pod:
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            get = main[probe]["httpGet"]
+            url = pod.url(get["port"], get["path"], get.get("scheme", "HTTP").lower())
+            wait_until(
+                functools.partial(probe_passes, url, tls, server_name),
+                timeout=20,
+                what=f"{probe} {url}",
+                proc=pod.proc,
+                log=pod.log,
+            )
+        review = json.loads((ROOT / "tests" / "data" / "admission" / "pod-create-dev.json").read_text())
+        review["request"]["object"]["spec"]["containers"][0]["image"] = "docker.io/library/nginx:latest"
+        hook = webhooks(objects)["ValidatingWebhookConfiguration"]["clientConfig"]["service"]
+        status, body = https_post(pod.url("webhook", hook["path"], "https"), review, tls, server_name)
+    assert status == 200, body
+    answer = json.loads(body)["response"]
+    assert answer["allowed"] is True and any("latest" in w for w in answer.get("warnings", [])), answer
+
+
+def test_access_control_from_a_secret_leaves_the_probes_open(chart: Any, tmp_path: Path) -> None:
+    """With client authentication on, the kubelet's unauthenticated probes and Prometheus'
+    scrape still work; pulls need the token from the Secret."""
+    token = "s3cret-token-for-ci"
+    values = {
+        "webhook": {"enabled": False},
+        "accessSecret": {"name": "mirror-users", "htpasswdKey": "", "tokensKey": "tokens"},
+        "config": {"access": {"enabled": True, "rules": [{"repositories": ["docker.io/**"], "users": ["ci"]}]}},
+    }
+    objects = render(chart, values)
+    main = container(objects)
+    tokens = {"tokens": f"ci:sha256:{hashlib.sha256(token.encode()).hexdigest()}\n"}
+    with Pod(objects, tmp_path / "pod", secrets={"mirror-users": tokens}) as pod:
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            url = pod.url("http", main[probe]["httpGet"]["path"])
+            wait_until(functools.partial(status_is, url, 200), timeout=20, what=probe, proc=pod.proc, log=pod.log)
+        metrics = http_status(pod.url("http", "/metrics"))
+        anonymous = http_status(pod.url("http", "/v2/"))
+        request = urllib.request.Request(pod.url("http", "/v2/"), headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=5) as response:
+            authenticated = response.status
+    assert (metrics, anonymous, authenticated) == (200, 401, 200)
+
+
+def test_node_mirror_routes_containerd_through_the_rendered_pod(
+    chart: Any, tmp_path: Path, containerd: Any, registry: Any, image_factory: Any, repo: str
+) -> None:
+    """End to end on one machine: the rendered pod mirrors a real registry, the node-mirror
+    script writes hosts.toml for it, and a real containerd pulls through it."""
+    values = {
+        "upstreams": [{"name": "docker.io", "url": registry.url}],
+        "webhook": {"enabled": False},
+        "nodeMirror": {"enabled": True},
+    }
+    objects = render(chart, values)
+    image = image_factory.image("1", layers=[100_000, 2000])
+    registry.push(image.layout, image.tag, f"{repo}:1")
+    hosts = tmp_path / "certs.d"
+    with Pod(objects, tmp_path / "pod") as pod:
+        wait_until(
+            lambda: http_status(pod.url("http", "/readyz")) == 200, timeout=20, what="pod", proc=pod.proc, log=pod.log
+        )
+        command, env = node_mirror(objects, hosts, MIRROR_ENDPOINT=pod.url("http", ""))
+        done = subprocess.run([*command, "--once"], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stdout + done.stderr
+        namespace = containerd.new_namespace()
+        ref = f"docker.io/{repo}:1"
+        containerd.ctr(
+            "images",
+            "pull",
+            "--hosts-dir",
+            str(hosts),
+            "--snapshotter",
+            "native",
+            ref,
+            namespace=namespace,
+            timeout=120,
+        )
+        digest = containerd.image_digest(ref, namespace=namespace)
+        served = [e for e in pod.events("http_request") if e.get("repository") == repo]
+    assert digest == image.manifest_digest
+    assert {e["endpoint"] for e in served} >= {"manifest", "blob"}, "containerd pulled through pullgate"
+
+
+def status_is(url: str, status: int) -> bool:
+    return http_status(url) == status
+
+
+def probe_passes(url: str, context: ssl.SSLContext, server_name: str) -> bool:
+    return https_status(url, context, server_name) == 200
+
+
+def https_status(url: str, context: ssl.SSLContext, server_name: str) -> int | None:
+    if url.startswith("http://"):
+        return http_status(url)
+    try:
+        return https_post(url, None, context, server_name)[0]
+    except OSError:
+        return None
+
+
+def https_post(url: str, payload: Any, context: ssl.SSLContext, server_name: str) -> tuple[int, str]:
+    """GET (payload None) or POST JSON over TLS, verifying the certificate for ``server_name``
+    while connecting to 127.0.0.1."""
+    parts = urllib.parse.urlsplit(url)
+    with (
+        socket.create_connection((parts.hostname, parts.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=server_name) as conn,
+    ):
+        body = b"" if payload is None else json.dumps(payload).encode()
+        method = "GET" if payload is None else "POST"
+        head = (
+            f"{method} {parts.path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        conn.sendall(head.encode() + body)
+        response = b""
+        while chunk := conn.recv(65536):
+            response += chunk
+    status_line, _, rest = response.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2].decode(errors="replace")
+
+
+def test_generated_certificate_passes_a_real_tls_handshake(chart: Any, tmp_path: Path) -> None:
+    """What the API server does: verify the webhook's certificate against caBundle for the
+    Service's DNS name <service>.<namespace>.svc."""
+    objects = render(chart, {})
+    secret = find(objects, "Secret", f"{FULLNAME}-webhook-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    files = {key: base64.b64decode(value) for key, value in secret["data"].items()}
+    for hook in webhooks(objects).values():
+        assert base64.b64decode(hook["clientConfig"]["caBundle"]) == files["ca.crt"]
+    (tmp_path / "tls.crt").write_bytes(files["tls.crt"])
+    (tmp_path / "tls.key").write_bytes(files["tls.key"])
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    client_context = ssl.create_default_context(cadata=files["ca.crt"].decode())
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with server_context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"ok")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            client_context.wrap_socket(raw, server_hostname=f"{FULLNAME}.{NAMESPACE}.svc") as tls,
+        ):
+            assert tls.recv(2) == b"ok"
+        thread.join(5)
+    # A wrong name must fail: the SANs are what the API server checks.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        thread = threading.Thread(target=lambda: _accept_tls(listener, server_context), daemon=True)
+        thread.start()
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            pytest.raises(ssl.SSLCertVerificationError),
+        ):
+            client_context.wrap_socket(raw, server_hostname="evil.example.svc")
+        thread.join(5)
+
+
+def _accept_tls(listener: socket.socket, context: ssl.SSLContext) -> None:
+    conn, _ = listener.accept()
+    try:
+        context.wrap_socket(conn, server_side=True).close()
+    except (ssl.SSLError, OSError):
+        conn.close()
+
+
+# --- node mirror ---------------------------------------------------------------------------
+class _V2(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        status = 200 if self.path == "/v2/" else 404
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_mirror() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _V2)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def node_mirror(objects: list[dict[str, Any]], hosts: Path, **env: str) -> tuple[list[str], dict[str, str]]:
+    """The DaemonSet's command and environment, pointed at a local hosts directory."""
+    daemonset = find(objects, "DaemonSet")
+    (main,) = daemonset["spec"]["template"]["spec"]["containers"]
+    script_cm = find(objects, "ConfigMap", f"{FULLNAME}-node-mirror")
+    script = hosts.parent / "node-mirror.py"
+    script.write_text(script_cm["data"]["node-mirror.py"])
+    assert main["command"] == ["python", "/opt/pullgate/node-mirror.py"]
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    variables = {e["name"]: e["value"] for e in main["env"]}
+    assert variables["HOSTS_DIR"] == mounts["hosts"]
+    host_path = {v["name"]: v for v in daemonset["spec"]["template"]["spec"]["volumes"]}["hosts"]["hostPath"]
+    assert host_path == {"path": "/etc/containerd/certs.d", "type": "DirectoryOrCreate"}
+    variables.update(HOSTS_DIR=str(hosts), **env)
+    return [sys.executable, str(script)], {**os.environ, **variables}
+
+
+def test_node_mirror_writes_hosts_toml_for_each_upstream(chart: Any, tmp_path: Path, fake_mirror: int) -> None:
+    objects = render(chart, EVERYTHING)
+    hosts = tmp_path / "certs.d"
+    (hosts / "ghcr.io").mkdir(parents=True)
+    (hosts / "ghcr.io" / "hosts.toml").write_text('server = "https://ghcr.io"\n# written by the admin\n')
+    command, env = node_mirror(objects, hosts)
+    assert env["MIRROR_SERVICE"] == f"{FULLNAME}.{NAMESPACE}.svc.cluster.local"
+    env.update(MIRROR_SERVICE="localhost", MIRROR_PORT=str(fake_mirror))  # resolved like the Service name
+    done = subprocess.run([*command, "--once"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    hub = tomllib.loads((hosts / "docker.io" / "hosts.toml").read_text())
+    assert hub == {
+        "server": "https://registry-1.docker.io",
+        "host": {f"http://127.0.0.1:{fake_mirror}": {"capabilities": ["pull", "resolve"]}},
+    }
+    internal = tomllib.loads((hosts / "registry.internal:5001" / "hosts.toml").read_text())
+    assert internal["server"] == "https://registry.internal:5001"
+    assert "written by the admin" in (hosts / "ghcr.io" / "hosts.toml").read_text(), "never clobbers by default"
+
+
+def test_node_mirror_cleans_up_on_sigterm(chart: Any, tmp_path: Path, fake_mirror: int) -> None:
+    objects = render(chart, COMBINATIONS["node-mirror-endpoint"])
+    hosts = tmp_path / "certs.d"
+    command, env = node_mirror(objects, hosts)
+    assert env["MIRROR_ENDPOINT"] == "http://10.96.0.50:5000"
+    env.update(MIRROR_ENDPOINT=f"http://127.0.0.1:{fake_mirror}", RESYNC_SECONDS="0.2")
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        target = hosts / "docker.io" / "hosts.toml"
+        deadline = time.monotonic() + 10
+        while not target.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert target.exists(), "hosts.toml not written"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, output
+    assert not target.exists(), output
+    assert "hosts_toml_removed" in output
+
+
+def test_node_mirror_does_not_point_nodes_at_a_dead_mirror(chart: Any, tmp_path: Path) -> None:
+    objects = render(chart, COMBINATIONS["node-mirror-endpoint"])
+    hosts = tmp_path / "certs.d"
+    with socket.create_server(("127.0.0.1", 0)) as closed:
+        dead = closed.getsockname()[1]
+    command, env = node_mirror(objects, hosts, MIRROR_ENDPOINT=f"http://127.0.0.1:{dead}")
+    done = subprocess.run([*command, "--once"], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and "mirror_unreachable" in done.stdout
+    assert not (hosts / "docker.io" / "hosts.toml").exists()
+
+
+def test_admission_deadline_is_below_every_allowed_timeout(chart: Any, tmp_path: Path) -> None:
+    for timeout in (2, 3, 10, 30):
+        objects = render(chart, {"webhook": {"timeoutSeconds": timeout}})
+        config = rendered_config(objects, tmp_path)
+        assert 0 < config.admission.deadline < timeout
+        assert parse_duration(f"{timeout}s") == webhooks(objects)["ValidatingWebhookConfiguration"]["timeoutSeconds"]
