@@ -8,6 +8,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+# Label values the alerts watch with increase(): created at 0 so the first event counts.
+UPSTREAM_ERROR_KINDS = (
+    "connect", "timeout", "read", "short_read", "status_5xx", "rate_limited", "auth",
+    "realm_refused", "redirect_refused",
+)  # fmt: skip
+
+
 class Metrics:
     """Every metric pullgate exports. Names are part of the public surface (dashboards,
     alerts in ``charts/pullgate``): rename only together with them."""
@@ -168,3 +175,15 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+
+    def declare_upstream(self, upstream: str) -> None:
+        """Create every per-upstream series at 0: Prometheus' ``increase()`` needs a sample
+        before the first event, or the first digest mismatch of a process goes unseen."""
+        for kind in UPSTREAM_ERROR_KINDS:
+            self.upstream_errors.labels(upstream, kind)
+        for kind in ("blob", "manifest"):
+            self.digest_mismatches.labels(upstream, kind)
+
+    def declare_policies(self) -> None:
+        for result in ("ok", "error"):
+            self.policy_reloads.labels(result=result)

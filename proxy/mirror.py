@@ -69,6 +69,7 @@ class Mirror:
             connector=connector, headers={"User-Agent": "pullgate"}, auto_decompress=False
         )
         for upstream in self.config.upstreams:
+            self.metrics.declare_upstream(upstream.name)
             self.upstreams[upstream.name] = RegistryClient(upstream, self._session, self.config.timeouts, self.metrics)
         self.manifests = ManifestCache(self.store, self.catalog, self.upstreams, self.config.cache, self.metrics)
         self.blobs = BlobService(self.store, self.catalog, self.upstreams, self.metrics)

@@ -110,6 +110,7 @@ class PolicyStore:
         self.metrics = metrics
         self.logger = logger
         self.interval = interval
+        metrics.declare_policies()
         self.current: PolicySet | None = PolicySet() if path is None else None
         self.error: str | None = None
         self._signature: Signature | None = None

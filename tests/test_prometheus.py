@@ -543,12 +543,6 @@ def test_dashboard_queries_evaluate(stack: Stack) -> None:
     assert 0 < float(ratio["value"][1]) <= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="proxy change needed: labelled counters are created on first increment, so increase() in "
-    "PullgateDigestMismatch/UpstreamRateLimited/PolicyReloadFailed misses the first event of a process; "
-    "initialise the known label values at 0 on startup (then drop this mark)",
-)
 def test_counters_the_alerts_watch_exist_from_startup(tmp_path: Path) -> None:
     """``increase()`` needs a sample before the first event: the series must exist at 0."""
     with (
