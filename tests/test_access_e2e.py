@@ -13,7 +13,6 @@ import secrets
 import signal
 import socket
 import ssl
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,10 @@ from proxy.server import create_app
 from tests.support import skopeo
 from tests.support.certs import write_cert
 from tests.support.containerd import Containerd
+from tests.support.daemon import Daemon
 from tests.support.images import ImageFactory, ImageInfo, OciLayout
 from tests.support.polling import eventually
-from tests.support.procs import CommandError, free_port, start_daemon
-from tests.support.pullgate import PullgateProcess
+from tests.support.procs import CommandError, free_port
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -181,8 +180,9 @@ async def test_containerd_with_a_hosts_toml_authorization_header(
     wrong = basic_header(WRONG)
     for headers in (None, wrong):
         with pytest.raises(CommandError):
-            await containerd.apull(private_ref, setup.url, server=dead, namespace=containerd.new_namespace(),
-                                   headers=headers, timeout=60)
+            await containerd.apull(
+                private_ref, setup.url, server=dead, namespace=containerd.new_namespace(), headers=headers, timeout=60
+            )
     assert await auth_registry.acount_requests(None, r"^/v2/", since=since) == 0
     right = basic_header(ALICE)
     namespace = containerd.new_namespace()
@@ -193,13 +193,19 @@ async def test_containerd_with_a_hosts_toml_authorization_header(
         assert containerd.content_get(blob, namespace=namespace) == source.blob_path(blob).read_bytes()
     # Credentials the way the CRI plugin passes them (ctr --user): containerd answers the
     # Bearer challenge through the mirror's token endpoint.
-    digest = await containerd.apull(private_ref, setup.url, server=dead, namespace=containerd.new_namespace(),
-                                    extra=("--user", ":".join(ALICE)))
+    digest = await containerd.apull(
+        private_ref, setup.url, server=dead, namespace=containerd.new_namespace(), extra=("--user", ":".join(ALICE))
+    )
     assert digest == setup.private.manifest_digest
     with pytest.raises(CommandError):
-        await containerd.apull(private_ref, setup.url, server=dead, namespace=containerd.new_namespace(),
-                               extra=("--user", ":".join(WRONG)), timeout=60)
-
+        await containerd.apull(
+            private_ref,
+            setup.url,
+            server=dead,
+            namespace=containerd.new_namespace(),
+            extra=("--user", ":".join(WRONG)),
+            timeout=60,
+        )
 
 
 def served_serial(port: int, ca: Path) -> int:
@@ -222,12 +228,8 @@ async def test_mirror_listener_tls_and_reload(tmp_path: Path) -> None:
     cert, key = write_cert(certs, serial=1)
     first_ca = tmp_path / "ca-1.pem"
     first_ca.write_bytes(cert.read_bytes())
-    daemon = PullgateProcess(
-        tmp_path / "daemon", {"tls_cert": str(cert), "tls_key": str(key), "cache": {"dir": str(tmp_path / "cache")}}
-    )
-    # Not daemon.start(): it polls /healthz over plain HTTP.
-    daemon.proc = start_daemon([sys.executable, "-m", "proxy", "serve", "--config", str(daemon.config_path)],
-                               stdout=daemon.log_path, stderr=daemon.log_path, cwd=ROOT)
+    daemon = Daemon(tmp_path / "daemon", "http://127.0.0.1:9", tls_cert=str(cert), tls_key=str(key))
+    daemon.start(wait=False)  # its /readyz is HTTPS: polled below
     try:
         async with aiohttp.ClientSession() as session:
             context = ssl.create_default_context(cafile=str(first_ca))
@@ -255,4 +257,4 @@ async def test_mirror_listener_tls_and_reload(tmp_path: Path) -> None:
         await eventually(rotated, timeout=10, step=0.2)
     finally:
         daemon.stop()
-    assert '"event": "mirror_tls_reloaded"' in daemon.log()
+    assert '"event": "mirror_tls_reloaded"' in daemon.events_text()

@@ -24,8 +24,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from proxy.config import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig, load_config
 from proxy.passwords import hash_scrypt, token_digest
 from proxy.server import create_app
+from tests.support.daemon import Daemon
 from tests.support.images import ImageFactory
-from tests.support.pullgate import PullgateProcess
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -98,7 +98,10 @@ def mirror_config(tmp_path: Path, upstream_url: str, password_env: str, key_env:
 
 
 async def test_no_secret_in_logs_metrics_errors_or_dumps(
-    aiohttp_server: ServerFactory, aiohttp_client: ClientFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    aiohttp_server: ServerFactory,
+    aiohttp_client: ClientFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     secret: Callable[[str], str],
 ) -> None:
     for value in secrets_of():
@@ -150,8 +153,13 @@ async def test_no_secret_in_logs_metrics_errors_or_dumps(
 
 
 def test_daemon_log_and_metrics_hold_no_secret(
-    auth_registry: Registry, token_server: TokenServer, image_factory: ImageFactory, repo: str, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch, secret: Callable[[str], str],
+    auth_registry: Registry,
+    token_server: TokenServer,
+    image_factory: ImageFactory,
+    repo: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    secret: Callable[[str], str],
 ) -> None:
     """The real daemon, its JSON log file, against the real token-auth registry."""
     user, password = token_server.creds
@@ -167,19 +175,19 @@ def test_daemon_log_and_metrics_hold_no_secret(
     settings["upstreams"][0]["username"] = user
     for key in ("listen", "tls_cert", "tls_key", "policies", "admission"):
         settings.pop(key)
-    with PullgateProcess(tmp_path / "daemon", settings) as daemon:
-        assert load_config(daemon.config_path, {}).access.enabled
+    with Daemon(tmp_path / "daemon", auth_registry.url, **settings) as daemon:
+        assert load_config(daemon.config, {}).access.enabled
         alice = basic("alice", ALICE_PASSWORD)
         statuses = [
-            http_get(f"{daemon.url}/v2/{repo}/manifests/1", alice),
-            http_get(f"{daemon.url}/v2/{repo}/manifests/1", {"Authorization": f"Bearer {CI_TOKEN}"}),
-            http_get(f"{daemon.url}/v2/{repo}/manifests/1", basic("alice", WRONG_GUESS)),
-            http_get(f"{daemon.url}/v2/{repo}/manifests/1", basic(ALICE_PASSWORD, WRONG_GUESS)),
+            http_get(f"{daemon.url('')}/v2/{repo}/manifests/1", alice),
+            http_get(f"{daemon.url('')}/v2/{repo}/manifests/1", {"Authorization": f"Bearer {CI_TOKEN}"}),
+            http_get(f"{daemon.url('')}/v2/{repo}/manifests/1", basic("alice", WRONG_GUESS)),
+            http_get(f"{daemon.url('')}/v2/{repo}/manifests/1", basic(ALICE_PASSWORD, WRONG_GUESS)),
         ]
         assert statuses == [200, 200, 401, 401]
-        metrics = urllib.request.urlopen(f"{daemon.url}/metrics", timeout=10).read().decode()
+        metrics = urllib.request.urlopen(f"{daemon.url('')}/metrics", timeout=10).read().decode()
         daemon.stop()
-        log = daemon.log()
+        log = daemon.events_text()
     assert '"event": "auth_failed"' in log and '"event": "http_request"' in log
     leaked = [s for s in secrets_of(password) if s in log + metrics]
     assert leaked == []

@@ -96,10 +96,13 @@ class Daemon:
     def host(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self) -> Daemon:
-        """Start (or restart, on the same port and cache) and wait until ready."""
+    def start(self, *, wait: bool = True) -> Daemon:
+        """Start (or restart, on the same port and cache) and, with ``wait``, poll the plain
+        HTTP ``/readyz`` until ready (a TLS listener's test polls on its own)."""
         command = [sys.executable, "-m", "proxy", "serve", "--config", str(self.config)]
         self.proc = start_daemon(command, stdout=self.log, stderr=self.log, cwd=ROOT)
+        if not wait:
+            return self
         wait_until(
             lambda: http_status(self.url("/readyz")) == 200, timeout=15, what="pullgate", proc=self.proc, log=self.log
         )
