@@ -41,6 +41,7 @@ import structlog
 from proxy.accesstokens import AccessTokens
 from proxy.config import AccessConfig
 from proxy.errors import ConfigError, Denied, Unauthorized
+from proxy.filewatch import Stamp, stamp
 from proxy.globs import GlobSet
 from proxy.limits import FailureWindow, TooManyRequests, client_key
 from proxy.metrics import Metrics
@@ -106,14 +107,8 @@ class Rules:
         return any(rule.grants(identity, path) for rule in self._rules)
 
 
-def _stamp(path: Path | None) -> tuple[int, int, int] | None:
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
+def _stamp(path: Path | None) -> Stamp | None:
+    return None if path is None else stamp(path)
 
 
 class CredentialFiles:

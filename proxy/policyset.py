@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from structlog.typing import FilteringBoundLogger
 
+from proxy.filewatch import background, stamp
 from proxy.metrics import Metrics
 from proxy.policy import Policy, PolicyInvalid, load_file
 from proxy.reference import ImageReference, is_registry_host
@@ -87,12 +87,7 @@ def signature(path: Path) -> Signature:
         files = policy_files(path)
     except (PolicyInvalid, OSError):
         return ()
-    stats = []
-    for file in files:
-        with contextlib.suppress(OSError):
-            st = os.stat(file)
-            stats.append((str(file), st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(stats)
+    return tuple((str(file), *stamp(file)) for file in files)
 
 
 class PolicyStore:
@@ -160,10 +155,5 @@ class PolicyStore:
             yield self
             return
         await self.reload()
-        task = asyncio.create_task(self.watch(), name="policy-watch")
-        try:
+        async with background(self.watch(), "policy-watch"):
             yield self
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,18 +19,7 @@ from pathlib import Path
 from structlog.typing import FilteringBoundLogger
 
 from proxy.errors import ConfigError
-
-
-def _stamp(*paths: Path) -> tuple[tuple[int, int, int], ...]:
-    stamps = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            stamps.append((0, 0, 0))
-        else:
-            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-    return tuple(stamps)
+from proxy.filewatch import background, stamps
 
 
 class ReloadingTLS:
@@ -43,7 +31,7 @@ class ReloadingTLS:
         """``name``: the listener, for the config key in errors and the log event names
         (``admission``: ``admission.tls_cert``; ``mirror``: top-level ``tls_cert``)."""
         self.cert, self.key, self.logger, self.interval, self.name = cert, key, logger, interval, name
-        self._stamp = _stamp(cert, key)
+        self._stamp = stamps(cert, key)
         key_name = "admission.tls_cert" if name == "admission" else "tls_cert"
         try:
             self._current = self._build()
@@ -63,7 +51,7 @@ class ReloadingTLS:
 
     def reload(self) -> bool:
         """Load the files now; keep the current certificate if they do not load."""
-        self._stamp = _stamp(self.cert, self.key)
+        self._stamp = stamps(self.cert, self.key)
         try:
             self._current = self._build()
         except (OSError, ssl.SSLError) as exc:
@@ -75,15 +63,10 @@ class ReloadingTLS:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if _stamp(self.cert, self.key) != self._stamp:
+            if stamps(self.cert, self.key) != self._stamp:
                 self.reload()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ReloadingTLS]:
-        task = asyncio.create_task(self.watch(), name="tls-watch")
-        try:
+        async with background(self.watch(), "tls-watch"):
             yield self
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
