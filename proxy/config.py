@@ -244,6 +244,10 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         keys = name[len(ENV_PREFIX) :].lower().split("__")
+        if keys[0] not in _TOP_LEVEL:
+            # Not a config key: a secret the config names (token_secret_env: PULLGATE_TOKEN_KEY)
+            # or a variable the platform injects. Typos below a known key still fail.
+            continue
         node: Any = data
         for i, key in enumerate(keys):
             last = i == len(keys) - 1
@@ -402,3 +406,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+_TOP_LEVEL = frozenset(f.name for f in dataclasses.fields(Config))

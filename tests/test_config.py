@@ -82,3 +82,11 @@ def test_bad_config_names_the_key(tmp_path: Path, yaml_text: str, error: str) ->
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml", {})
+
+
+def test_environment_variables_that_are_not_config_keys_are_left_alone() -> None:
+    # Secrets the config names by variable (token_secret_env) may share the prefix.
+    config = load_config(DATA / "full.yaml", {"PULLGATE_TOKEN_KEY": "s3cret", "PULLGATE_CONFIG": "/x.yaml"})
+    assert config.cache.tag_ttl == 300
+    with pytest.raises(ConfigError, match=r"cache\.tag_tl: unknown key"):
+        load_config(DATA / "full.yaml", {"PULLGATE_CACHE__TAG_TL": "1m"})
