@@ -13,6 +13,8 @@ signatures:
   threshold: 1
   transparencyLog:
     publicKeyFile: keys/rekor.pub
+  cacheTTL: 10m          # how long a successful verification of a digest is reused
+  failureCacheTTL: 30s   # failures are retried sooner (a signature may just have been pushed)
 ```
 
 Verification happens in-process (``proxy.signatures``) on the digest the pod will run —
@@ -32,6 +34,7 @@ from proxy.fields import FieldError
 from proxy.keys import VerifyingKey, load_public_key
 from proxy.rules import ImageContext, ResolutionFailed, Rule
 from proxy.signatures import SignaturePolicy, VerificationCache
+from proxy.units import parse_duration
 
 NAME = "signatures"
 
@@ -53,7 +56,7 @@ class Signatures:
 
 
 def build(value: object, path: str, base: Path) -> Rule | None:
-    doc = fields.mapping(value, path, ("keys", "threshold", "transparencyLog"))
+    doc = fields.mapping(value, path, ("keys", "threshold", "transparencyLog", "cacheTTL", "failureCacheTTL"))
     keys_doc = doc.get("keys")
     if not isinstance(keys_doc, list) or not keys_doc:
         raise FieldError(f"{path}.keys", "expected a non-empty list of keys")
@@ -72,10 +75,23 @@ def build(value: object, path: str, base: Path) -> Rule | None:
     if doc.get("transparencyLog") is not None:
         where = f"{path}.transparencyLog"
         log_key = _key(fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile")), where, base)
+    cache = VerificationCache(
+        ttl=_duration(doc.get("cacheTTL", "10m"), f"{path}.cacheTTL"),
+        failure_ttl=_duration(doc.get("failureCacheTTL", "30s"), f"{path}.failureCacheTTL"),
+    )
     try:
-        return Signatures(SignaturePolicy(keys, threshold, log_key))
+        return Signatures(SignaturePolicy(keys, threshold, log_key), cache)
     except ConfigError as exc:
         raise FieldError(f"{path}.keys", exc.message) from exc
+
+
+def _duration(value: object, path: str) -> float:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise FieldError(path, f"expected a duration like 10m, got {fields.kind_of(value)}")
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise FieldError(path, str(exc)) from exc
 
 
 def _key(doc: dict[str, object] | object, where: str, base: Path) -> VerifyingKey:
