@@ -246,3 +246,27 @@ async def test_inspect_shows_which_image_rules_an_image_would_fail(
     assert "DB_PASSWORD" in findings and "hunter2" not in findings, "names the variable, never its value"
     text = (await pullgate(config, "cache", "inspect", f"{repo}:1", "--policies", str(policies))).stdout
     assert "POLICY       2 image rule violation(s)" in text
+
+
+async def test_export_loads_into_podman(
+    registry: Registry, image_factory: ImageFactory, repo: str, tmp_path: Path
+) -> None:
+    """``podman load`` (containers/storage with the vfs driver, in a temp dir) reads the
+    exported OCI archive and keeps the manifest digest."""
+    image = image_factory.image("1", layers=[20_000, 3_000])
+    await registry.apush(image.layout, "1", f"{repo}:1")
+    config = write_config(tmp_path / "pullgate.yaml", tmp_path / "cache", registry.url)
+    await pullgate(config, "warm", f"{repo}:1")
+    archive = tmp_path / "podman.tar"
+    await pullgate(config, "export", f"docker.io/{repo}:1", "-o", str(archive))
+    storage = tmp_path / "storage.conf"
+    storage.write_text(
+        f'[storage]\ndriver = "vfs"\nrunroot = "{tmp_path / "run"}"\ngraphroot = "{tmp_path / "graph"}"\n'
+    )
+    podman = ["podman", "--cgroup-manager=cgroupfs", "--events-backend=none"]
+    env = {"CONTAINERS_STORAGE_CONF": str(storage)}
+    loaded = await arun([*podman, "load", "-i", str(archive)], timeout=120, env=env)
+    assert f"docker.io/{repo}:1" in loaded.stdout + loaded.stderr
+    listed = await arun([*podman, "images", "--digests", "--format", "json"], timeout=60, env=env)
+    (entry,) = json.loads(listed.stdout)
+    assert entry["Digest"] == image.manifest_digest
