@@ -14,7 +14,7 @@ from importlib import import_module
 from proxy import __version__
 
 # Modules that contribute sub-commands, in the order ``--help`` lists them.
-COMMAND_MODULES = ("proxy.serve", "proxy.policytool", "proxy.verifytool", "proxy.cachetool")
+COMMAND_MODULES = ("proxy.serve", "proxy.configtool", "proxy.policytool", "proxy.verifytool", "proxy.cachetool")
 
 Handler = Callable[[argparse.Namespace], int]
 

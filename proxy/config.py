@@ -52,10 +52,13 @@ def _http_url(value: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
     parts = urlsplit(value)
+    if parts.username or parts.password:
+        # Never echo it: the error would put the password in logs and terminals.
+        raise ValueError("the URL must not carry credentials (use username and password_env)")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
-    if parts.query or parts.fragment or parts.username:
-        raise ValueError(f"the URL must not carry credentials, a query or a fragment: {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"the URL must not carry a query or a fragment: {value!r}")
     return value.rstrip("/")
 
 
@@ -396,9 +399,19 @@ def _check_access(access: AccessConfig, upstreams: list[str]) -> None:
             raise ConfigError(f"{key}.users: no access.htpasswd or access.tokens file to authenticate them")
 
 
+def _hostport(value: tuple[str, int]) -> str:
+    host, port = value
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: _hostport(getattr(value, f.name))
+            if f.metadata.get("parse") is _split_hostport
+            else _plain(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+        }
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, tuple | list):
