@@ -14,9 +14,12 @@ from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
+from aiohttp.test_utils import TestServer
 
+from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.images import ImageFactory
+from tests.support.origin import Origin
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -130,3 +133,10 @@ def repo(request: pytest.FixtureRequest) -> str:
     """A repository name no other test uses, e.g. ``library/test-push-image-3f2a9c``."""
     slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40].strip("-") or "test"
     return f"library/{slug}-{secrets.token_hex(3)}"
+
+
+@pytest.fixture
+async def origin(aiohttp_server: ServerFactory) -> tuple[Origin, TestServer]:
+    """The registry-shaped fault-knob app (``tests/support/origin.py``) on loopback."""
+    state = Origin()
+    return state, await aiohttp_server(state.app())

@@ -21,8 +21,7 @@ import argon2
 import bcrypt
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from proxy.access import ANONYMOUS, Identity, Rules
 from proxy.appkeys import METRICS
@@ -30,11 +29,8 @@ from proxy.config import AccessConfig, AccessRule, CacheConfig, Config, TimeoutC
 from proxy.errors import ConfigError
 from proxy.passwords import HashFormatError, PasswordHash, hash_scrypt, parse_htpasswd, parse_tokens, token_digest
 from proxy.server import create_app
+from tests.support.aio import Client, ClientFactory
 from tests.support.origin import OCI_MANIFEST, Origin, digest_of
-
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
-Client = TestClient[web.Request, web.Application]
 
 # Written by Apache's `htpasswd -nbB -C 5 alice 'correct horse battery'` (apache2-utils 2.4).
 APACHE_BCRYPT = "$2y$05$yUu3giJw8xQTj8/1Y5xUfO0MfqeaBHkJgXz49OR8laMd.qY9O4RSK"
@@ -243,10 +239,6 @@ def access_config(tmp_path: Path, origin_url: str, htpasswd: Path, tokens: Path,
 Mirror = tuple[Client, Origin]
 
 
-@pytest.fixture
-async def origin(aiohttp_server: ServerFactory) -> tuple[Origin, TestServer]:
-    state = Origin()
-    return state, await aiohttp_server(state.app())
 
 
 @pytest.fixture

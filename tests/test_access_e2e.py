@@ -13,19 +13,18 @@ import secrets
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography import x509
 
 from proxy.config import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.server import create_app
 from tests.support import skopeo
+from tests.support.aio import ServerFactory
 from tests.support.certs import write_cert
 from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon
@@ -35,7 +34,6 @@ from tests.support.procs import CommandError, free_port
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 ROOT = Path(__file__).resolve().parent.parent
 # Written by Apache's `htpasswd -nbB -C 5 alice 'correct horse battery'`.
 ALICE = ("alice", "correct horse battery")

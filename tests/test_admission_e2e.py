@@ -8,22 +8,19 @@ import asyncio
 import base64
 import copy
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.config import AdmissionConfig, CacheConfig, Config, UpstreamConfig
 from proxy.server import create_app
+from tests.support.aio import ServerFactory
 from tests.support.images import ImageFactory
 from tests.support.procs import free_port
 from tests.support.registry import Registry
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 DATA = Path(__file__).parent / "data" / "admission"
 POLICY = """\
 apiVersion: pullgate.dev/v1

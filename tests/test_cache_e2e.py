@@ -8,19 +8,19 @@ import asyncio
 import hashlib
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.appkeys import METRICS, MIRROR
 from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.digest import Digest
 from proxy.server import create_app
+from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon
 from tests.support.images import ImageFactory, ImageInfo
@@ -28,7 +28,6 @@ from tests.support.procs import CommandError
 from tests.support.registry import Registry
 from tests.support.relay import Relay
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 BLOBS = r"/blobs/sha256:[0-9a-f]{64}$"
 
 

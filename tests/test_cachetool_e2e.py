@@ -11,25 +11,22 @@ import io
 import json
 import sys
 import tarfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.server import create_app
 from tests.support import skopeo
+from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon
 from tests.support.images import ImageFactory, IndexInfo, OciLayout
 from tests.support.procs import Completed, arun, free_port
 from tests.support.registry import Registry
-
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
 
 def dead_upstream() -> str:

@@ -10,7 +10,7 @@ import asyncio
 import copy
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,17 +19,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.admission import clip
 from proxy.cli import main
 from proxy.config import AdmissionConfig, CacheConfig, Config, UpstreamConfig
 from proxy.server import create_app
+from tests.support.aio import ServerFactory
 from tests.support.images import OCI_INDEX, OciLayout, build_image
 from tests.support.procs import free_port
 from tests.support.registry import Registry
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 DATA = Path(__file__).parent / "data" / "admission"
 SOURCE = "org.opencontainers.image.source"
 BASE = "org.opencontainers.image.base.name"

@@ -15,8 +15,7 @@ from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from proxy.appkeys import METRICS, MIRROR
@@ -27,19 +26,13 @@ from proxy.limits import FETCH_CLIENT, FailureWindow, FetchLimiter, client_key
 from proxy.metrics import Metrics
 from proxy.server import create_app
 from proxy.webhook import create_webhook_app
+from tests.support.aio import Client, ClientFactory
 from tests.support.origin import Origin, digest_of
 from tests.support.resolver import DictResolver
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
-Client = TestClient[web.Request, web.Application]
 Mirror = tuple[Client, Origin]
 
 
-@pytest.fixture
-async def origin(aiohttp_server: ServerFactory) -> tuple[Origin, TestServer]:
-    state = Origin()
-    return state, await aiohttp_server(state.app())
 
 
 @pytest.fixture

@@ -4,22 +4,20 @@ cache — counted in the upstream's own access log."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.server import create_app
 from tests.support import skopeo
+from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.images import ImageFactory, ImageInfo, OciLayout
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 BLOBS = r"/blobs/sha256:[0-9a-f]{64}$"
 
 

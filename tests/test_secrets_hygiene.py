@@ -12,26 +12,22 @@ import base64
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 
 from proxy.config import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig, load_config
 from proxy.passwords import hash_scrypt, token_digest
 from proxy.server import create_app
+from tests.support.aio import ClientFactory, ServerFactory
 from tests.support.daemon import Daemon
 from tests.support.images import ImageFactory
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
-
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
-Client = TestClient[web.Request, web.Application]
 
 UPSTREAM_PASSWORD = "upstream-pa55word-7c1d"
 UPSTREAM_TOKEN = "upstream-bearer-token-93ab"

@@ -13,25 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from proxy.appkeys import METRICS, MIRROR
 from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.digest import Digest
 from proxy.server import create_app
+from tests.support.aio import Client, ClientFactory
 from tests.support.origin import OCI_INDEX, OCI_MANIFEST, Origin, digest_of
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
-Client = TestClient[web.Request, web.Application]
 MANIFEST_HEADERS = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
 
 
-@pytest.fixture
-async def origin(aiohttp_server: ServerFactory) -> tuple[Origin, TestServer]:
-    state = Origin()
-    return state, await aiohttp_server(state.app())
 
 
 def make_config(tmp_path: Path, origin_url: str, **cache: Any) -> Config:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,18 +15,17 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from proxy.appkeys import METRICS
 from proxy.config import AdmissionConfig, CacheConfig, Config, MirrorConfig, UpstreamConfig
 from proxy.server import create_app
 from tests.signer import Artifact, Rekor, SigningKey, generate_key, sign_bundle, sign_legacy, write_oci_layout
+from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.images import OCI_INDEX, ImageFactory
 from tests.support.procs import CommandError, free_port
 from tests.support.registry import Registry
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 DATA = Path(__file__).parent / "data" / "admission"
 
 

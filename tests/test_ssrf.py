@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
@@ -32,11 +32,9 @@ from proxy.errors import UpstreamError
 from proxy.metrics import Metrics
 from proxy.server import create_app
 from proxy.upstream import RegistryClient
+from tests.support.aio import Client, ClientFactory, ServerFactory
 from tests.support.origin import digest_of
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
-ClientFactory = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
-Client = TestClient[web.Request, web.Application]
 BLOB = b"blob-bytes" * 100
 BLOB_DIGEST = digest_of(BLOB)
 

@@ -4,7 +4,6 @@ registries in the ways that matter here: token challenges, flaky 5xx, 429, redir
 from __future__ import annotations
 
 import base64
-from collections.abc import Awaitable, Callable
 
 import aiohttp
 import pytest
@@ -16,8 +15,8 @@ from proxy.config import TimeoutConfig, UpstreamConfig
 from proxy.errors import PullgateError, UpstreamDenied, UpstreamError, UpstreamRateLimited, UpstreamUnavailable
 from proxy.metrics import Metrics
 from proxy.upstream import RegistryClient
+from tests.support.aio import ServerFactory
 
-ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 BASIC_UP = "Basic " + base64.b64encode(b"u:p").decode()
 FAST = TimeoutConfig(connect=2, read=2, manifest=2, retries=2, backoff=0.01)
 
