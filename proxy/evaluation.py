@@ -51,14 +51,6 @@ class ResolvedTag(Protocol):
     def source(self) -> Literal["cache", "upstream"]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Resolution:
-    """A plain ``ResolvedTag``."""
-
-    digest: Digest
-    source: Literal["cache", "upstream"]
-
-
 class TagResolver(Protocol):
     """The mirror's side of the seam: resolve ``ref`` (which has a tag and no digest) to the
     manifest digest, from the cache while fresh (``cache.tag_ttl``), else upstream.

@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import structlog
 
@@ -36,6 +37,15 @@ from proxy.store import BlobStore
 from proxy.upstream import RegistryClient, UpstreamResponse
 
 _MEMORY_BYTES = 64 << 20  # manifests are small; keep the hot ones in memory
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """A tag resolved to a digest, and whether the answer came from the cache (the
+    admission webhook's ``ResolvedTag``)."""
+
+    digest: Digest
+    source: Literal["cache", "upstream"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -20,7 +20,7 @@ from proxy.content import MirrorContent
 from proxy.digest import Digest
 from proxy.errors import NameUnknown, UpstreamError
 from proxy.eviction import digests, plan_eviction
-from proxy.manifests import Manifest, ManifestCache
+from proxy.manifests import Manifest, ManifestCache, Resolution
 from proxy.mediatypes import OCI_INDEX
 from proxy.metrics import Metrics
 from proxy.reference import ImageReference
@@ -30,16 +30,6 @@ from proxy.upstream import RegistryClient, UpstreamResponse
 
 _FLUSH_INTERVAL = 5.0
 _MAX_LIST_BODY = 4 << 20
-
-
-class Resolution:
-    """A tag resolved to a digest, and whether the answer came from the cache."""
-
-    __slots__ = ("digest", "source")
-
-    def __init__(self, digest: Digest, source: Literal["cache", "upstream"]) -> None:
-        self.digest = digest
-        self.source = source
 
 
 class Mirror:

@@ -8,7 +8,7 @@ from typing import Literal
 
 from proxy.digest import Digest
 from proxy.errors import ManifestUnknown, PullgateError
-from proxy.evaluation import Resolution
+from proxy.manifests import Resolution
 from proxy.reference import ImageReference
 
 
