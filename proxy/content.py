@@ -38,7 +38,7 @@ class MirrorContent:
 
     async def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str] | None:
         try:
-            manifest = await self._mirror.manifests.get(self._route(repository), reference)
+            manifest = await self._mirror.manifests.get(self._route(repository), reference, count=False)
         except ManifestUnknown:
             return None
         return manifest.data, manifest.media_type

@@ -126,7 +126,7 @@ class Warmer:
 
     async def _manifests(self, route: Route, reference: str) -> tuple[Digest, list[tuple[str, ParsedManifest]]]:
         """The top manifest's digest and the image manifests to warm, with their platforms."""
-        top = await self.mirror.manifests.get(route, reference)
+        top = await self.mirror.manifests.get(route, reference, count=False)
         parsed = parse_manifest(top.data, top.media_type)
         if not parsed.is_index:
             return top.digest, [("", parsed)]
