@@ -10,6 +10,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from proxy.errors import PullgateError
+from proxy.units import parse_duration, parse_size
 
 
 class FieldError(PullgateError):
@@ -66,3 +67,25 @@ def string_list(value: object, path: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise FieldError(path, f"expected a list of strings, got {kind_of(value)}")
     return tuple(string(item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def duration(value: object, path: str) -> float:
+    """A positive duration (``30s``, ``10m``, ``90d``; a bare number is seconds)."""
+    try:
+        seconds = parse_duration(value) if isinstance(value, str | int | float) else -1.0  # refuses bools
+    except ValueError as exc:
+        raise FieldError(path, str(exc)) from exc
+    if seconds <= 0:
+        raise FieldError(path, f"expected a positive duration like 90d, got {value!r}")
+    return seconds
+
+
+def size(value: object, path: str) -> int:
+    """A positive byte size (``500MiB``, ``2GB``; a bare number is bytes)."""
+    try:
+        found = parse_size(value) if isinstance(value, str | int) else -1  # parse_size refuses bools
+    except ValueError as exc:
+        raise FieldError(path, str(exc)) from exc
+    if found <= 0:
+        raise FieldError(path, f"expected a positive size like 500MiB, got {value!r}")
+    return found

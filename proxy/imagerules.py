@@ -41,7 +41,7 @@ from proxy.globs import GlobSet
 from proxy.reference import DOCKER_HUB, ImageReference, is_registry_host
 from proxy.rules import DEFAULT_PLATFORM, ImageContext, ImageFacts, ManifestDoc, ResolutionFailed, normalise_registry
 from proxy.secretscan import Finding, scan_env, scan_text
-from proxy.units import format_size, parse_duration, parse_size
+from proxy.units import format_size
 
 NAME = "image"
 BASE_NAME = "org.opencontainers.image.base.name"  # image-spec annotations.md
@@ -302,7 +302,7 @@ def build(value: object, path: str, base: Path) -> ImageRules | None:
         deny_root_user=fields.boolean(doc.get("denyRootUser", False), f"{path}.denyRootUser"),
         deny_secrets_in_env=fields.boolean(doc.get("denySecretsInEnv", False), f"{path}.denySecretsInEnv"),
         deny_secrets_in_history=fields.boolean(doc.get("denySecretsInHistory", False), f"{path}.denySecretsInHistory"),
-        max_compressed_size=_optional(doc, "maxCompressedSize", path, _size),
+        max_compressed_size=_optional(doc, "maxCompressedSize", path, fields.size),
         max_layers=_optional(doc, "maxLayers", path, _count),
         require_platforms=tuple(
             _platform(p, f"{path}.requirePlatforms[{i}]")
@@ -326,16 +326,6 @@ def _platform(value: object, path: str) -> str:
     return text
 
 
-def _size(value: object, path: str) -> int:
-    try:
-        size = parse_size(value) if isinstance(value, str | int) else -1
-    except ValueError as exc:
-        raise FieldError(path, str(exc)) from exc
-    if size <= 0:
-        raise FieldError(path, f"expected a positive size like 500MiB, got {value!r}")
-    return size
-
-
 def _count(value: object, path: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise FieldError(path, f"expected a whole number ≥ 1, got {fields.kind_of(value)}")
@@ -343,13 +333,7 @@ def _count(value: object, path: str) -> int:
 
 
 def _age(value: object, path: str) -> tuple[float, str]:
-    try:
-        seconds = parse_duration(value) if isinstance(value, str | int) else -1.0
-    except ValueError as exc:
-        raise FieldError(path, str(exc)) from exc
-    if seconds <= 0:
-        raise FieldError(path, f"expected a positive duration like 90d, got {value!r}")
-    return seconds, str(value)
+    return fields.duration(value, path), str(value)
 
 
 def _base_globs(value: object, path: str) -> GlobSet:

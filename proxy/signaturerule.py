@@ -34,7 +34,6 @@ from proxy.fields import FieldError
 from proxy.keys import VerifyingKey, load_public_key
 from proxy.rules import ImageContext, ResolutionFailed, Rule
 from proxy.signatures import SignaturePolicy, VerificationCache
-from proxy.units import parse_duration
 
 NAME = "signatures"
 
@@ -76,22 +75,13 @@ def build(value: object, path: str, base: Path) -> Rule | None:
         where = f"{path}.transparencyLog"
         log_key = _key(fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile")), where, base)
     cache = VerificationCache(
-        ttl=_duration(doc.get("cacheTTL", "10m"), f"{path}.cacheTTL"),
-        failure_ttl=_duration(doc.get("failureCacheTTL", "30s"), f"{path}.failureCacheTTL"),
+        ttl=fields.duration(doc.get("cacheTTL", "10m"), f"{path}.cacheTTL"),
+        failure_ttl=fields.duration(doc.get("failureCacheTTL", "30s"), f"{path}.failureCacheTTL"),
     )
     try:
         return Signatures(SignaturePolicy(keys, threshold, log_key), cache)
     except ConfigError as exc:
         raise FieldError(f"{path}.keys", exc.message) from exc
-
-
-def _duration(value: object, path: str) -> float:
-    if not isinstance(value, str | int | float) or isinstance(value, bool):
-        raise FieldError(path, f"expected a duration like 10m, got {fields.kind_of(value)}")
-    try:
-        return parse_duration(value)
-    except ValueError as exc:
-        raise FieldError(path, str(exc)) from exc
 
 
 def _key(doc: dict[str, object] | object, where: str, base: Path) -> VerifyingKey:
