@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.config import AdmissionConfig, Config, LogConfig  # noqa: E402
-from proxy.log import configure_logging  # noqa: E402
+from proxy.config.settings import AdmissionConfig, Config, LogConfig  # noqa: E402
+from proxy.ops.logs import configure_logging  # noqa: E402
 
 REVIEW = ROOT / "tests" / "data" / "admission" / "deployment-create.json"
 POLICIES = """\
@@ -74,8 +74,8 @@ async def serve(port: int, policies: Path) -> None:
     import structlog
     from prometheus_client import CollectorRegistry
 
-    from proxy.metrics import Metrics
-    from proxy.webhook import serve_webhook
+    from proxy.http.webhook_listener import serve_webhook
+    from proxy.ops.metrics import Metrics
     from tests.support.resolver import DictResolver
 
     config = dataclasses.replace(Config(), policies=policies, admission=AdmissionConfig(listen=("127.0.0.1", port)))

@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from proxy.admission import ImageSite  # noqa: E402
-from proxy.config import CacheConfig, Config, LogConfig, UpstreamConfig  # noqa: E402
-from proxy.evaluation import Evaluator  # noqa: E402
-from proxy.log import configure_logging  # noqa: E402
-from proxy.mirror import Mirror  # noqa: E402
-from proxy.policy import parse_policy  # noqa: E402
-from proxy.policyset import PolicySet  # noqa: E402
+from proxy.config.settings import CacheConfig, Config, LogConfig, UpstreamConfig  # noqa: E402
+from proxy.ops.logs import configure_logging  # noqa: E402
+from proxy.policy.active import PolicySet  # noqa: E402
+from proxy.policy.document import parse_policy  # noqa: E402
+from proxy.policy.evaluation import Evaluator  # noqa: E402
+from proxy.policy.sites import ImageSite  # noqa: E402
+from proxy.registry.mirror import Mirror  # noqa: E402
 from tests.support.images import OCI_INDEX, OciLayout, build_image  # noqa: E402
 from tests.support.registry import Registry  # noqa: E402
 

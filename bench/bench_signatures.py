@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.digest import Digest  # noqa: E402
-from proxy.signatures import SignaturePolicy, VerificationCache, verify_image  # noqa: E402
+from proxy.oci.digest import Digest  # noqa: E402
+from proxy.trust.verification import SignaturePolicy, VerificationCache, verify_image  # noqa: E402
 from tests.signer import MemoryRegistry, Rekor, generate_key, sign_bundle, sign_legacy  # noqa: E402
 
 IMAGE = "sha256:" + "ab" * 32

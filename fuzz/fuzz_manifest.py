@@ -1,5 +1,5 @@
 """Coverage-guided fuzz target (atheris / libFuzzer): the manifest parser, which reads
-whatever bytes an upstream sends (``proxy.mediatypes.parse_manifest``), and the platform
+whatever bytes an upstream sends (``proxy.oci.mediatypes.parse_manifest``), and the platform
 pick for clients that cannot take an index.
 
     python fuzz/fuzz_manifest.py NEW_DIR fuzz/corpus/manifest -max_total_time=60
@@ -20,13 +20,13 @@ if __name__ == "__main__":  # instrument our modules only: instrument_all() take
     import atheris
 
     with atheris.instrument_imports(include=["proxy"]):
-        from proxy.digest import Digest
         from proxy.errors import PullgateError
-        from proxy.mediatypes import MANIFEST_TYPES, parse_manifest, pick_platform
+        from proxy.oci.digest import Digest
+        from proxy.oci.mediatypes import MANIFEST_TYPES, parse_manifest, pick_platform
 else:
-    from proxy.digest import Digest
     from proxy.errors import PullgateError
-    from proxy.mediatypes import MANIFEST_TYPES, parse_manifest, pick_platform
+    from proxy.oci.digest import Digest
+    from proxy.oci.mediatypes import MANIFEST_TYPES, parse_manifest, pick_platform
 
 CONTENT_TYPES = (None, *sorted(MANIFEST_TYPES), "application/json", "text/html; charset=utf-8", "")
 

@@ -22,13 +22,13 @@ if __name__ == "__main__":  # instrument our modules only: instrument_all() take
     import atheris
 
     with atheris.instrument_imports(include=["proxy"]):
-        from proxy.digest import Digest
         from proxy.errors import PullgateError
-        from proxy.reference import ImageReference, validate_repository, validate_tag
+        from proxy.oci.digest import Digest
+        from proxy.oci.reference import ImageReference, validate_repository, validate_tag
 else:
-    from proxy.digest import Digest
     from proxy.errors import PullgateError
-    from proxy.reference import ImageReference, validate_repository, validate_tag
+    from proxy.oci.digest import Digest
+    from proxy.oci.reference import ImageReference, validate_repository, validate_tag
 
 
 def test_one_input(data: bytes) -> None:

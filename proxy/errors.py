@@ -4,7 +4,7 @@ Codes follow the distribution spec's error table
 (https://github.com/opencontainers/distribution-spec/blob/main/spec.md#error-codes);
 ``UNAVAILABLE`` and ``UNKNOWN`` are Distribution's own additions that clients already
 understand. Exceptions travel up unchanged and become JSON bodies only in the HTTP
-boundary (``proxy.server``'s middleware).
+boundary (``proxy.http.app``'s middleware).
 """
 
 from __future__ import annotations

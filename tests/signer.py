@@ -14,7 +14,7 @@ empty config, ``subject``) and the referrers-tag-schema index under ``sha256-<he
 Timestamps exactly as rekor.sigstore.dev does, so the verifier cannot tell them apart.
 ``write_oci_layout`` puts an ``Artifact`` in an OCI layout dir for
 ``skopeo copy oci:DIR:TAG docker://HOST/REPO:TAG`` (``--all`` for the bundle's index).
-``MemoryRegistry`` is a ``proxy.signatures.SignatureSource`` over dicts.
+``MemoryRegistry`` is a ``proxy.trust.verification.SignatureSource`` over dicts.
 
 The shapes (annotation keys, payload bytes, SET annotation, log body) are checked against
 real cosign output in ``tests/test_signer_vectors.py``.
@@ -33,7 +33,8 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
 
-from proxy.cosign import (
+from proxy.oci.digest import Digest
+from proxy.trust.cosign import (
     BUNDLE_MEDIA_TYPE,
     INTOTO_PAYLOAD_TYPE,
     REKOR_ANNOTATION,
@@ -43,7 +44,6 @@ from proxy.cosign import (
     SIMPLESIGNING_TYPE,
     pae,
 )
-from proxy.digest import Digest
 from tests.support.images import Descriptor, OciLayout
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -1,4 +1,4 @@
-"""Client authentication and pull rules (``proxy.access``, ``proxy.passwords``): hash
+"""Client authentication and pull rules (``proxy.access.control``, ``proxy.access.passwords``): hash
 formats, rules, config errors, and the access matrix over HTTP against the fault-knob
 origin — including a digest held by a public and a private repository at once.
 
@@ -23,12 +23,27 @@ import pytest
 import structlog
 from aiohttp.test_utils import TestServer
 
-from proxy.access import ANONYMOUS, Identity, Rules
-from proxy.appkeys import METRICS
-from proxy.config import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig, load_config
+from proxy.access.control import ANONYMOUS, Identity, Rules
+from proxy.access.passwords import (
+    HashFormatError,
+    PasswordHash,
+    hash_scrypt,
+    parse_htpasswd,
+    parse_tokens,
+    token_digest,
+)
+from proxy.config.settings import (
+    AccessConfig,
+    AccessRule,
+    CacheConfig,
+    Config,
+    TimeoutConfig,
+    UpstreamConfig,
+    load_config,
+)
 from proxy.errors import ConfigError
-from proxy.passwords import HashFormatError, PasswordHash, hash_scrypt, parse_htpasswd, parse_tokens, token_digest
-from proxy.server import create_app
+from proxy.http.app import create_app
+from proxy.http.appkeys import METRICS
 from tests.support.aio import Client, ClientFactory
 from tests.support.origin import OCI_MANIFEST, Origin, digest_of
 
@@ -298,7 +313,7 @@ ANON: dict[str, str] = {}
         ("/v2/acme/private/manifests/1", {"Authorization": "Basic !!!"}, 401, "UNAUTHORIZED"),
         ("/v2/acme/private/manifests/1", {"Authorization": "Digest x"}, 401, "UNAUTHORIZED"),
         ("/v2/acme/private/manifests/1?ns=evil.example", basic("alice", ALICE_PASSWORD), 404, "NAME_UNKNOWN"),
-        ("/v2/", ANON, 401, "UNAUTHORIZED"),  # the ping always challenges: see proxy.accesstokens
+        ("/v2/", ANON, 401, "UNAUTHORIZED"),  # the ping always challenges: see proxy.access.tokens
         ("/v2/", basic("alice", "wrong"), 401, "UNAUTHORIZED"),
         ("/v2/", basic("alice", ALICE_PASSWORD), 200, None),
         ("/v2/", basic("", ""), 200, None),  # containers/image's "no credentials" answer to a Basic challenge
@@ -556,7 +571,7 @@ async def test_access_off_is_a_public_mirror(
 def test_unknown_users_cost_a_verification(credentials: tuple[Path, Path]) -> None:
     """Unknown users are checked against a stored hash (the decoy), so the time to answer
     does not separate them from known users with a wrong password."""
-    from proxy.access import CredentialFiles
+    from proxy.access.control import CredentialFiles
 
     files = CredentialFiles(*credentials)
     decoy = files.decoy()

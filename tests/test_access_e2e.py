@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from proxy.config import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.server import create_app
+from proxy.config.settings import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig
+from proxy.http.app import create_app
 from tests.support import skopeo
 from tests.support.aio import ServerFactory
 from tests.support.certs import write_cert

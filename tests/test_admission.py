@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.admission import (
+from proxy.admission.review import (
     ReviewInvalid,
     clip,
     parse_review,

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.config import AdmissionConfig, CacheConfig, Config, UpstreamConfig
-from proxy.server import create_app
+from proxy.config.settings import AdmissionConfig, CacheConfig, Config, UpstreamConfig
+from proxy.http.app import create_app
 from tests.support.aio import ServerFactory
 from tests.support.images import ImageFactory
 from tests.support.procs import free_port

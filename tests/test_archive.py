@@ -1,4 +1,4 @@
-"""Export and import of OCI image-layout tarballs (``proxy.archive``, ``proxy.importer``) on
+"""Export and import of OCI image-layout tarballs (``proxy.inventory.export``, ``proxy.inventory.imports``) on
 real caches: round trips keep every byte and tag (signatures and referrers included),
 damaged or ill-named archives are rejected with nothing imported, skopeo reads what we write
 and we read what skopeo writes, and memory stays flat however big the image."""
@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from proxy.archive import CONTAINERD_NAME, REF_NAME, ArchiveInvalid, CacheCorrupt, export_to_file, plan_export
-from proxy.digest import Digest
 from proxy.errors import PullgateError
-from proxy.importer import Target, commit, plan_import, stage
-from proxy.inventory import PINNED, ImageNotCached
-from proxy.mediatypes import OCI_MANIFEST
-from proxy.routing import Router
+from proxy.inventory.export import CONTAINERD_NAME, REF_NAME, ArchiveInvalid, CacheCorrupt, export_to_file, plan_export
+from proxy.inventory.images import PINNED, ImageNotCached
+from proxy.inventory.imports import Target, commit, plan_import, stage
+from proxy.oci.digest import Digest
+from proxy.oci.mediatypes import OCI_MANIFEST
+from proxy.registry.routing import Router
 from tests.support.images import OciLayout, build_image, build_index
 from tests.test_inventory import CacheContent, sig_tag
 

@@ -16,10 +16,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.appkeys import METRICS, MIRROR
-from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.digest import Digest
-from proxy.server import create_app
+from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
+from proxy.http.app import create_app
+from proxy.http.appkeys import METRICS, MIRROR
+from proxy.oci.digest import Digest
 from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.server import create_app
+from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
+from proxy.http.app import create_app
 from tests.support import skopeo
 from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd

@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.config import Config, load_config
-from proxy.units import parse_duration
+from proxy.config.settings import Config, load_config
+from proxy.config.units import parse_duration
 from tests.support.procs import free_port, http_status, start_daemon, stop_daemon, wait_until
 
 helm = pytest.importorskip("helm_python", reason="pip install '.[test]' (helm-python-sdk)")

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import load_config
+from proxy.config.settings import load_config
 from proxy.errors import ConfigError
 
 DATA = Path(__file__).parent / "data" / "config"

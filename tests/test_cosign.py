@@ -1,4 +1,4 @@
-"""Cosign verification (proxy.keys, proxy.rekor, proxy.cosign, proxy.signatures) against
+"""Cosign verification (proxy.trust.keys, proxy.trust.rekor, proxy.trust.cosign, proxy.trust.verification) against
 signatures written by tests/signer.py, through an in-memory SignatureSource."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from proxy.cosign import Reason, pae
-from proxy.digest import Digest
 from proxy.errors import ConfigError, KeyUnsupported, UpstreamUnavailable
-from proxy.keys import load_public_key
-from proxy.signatures import SignaturePolicy, VerificationResult, verify_image
+from proxy.oci.digest import Digest
+from proxy.trust.cosign import Reason, pae
+from proxy.trust.keys import load_public_key
+from proxy.trust.verification import SignaturePolicy, VerificationResult, verify_image
 from tests.signer import (
     OCI_INDEX,
     Artifact,

@@ -1,7 +1,7 @@
 import pytest
 
-from proxy.digest import Digest
 from proxy.errors import DigestInvalid
+from proxy.oci.digest import Digest
 
 
 @pytest.mark.parametrize(

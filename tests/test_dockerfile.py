@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from proxy.cli import build_parser
-from proxy.config import AdmissionConfig, Config
+from proxy.config.settings import AdmissionConfig, Config
 
 dockerfile = pytest.importorskip("dockerfile", reason="pip install '.[test]' (dockerfile: BuildKit's parser)")
 

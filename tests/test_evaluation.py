@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from proxy.admission import ImageSite
 from proxy.errors import NameUnknown, UpstreamDenied, UpstreamRateLimited, UpstreamUnavailable
-from proxy.evaluation import Evaluator, NoMatch, pin_text
-from proxy.policy import Policy, parse_policy
-from proxy.policyset import PolicySet
-from proxy.rules import ImageContext
+from proxy.policy.active import PolicySet
+from proxy.policy.document import Policy, parse_policy
+from proxy.policy.evaluation import Evaluator, NoMatch, pin_text
+from proxy.policy.rules.base import ImageContext
+from proxy.policy.sites import ImageSite
 from tests.support.resolver import DictResolver, digest_of
 
 D = "sha256:" + "a" * 64
@@ -322,6 +322,6 @@ async def test_timeout_cancels_resolutions() -> None:
     ],
 )
 def test_pin_text(image: str, expected: str) -> None:
-    from proxy.digest import Digest
+    from proxy.oci.digest import Digest
 
     assert pin_text(image, Digest.parse(D)) == expected

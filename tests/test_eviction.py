@@ -1,7 +1,7 @@
 import pytest
 
-from proxy.catalog import CatalogSnapshot
-from proxy.eviction import plan_eviction
+from proxy.registry.catalog import CatalogSnapshot
+from proxy.registry.eviction import plan_eviction
 
 
 def snapshot(objects: dict[str, int], refs: dict[str, list[str]], last_used: dict[str, float]) -> CatalogSnapshot:

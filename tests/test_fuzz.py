@@ -31,18 +31,18 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.accesstokens import AccessTokens
-from proxy.admission import parse_review, sites_to_check
-from proxy.config import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.digest import Digest
+from proxy.access.passwords import HashFormatError, PasswordHash, parse_htpasswd
+from proxy.access.tokens import AccessTokens
+from proxy.admission.review import parse_review, sites_to_check
+from proxy.config.settings import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.errors import PullgateError, RangeInvalid
-from proxy.mediatypes import MANIFEST_TYPES, parse_manifest
-from proxy.passwords import HashFormatError, PasswordHash, parse_htpasswd
-from proxy.policy import PolicyInvalid, load_file, parse_policy
-from proxy.reference import ImageReference, validate_repository, validate_tag
-from proxy.routes import _parse_range
-from proxy.server import create_app
-from proxy.tokens import parse_challenge
+from proxy.http.app import create_app
+from proxy.http.pullapi import _parse_range
+from proxy.oci.digest import Digest
+from proxy.oci.mediatypes import MANIFEST_TYPES, parse_manifest
+from proxy.oci.reference import ImageReference, validate_repository, validate_tag
+from proxy.policy.document import PolicyInvalid, load_file, parse_policy
+from proxy.registry.upstream.challenge import parse_challenge
 from tests.support.origin import Origin
 from tests.support.procs import free_port
 

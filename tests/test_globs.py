@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.globs import GlobSet
+from proxy.oci.globs import GlobSet
 
 
 @pytest.mark.parametrize(

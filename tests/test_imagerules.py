@@ -12,18 +12,19 @@ from typing import Any
 
 import pytest
 
-from proxy.admission import ImageSite, extract_sites, parse_review, sites_to_check
-from proxy.digest import Digest
-from proxy.evaluation import Evaluator
-from proxy.fields import FieldError
-from proxy.imagefindings import image_findings
-from proxy.imagerules import ImageRules, build, is_root
-from proxy.mediatypes import OCI_INDEX, OCI_MANIFEST, parse_manifest
-from proxy.policy import parse_policy
-from proxy.policyset import PolicySet
-from proxy.reference import ImageReference
-from proxy.rules import DEFAULT_PLATFORM, ImageContext, ManifestDoc, ResolutionFailed
-from proxy.signatures import SignaturePolicy, VerificationCache, VerificationResult
+from proxy.admission.review import extract_sites, parse_review, sites_to_check
+from proxy.oci.digest import Digest
+from proxy.oci.mediatypes import OCI_INDEX, OCI_MANIFEST, parse_manifest
+from proxy.oci.reference import ImageReference
+from proxy.policy.active import PolicySet
+from proxy.policy.document import parse_policy
+from proxy.policy.evaluation import Evaluator
+from proxy.policy.fields import FieldError
+from proxy.policy.findings import image_findings
+from proxy.policy.rules.base import DEFAULT_PLATFORM, ImageContext, ManifestDoc, ResolutionFailed
+from proxy.policy.rules.image import ImageRules, build, is_root
+from proxy.policy.sites import ImageSite
+from proxy.trust.verification import SignaturePolicy, VerificationCache, VerificationResult
 from tests.support.resolver import DictResolver
 
 NOW = 1_735_689_600.0  # 2025-01-01T00:00:00Z

@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.admission import clip
 from proxy.cli import main
-from proxy.config import AdmissionConfig, CacheConfig, Config, UpstreamConfig
-from proxy.server import create_app
+from proxy.config.settings import AdmissionConfig, CacheConfig, Config, UpstreamConfig
+from proxy.http.app import create_app
+from proxy.policy.sites import clip
 from tests.support.aio import ServerFactory
 from tests.support.images import OCI_INDEX, OciLayout, build_image
 from tests.support.procs import free_port

@@ -1,5 +1,5 @@
 """The cache's inventory on a real store and catalog: images with tags and platforms,
-locating references, the inspect view (``proxy.listing``), disk usage with layer sharing,
+locating references, the inspect view (``proxy.inventory.listing``), disk usage with layer sharing,
 and pruning that never removes a blob a kept manifest references.
 
 ``CacheContent`` writes objects the way the daemon does (blob committed, then its catalog
@@ -17,16 +17,16 @@ from typing import Any
 
 import pytest
 
-from proxy import listing
-from proxy.catalog import Catalog
-from proxy.config import CacheConfig, Config, UpstreamConfig
-from proxy.digest import Digest
+from proxy.config.settings import CacheConfig, Config, UpstreamConfig
 from proxy.errors import NameInvalid, NameUnknown, PullgateError
-from proxy.globs import GlobSet
-from proxy.inventory import ImageNotCached, Inventory
-from proxy.mediatypes import OCI_INDEX, OCI_MANIFEST, parse_manifest
-from proxy.routing import Router
-from proxy.store import BlobStore
+from proxy.inventory import listing
+from proxy.inventory.images import ImageNotCached, Inventory
+from proxy.oci.digest import Digest
+from proxy.oci.globs import GlobSet
+from proxy.oci.mediatypes import OCI_INDEX, OCI_MANIFEST, parse_manifest
+from proxy.registry.catalog import Catalog
+from proxy.registry.routing import Router
+from proxy.registry.store import BlobStore
 
 DAY = 86400.0
 Desc = dict[str, Any]

@@ -1,4 +1,4 @@
-"""Input and concurrency limits (config ``limits``, ``proxy.limits``): header and URL sizes,
+"""Input and concurrency limits (config ``limits``, ``proxy.ops.limits``): header and URL sizes,
 manifest and AdmissionReview sizes, concurrent upstream fetches per client and overall,
 and slow clients — a slowloris is closed, a slow reader slows only itself, a stalled one
 is cut off, and none of them holds up the download that fills the cache."""
@@ -18,14 +18,14 @@ import structlog
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from proxy.appkeys import METRICS, MIRROR
-from proxy.config import AdmissionConfig, CacheConfig, Config, LimitsConfig, TimeoutConfig, UpstreamConfig
-from proxy.digest import Digest
+from proxy.admission.webhook import create_webhook_app
+from proxy.config.settings import AdmissionConfig, CacheConfig, Config, LimitsConfig, TimeoutConfig, UpstreamConfig
 from proxy.errors import UpstreamRateLimited
-from proxy.limits import FETCH_CLIENT, FailureWindow, FetchLimiter, client_key
-from proxy.metrics import Metrics
-from proxy.server import create_app
-from proxy.webhook import create_webhook_app
+from proxy.http.app import create_app
+from proxy.http.appkeys import METRICS, MIRROR
+from proxy.oci.digest import Digest
+from proxy.ops.limits import FETCH_CLIENT, FailureWindow, FetchLimiter, client_key
+from proxy.ops.metrics import Metrics
 from tests.support.aio import Client, ClientFactory
 from tests.support.origin import Origin, digest_of
 from tests.support.resolver import DictResolver

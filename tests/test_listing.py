@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from proxy.inventory import Image, PrunePlan
-from proxy.listing import _ago, du_lines, ls_lines, prune_lines
+from proxy.inventory.images import Image, PrunePlan
+from proxy.inventory.listing import _ago, du_lines, ls_lines, prune_lines
 
 NOW = 1_800_000_000.0
 

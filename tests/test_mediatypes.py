@@ -3,7 +3,7 @@ import json
 import pytest
 
 from proxy.errors import ManifestInvalid
-from proxy.mediatypes import (
+from proxy.oci.mediatypes import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,

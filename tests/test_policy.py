@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.fields import FieldError
-from proxy.policy import Policy, PolicyInvalid, load_file, parse_policy
-from proxy.reference import ImageReference
+from proxy.oci.reference import ImageReference
+from proxy.policy.document import Policy, PolicyInvalid, load_file, parse_policy
+from proxy.policy.fields import FieldError
 
 BASE = """
 apiVersion: pullgate.dev/v1

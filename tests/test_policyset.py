@@ -10,10 +10,10 @@ import pytest
 import structlog
 from prometheus_client import CollectorRegistry
 
-from proxy.metrics import Metrics
-from proxy.policy import PolicyInvalid
-from proxy.policyset import PolicySet, PolicyStore, load_policies
-from proxy.reference import ImageReference
+from proxy.oci.reference import ImageReference
+from proxy.ops.metrics import Metrics
+from proxy.policy.active import PolicySet, PolicyStore, load_policies
+from proxy.policy.document import PolicyInvalid
 from tests.support.polling import eventually
 
 POLICY = """\

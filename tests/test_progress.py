@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from proxy.progress import Progress
+from proxy.ops.progress import Progress
 
 MiB = 1 << 20
 

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from proxy.metrics import Metrics
+from proxy.ops.metrics import Metrics
 from tests.support.daemon import Daemon, OriginThread
 from tests.support.origin import Origin
 from tests.support.procs import free_port, http_status, start_daemon, stop_daemon, wait_until

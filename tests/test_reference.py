@@ -1,7 +1,7 @@
 import pytest
 
 from proxy.errors import NameInvalid, PullgateError, TagInvalid
-from proxy.reference import ImageReference, validate_repository, validate_tag
+from proxy.oci.reference import ImageReference, validate_repository, validate_tag
 
 D = "sha256:" + "a" * 64
 

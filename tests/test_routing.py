@@ -1,8 +1,8 @@
 import pytest
 
-from proxy.config import Config, UpstreamConfig
+from proxy.config.settings import Config, UpstreamConfig
 from proxy.errors import NameInvalid, NameUnknown
-from proxy.routing import Route, Router
+from proxy.registry.routing import Route, Router
 
 CONFIG = Config(
     upstreams=(

@@ -20,9 +20,17 @@ import pytest
 import structlog
 from aiohttp import web
 
-from proxy.config import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig, load_config
-from proxy.passwords import hash_scrypt, token_digest
-from proxy.server import create_app
+from proxy.access.passwords import hash_scrypt, token_digest
+from proxy.config.settings import (
+    AccessConfig,
+    AccessRule,
+    CacheConfig,
+    Config,
+    TimeoutConfig,
+    UpstreamConfig,
+    load_config,
+)
+from proxy.http.app import create_app
 from tests.support.aio import ClientFactory, ServerFactory
 from tests.support.daemon import Daemon
 from tests.support.images import ImageFactory

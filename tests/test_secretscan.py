@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.secretscan import Finding, high_entropy, scan_assignment, scan_env, scan_text, shannon_entropy
+from proxy.policy.rules.secretscan import Finding, high_entropy, scan_assignment, scan_env, scan_text, shannon_entropy
 
 AWS_ID = "AKIA" + "Z3MHALPQJ7Y4KXNB"
 AWS_SECRET = "PtYgjmUhBel31iEl2hpC" + "hYgCfrL1spNxnyVmihA+"  # 40 base64 characters

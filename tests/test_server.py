@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestServer
 
-from proxy.appkeys import METRICS, MIRROR
-from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.digest import Digest
-from proxy.server import create_app
+from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
+from proxy.http.app import create_app
+from proxy.http.appkeys import METRICS, MIRROR
+from proxy.oci.digest import Digest
 from tests.support.aio import Client, ClientFactory
 from tests.support.origin import OCI_INDEX, OCI_MANIFEST, Origin, digest_of
 

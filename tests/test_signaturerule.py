@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from proxy.digest import Digest
-from proxy.fields import FieldError
-from proxy.reference import ImageReference
-from proxy.rules import ImageContext, ResolutionFailed
-from proxy.signaturerule import Signatures, build
-from proxy.signatures import KeyResult, SignaturePolicy, VerificationCache, VerificationResult, evaluate
+from proxy.oci.digest import Digest
+from proxy.oci.reference import ImageReference
+from proxy.policy.fields import FieldError
+from proxy.policy.rules.base import ImageContext, ResolutionFailed
+from proxy.policy.rules.signature import Signatures, build
+from proxy.trust.verification import KeyResult, SignaturePolicy, VerificationCache, VerificationResult, evaluate
 from tests.signer import generate_key, unsupported_public_pem
 
 KEY = generate_key()

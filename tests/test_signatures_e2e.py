@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.appkeys import METRICS
-from proxy.config import AdmissionConfig, CacheConfig, Config, MirrorConfig, UpstreamConfig
-from proxy.server import create_app
+from proxy.config.settings import AdmissionConfig, CacheConfig, Config, MirrorConfig, UpstreamConfig
+from proxy.http.app import create_app
+from proxy.http.appkeys import METRICS
 from tests.signer import Artifact, Rekor, SigningKey, generate_key, sign_bundle, sign_legacy, write_oci_layout
 from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd

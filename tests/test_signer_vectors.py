@@ -12,10 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.cosign import REKOR_ANNOTATION, SIMPLESIGNING_MEDIA_TYPE, Reason
-from proxy.digest import Digest
-from proxy.keys import load_public_key
-from proxy.signatures import SignaturePolicy, verify_image
+from proxy.oci.digest import Digest
+from proxy.trust.cosign import REKOR_ANNOTATION, SIMPLESIGNING_MEDIA_TYPE, Reason
+from proxy.trust.keys import load_public_key
+from proxy.trust.verification import SignaturePolicy, verify_image
 from tests.signer import (
     MemoryRegistry,
     Rekor,

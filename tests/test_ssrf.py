@@ -1,6 +1,6 @@
 """The mirror cannot be turned into an SSRF gadget: only configured upstreams are contacted,
 token realms only on allowed hosts, redirects only to https hosts whose addresses pass
-``proxy.netguard`` — never loopback, link-local or private addresses the upstream does not
+``proxy.registry.upstream.netguard`` — never loopback, link-local or private addresses the upstream does not
 live on — and client-supplied hosts (``ns``, path prefixes) never.
 
 Every test runs under ``outbound``: each connect the process makes is recorded, and any to
@@ -25,13 +25,13 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from proxy import netguard
-from proxy.appkeys import METRICS
-from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
+from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.errors import UpstreamError
-from proxy.metrics import Metrics
-from proxy.server import create_app
-from proxy.upstream import RegistryClient
+from proxy.http.app import create_app
+from proxy.http.appkeys import METRICS
+from proxy.ops.metrics import Metrics
+from proxy.registry.upstream import netguard
+from proxy.registry.upstream.client import RegistryClient
 from tests.support.aio import Client, ClientFactory, ServerFactory
 from tests.support.origin import digest_of
 

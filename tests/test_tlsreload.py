@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 from proxy.errors import ConfigError
-from proxy.tlsreload import ReloadingTLS
+from proxy.http.tls import ReloadingTLS
 from tests.support.certs import write_cert
 from tests.support.polling import eventually
 

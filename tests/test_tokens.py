@@ -2,7 +2,7 @@ import time
 
 import pytest
 
-from proxy.tokens import TokenCache, parse_challenge
+from proxy.registry.upstream.challenge import TokenCache, parse_challenge
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from proxy.config import TimeoutConfig, UpstreamConfig
+from proxy.config.settings import TimeoutConfig, UpstreamConfig
 from proxy.errors import PullgateError, UpstreamDenied, UpstreamError, UpstreamRateLimited, UpstreamUnavailable
-from proxy.metrics import Metrics
-from proxy.upstream import RegistryClient
+from proxy.ops.metrics import Metrics
+from proxy.registry.upstream.client import RegistryClient
 from tests.support.aio import ServerFactory
 
 BASIC_UP = "Basic " + base64.b64encode(b"u:p").decode()

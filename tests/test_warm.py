@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.digest import Digest
-from proxy.mirror import Mirror
-from proxy.progress import Progress
-from proxy.warm import Warmer, WarmInputInvalid, images_in_manifests, open_mirror, read_list
+from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
+from proxy.inventory.warm import Warmer, WarmInputInvalid, images_in_manifests, open_mirror, read_list
+from proxy.oci.digest import Digest
+from proxy.ops.progress import Progress
+from proxy.registry.mirror import Mirror
 from tests.support.images import ImageFactory, IndexInfo
 from tests.support.registry import Registry
 

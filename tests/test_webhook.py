@@ -22,10 +22,11 @@ from aiohttp.test_utils import TestClient
 from cryptography import x509
 from prometheus_client import CollectorRegistry
 
-from proxy.config import AdmissionConfig, Config, PolicyDefaults
+from proxy.admission.webhook import WEBHOOK, create_webhook_app
+from proxy.config.settings import AdmissionConfig, Config, PolicyDefaults
 from proxy.errors import UpstreamUnavailable
-from proxy.metrics import Metrics
-from proxy.webhook import WEBHOOK, create_webhook_app, run_webhook
+from proxy.http.webhook_listener import run_webhook
+from proxy.ops.metrics import Metrics
 from tests.support.certs import write_cert
 from tests.support.polling import eventually
 from tests.support.resolver import DictResolver, digest_of

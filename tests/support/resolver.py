@@ -6,10 +6,10 @@ import asyncio
 from collections.abc import Mapping
 from typing import Literal
 
-from proxy.digest import Digest
 from proxy.errors import ManifestUnknown, PullgateError
-from proxy.manifests import Resolution
-from proxy.reference import ImageReference
+from proxy.oci.digest import Digest
+from proxy.oci.reference import ImageReference
+from proxy.registry.manifests import Resolution
 
 
 def digest_of(text: str) -> Digest:

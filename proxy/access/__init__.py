@@ -1,0 +1,2 @@
+"""Who may pull what: client authentication (passwords, tokens the mirror issues) and
+per-repository pull rules."""

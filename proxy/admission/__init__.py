@@ -1,0 +1,2 @@
+"""Kubernetes admission: the AdmissionReview model (finding every image in an object)
+and the ``/validate`` and ``/mutate`` webhook handlers."""

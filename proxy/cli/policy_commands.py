@@ -1,0 +1,241 @@
+"""``pullgate policy check`` and ``pullgate policy lint``: policies without a cluster.
+
+``check`` evaluates Kubernetes manifests (multi-document YAML, ``kind: List`` too) against a
+policy set, the way ``/mutate`` would. It prints one line per image and policy; exit 1 on any
+deny, 2 on bad input.
+
+Offline (the default) nothing is fetched: tags that a ``resolveTags`` policy would pin count
+as pinned, and ``image`` rules (what is inside the image) are not evaluated — each policy
+that has them prints a NOTE line instead of a verdict, so an offline run never denies for
+content it could not see. With ``--config FILE`` and/or ``--cache-dir DIR`` it opens the
+mirror's cache (and its upstreams) as the webhook does: tags resolve, and content rules are
+judged on the cached manifests and configs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO, cast
+
+import structlog
+import yaml
+
+from proxy.admission.review import POD_SPEC_PATHS, ReviewInvalid, extract_sites
+from proxy.config.settings import LogConfig, load_config
+from proxy.errors import PullgateError
+from proxy.ops.logs import configure_logging
+from proxy.policy.active import PolicySet, load_policies, policy_files
+from proxy.policy.document import PolicyInvalid, load_file
+from proxy.policy.evaluation import Decision, Evaluator, ImageResult, NoMatch
+from proxy.policy.rules import image as imagerules
+from proxy.registry.mirror import Mirror
+
+EXAMPLES = """\
+examples:
+  pullgate policy lint policies/
+  pullgate policy check --policies policies/ deploy/web.yaml deploy/jobs.yaml
+  kubectl get deploy -A -o yaml | pullgate policy check --policies policies/ -
+  pullgate policy check --config /etc/pullgate/config.yaml --policies policies/ deploy/web.yaml
+"""
+OFFLINE_NOTE = "image rules not evaluated offline (use --config or --cache-dir)"
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "policy",
+        help="check manifests against image policies, lint policy files",
+        description="Offline tools for ImagePolicy files (see policies/ for examples).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tools = parser.add_subparsers(title="tools", dest="tool", metavar="TOOL", required=True)
+    check = tools.add_parser("check", help="evaluate Kubernetes manifests against policies")
+    check.add_argument("--policies", type=Path, required=True, help="policy file or directory")
+    check.add_argument("--namespace", default="default", help="namespace for objects that name none (default: default)")
+    check.add_argument(
+        "--no-match",
+        choices=("allow", "warn", "deny"),
+        default="allow",
+        help="what happens to images no policy matches (defaults.no_match)",
+    )
+    check.add_argument("--config", type=Path, help="judge content too, through this mirror config's cache")
+    check.add_argument("--cache-dir", type=Path, help="judge content too, through this cache (overrides cache.dir)")
+    check.add_argument("files", nargs="+", metavar="FILE", help="manifest files ('-' = stdin)")
+    check.set_defaults(func=run_check)
+    lint = tools.add_parser("lint", help="validate policy files")
+    lint.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="file or directory")
+    lint.set_defaults(func=run_lint)
+
+
+def run_lint(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    failed = False
+    for path in cast(list[Path], args.paths):
+        errors = _lint_errors(path)
+        for error in errors:
+            print(f"error: {error}", file=out)
+        if not errors:
+            policies = load_policies(path)
+            count = f"{len(policies.policies)} policies in {len(policies.files)} file(s)"
+            print(f"ok: {path}: {count}", file=out)
+        failed = failed or bool(errors)
+    return 1 if failed else 0
+
+
+def _lint_errors(path: Path) -> list[str]:
+    """Every bad file's error (not only the first), then cross-file problems."""
+    try:
+        files = policy_files(path)
+    except PolicyInvalid as exc:
+        return [exc.message]
+    errors = []
+    for file in files:
+        try:
+            load_file(file)
+        except PolicyInvalid as exc:
+            errors.append(exc.message)
+    if not errors:
+        try:
+            load_policies(path)
+        except PolicyInvalid as exc:
+            errors.append(exc.message)
+    return errors
+
+
+def run_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    online = args.config is not None or args.cache_dir is not None
+    try:
+        policies = load_policies(args.policies)
+        objects = [obj for name in args.files for obj in _manifests(name)]
+        skipped = set() if online else {p.name for p in policies.policies if _has_image_rules(p.rules)}
+        if skipped:
+            policies = _without_image_rules(policies)
+        results = asyncio.run(_check(args, policies, objects))
+    except PullgateError as exc:
+        print(f"pullgate policy check: {exc.message}", file=sys.stderr)
+        return 2
+    pinning = {p.name for p in policies.policies if p.resolve_tags}
+    counts = {"allow": 0, "warn": 0, "audit": 0, "deny": 0}
+    notes = 0
+    for label, result in results:
+        for decision in result.decisions:
+            counts[decision.outcome] += 1
+            print(_line(label, result, decision, decision.policy in pinning), file=out)
+        for policy in dict.fromkeys(d.policy for d in result.decisions if d.policy in skipped):
+            notes += 1
+            print(f"NOTE   {label}  {result.site.describe()}: policy {policy} {OFFLINE_NOTE}", file=out)
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items())
+    noted = f"; {notes} notes" if notes else ""
+    print(f"{len(results)} images, {sum(counts.values())} decisions: {summary}{noted}", file=out)
+    return 1 if counts["deny"] else 0
+
+
+def _has_image_rules(rules: tuple[Any, ...]) -> bool:
+    return any(isinstance(rule, imagerules.ImageRules) for rule in rules)
+
+
+def _without_image_rules(policies: PolicySet) -> PolicySet:
+    """The policy set minus ``image`` rules, which need the image's content."""
+    kept = tuple(
+        dataclasses.replace(p, rules=tuple(r for r in p.rules if not isinstance(r, imagerules.ImageRules)))
+        for p in policies.policies
+    )
+    return PolicySet.of(kept, policies.files)
+
+
+@contextlib.asynccontextmanager
+async def _evaluator(args: argparse.Namespace, policies: PolicySet) -> AsyncIterator[Evaluator]:
+    no_match = cast(NoMatch, args.no_match)
+    if args.config is None and args.cache_dir is None:
+        yield Evaluator(policies, no_match)
+        return
+    overrides = dict(os.environ)
+    if args.cache_dir is not None:
+        overrides["PULLGATE_CACHE__DIR"] = str(args.cache_dir)
+    mirror = Mirror(load_config(args.config, overrides))
+    with _logs_to_stderr():
+        await mirror.open()
+        try:
+            yield Evaluator(policies, no_match, mirror, mirror.metrics, mirror)
+        finally:
+            await mirror.close()
+
+
+@contextlib.contextmanager
+def _logs_to_stderr() -> Iterator[None]:
+    """The mirror's warnings go to stderr while it is open: stdout is the report. The
+    previous logging setup comes back afterwards (the command may run in-process)."""
+    saved = structlog.get_config()
+    configure_logging(LogConfig(level="warning", format="console"))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
+async def _check(
+    args: argparse.Namespace, policies: PolicySet, objects: list[tuple[str, Mapping[str, Any]]]
+) -> list[tuple[str, ImageResult]]:
+    async with _evaluator(args, policies) as evaluator:
+        return await _evaluate(evaluator, objects, args.namespace)
+
+
+async def _evaluate(
+    evaluator: Evaluator, objects: list[tuple[str, Mapping[str, Any]]], namespace: str
+) -> list[tuple[str, ImageResult]]:
+    results: list[tuple[str, ImageResult]] = []
+    for source, obj in objects:
+        group, kind = _group_kind(obj)
+        metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+        assert isinstance(metadata, dict)
+        ns = str(metadata.get("namespace") or namespace)
+        label = f"{source} {ns}/{kind}/{metadata.get('name') or '?'}"
+        try:
+            sites = extract_sites(obj, group, kind)
+        except ReviewInvalid as exc:
+            raise ReviewInvalid(f"{label}: {exc.message}") from exc
+        evaluation = await evaluator.evaluate(sites, ns, mutate=True)
+        results.extend((label, r) for r in evaluation.results)
+    return results
+
+
+def _line(label: str, result: ImageResult, d: Decision, pins: bool) -> str:
+    if d.message:
+        text = d.message
+    elif d.policy is None:
+        text = f"{result.site.describe()}: no policy matches (allowed by default)"
+    else:
+        text = f"{result.site.describe()}: policy {d.policy} passed"
+        if pins and result.resolution == "offline":
+            text += " (tag pinned by resolveTags at admission)"
+    rule = f" [{d.policy or '-'}/{d.rule}]" if d.rule else ""
+    return f"{d.outcome.upper():<5}  {label}  {text}{rule}"
+
+
+def _manifests(name: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Objects with a PodSpec from one manifest file (other kinds are skipped)."""
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        documents = list(yaml.safe_load_all(text))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ReviewInvalid(f"{name}: cannot read manifests: {exc}") from exc
+    for number, doc in enumerate(documents, 1):
+        items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
+        for obj in items if isinstance(items, list) else ():
+            if isinstance(obj, dict) and _group_kind(obj) in POD_SPEC_PATHS:
+                yield f"{name}#{number}", obj
+
+
+def _group_kind(obj: Mapping[str, Any]) -> tuple[str, str]:
+    api_version = obj.get("apiVersion")
+    group = api_version.rpartition("/")[0] if isinstance(api_version, str) else ""
+    kind = obj.get("kind")
+    return group, kind if isinstance(kind, str) else ""

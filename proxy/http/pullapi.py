@@ -1,0 +1,274 @@
+"""HTTP handlers for the OCI distribution-spec pull API
+(https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pull).
+
+The mirror is read-only: push and delete answer ``405 UNSUPPORTED``. Handlers translate
+between HTTP and the mirror; errors propagate as exceptions and become spec-shaped JSON
+bodies in ``proxy.http.app``'s middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from proxy.access.control import ANONYMOUS, Identity
+from proxy.errors import NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
+from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
+from proxy.oci.digest import Digest
+from proxy.oci.mediatypes import INDEX_TYPES, acceptable, parse_accept, parse_manifest, pick_platform
+from proxy.oci.reference import validate_tag
+from proxy.ops.limits import FETCH_CLIENT, client_key
+from proxy.registry.blobs import CachedBlob
+from proxy.registry.download import Flight
+from proxy.registry.mirror import Mirror
+from proxy.registry.routing import Route
+
+API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+_RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
+_HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
+_MAX_PAGE = 10_000
+
+
+@dataclass
+class RequestInfo:
+    """What a handler learned, for the middleware's log event and metrics."""
+
+    upstream: str | None = None
+    repository: str | None = None
+    reference: str | None = None
+    cache: str | None = None
+    bytes: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+INFO = "pullgate_info"
+
+
+def info(request: web.Request) -> RequestInfo:
+    found = request.get(INFO)
+    if not isinstance(found, RequestInfo):
+        found = RequestInfo()
+        request[INFO] = found
+    return found
+
+
+async def _route(request: web.Request) -> tuple[Mirror, Route]:
+    """Route the request, then check the client may pull that repository — before any
+    cache lookup or upstream contact, on the canonical (upstream, repository)."""
+    identity = await _identify(request)
+    mirror = request.app[MIRROR]
+    route = mirror.router.route(request.match_info["name"], request.query.get("ns"))
+    details = info(request)
+    details.upstream, details.repository = route.upstream, route.repository
+    access = request.app.get(ACCESS)
+    if access is not None:
+        scope = f"repository:{request.match_info['name']}:pull"
+        access.authorize(identity, route, access.challenge(token_realm(request), scope))
+    # Upstream fetches this request starts are charged to its client (proxy.ops.limits).
+    FETCH_CLIENT.set(client_key(request.remote))
+    return mirror, route
+
+
+async def _identify(request: web.Request) -> Identity:
+    access = request.app.get(ACCESS)
+    if access is None:
+        return ANONYMOUS
+    challenge = access.challenge(token_realm(request))
+    identity = await access.identify(request.headers.get("Authorization"), request.remote, challenge)
+    if identity.name is not None:
+        info(request).extra["user"] = identity.name
+    return identity
+
+
+def token_realm(request: web.Request) -> str:
+    """Our token endpoint as the client reached us. The Host header is the client's own
+    (it can only point itself elsewhere) but is checked so it cannot break out of the
+    quoted challenge parameter; ``access.token_realm`` overrides it behind proxies."""
+    host = request.host if _HOST_RE.match(request.host) else "localhost"
+    return f"{request.scheme}://{host}/auth/token"
+
+
+def _headers(route: Route, **extra: str) -> dict[str, str]:
+    headers = dict(API_VERSION, **extra)
+    if route.namespace is not None:
+        # Distribution spec, "Proxying": echo the ns the client named.
+        headers["OCI-Namespace"] = route.namespace
+    return headers
+
+
+async def api_base(request: web.Request) -> web.Response:
+    # With access on, a request without credentials gets the Bearer challenge (as Docker Hub
+    # does): clients decide from this ping whether to authenticate at all, and fetch an
+    # anonymous token when they have no credentials (see proxy.access.tokens).
+    await _identify(request)
+    access = request.app.get(ACCESS)
+    if access is not None and "Authorization" not in request.headers:
+        raise Unauthorized("authentication required", headers=access.challenge(token_realm(request)))
+    return web.json_response({}, headers=API_VERSION)
+
+
+async def token(request: web.Request) -> web.Response:
+    """``GET /auth/token`` (Docker token flow): the bearer token for the Basic credentials
+    sent, or an anonymous one."""
+    access = request.app.get(ACCESS)
+    if access is None:
+        raise NameUnknown("access control is off: there is no token endpoint")
+    body = await access.issue(request.headers.get("Authorization"), request.remote)
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def manifest(request: web.Request) -> web.Response:
+    mirror, route = await _route(request)
+    reference = request.match_info["reference"]
+    if Digest.looks_like(reference):
+        reference = str(Digest.parse(reference))
+    else:
+        validate_tag(reference)
+    info(request).reference = reference
+    found = await mirror.manifest(route, reference)
+    accepted = parse_accept(",".join(request.headers.getall("Accept", [])))
+    if found.media_type in INDEX_TYPES and not acceptable(found.media_type, accepted):
+        # A client that cannot take an index gets the linux/amd64 image, as Distribution does.
+        child = pick_platform(parse_manifest(found.data, found.media_type))
+        if child is not None:
+            found = await mirror.manifest(route, str(child.digest))
+    pull_policy = request.app.get(PULL_POLICY)
+    if pull_policy is not None:
+        await pull_policy.check(route, reference, found)
+    details = info(request)
+    details.cache = found.result
+    details.bytes = len(found.data) if request.method == "GET" else 0
+    source = "upstream" if found.result == "miss" else "cache"
+    request.app[MIRROR].metrics.bytes_served.labels(source).inc(details.bytes)
+    headers = _headers(route, **{"Docker-Content-Digest": str(found.digest), "Content-Type": found.media_type})
+    return web.Response(body=found.data, headers=headers)
+
+
+async def blob(request: web.Request) -> web.StreamResponse:
+    mirror, route = await _route(request)
+    digest = Digest.parse(request.match_info["digest"])
+    info(request).reference = str(digest)
+    headers = _headers(route, **{"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"})
+    if request.method == "HEAD":
+        head = await mirror.blobs.head(route, digest)
+        response = web.StreamResponse(headers=headers)
+        if head.size is not None:
+            response.content_length = head.size
+        return response
+    found = await mirror.blobs.get(route, digest)
+    if isinstance(found, CachedBlob):
+        details = info(request)
+        details.cache = "hit"
+        details.bytes = _served_length(request.headers.get("Range"), found.size)
+        mirror.metrics.bytes_served.labels("cache").inc(details.bytes)
+        # sendfile; FileResponse also implements Range (containerd resumes with bytes=N-).
+        headers["Accept-Ranges"] = "bytes"
+        return web.FileResponse(mirror.store.path(digest), chunk_size=1 << 20, headers=headers)
+    info(request).cache = "miss"
+    return await _stream(request, found, headers)
+
+
+async def _stream(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
+    """Stream a blob that is still downloading, honouring a single ``Range``."""
+    start, end, status = 0, flight.size, 200
+    range_header = request.headers.get("Range")
+    if range_header and flight.size is not None:
+        start, end = _parse_range(range_header, flight.size)
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{flight.size}"
+    response = web.StreamResponse(status=status, headers=headers)
+    if end is not None:
+        response.content_length = end - start
+    await response.prepare(request)
+    metrics = request.app[MIRROR].metrics
+    send_timeout = request.app[CONFIG].limits.send_timeout
+    details = info(request)
+    try:
+        async for chunk in flight.read(start, end):
+            # A client that takes no byte for send_timeout is cut off. (A slow one only
+            # slows itself: the download writes to disk whatever clients do.)
+            async with asyncio.timeout(send_timeout):
+                await response.write(chunk)
+            details.bytes += len(chunk)
+            metrics.bytes_served.labels("upstream").inc(len(chunk))
+    except (UpstreamError, TimeoutError) as exc:
+        # Headers are sent; the only honest signal left is a connection closed short of
+        # Content-Length, so the client discards what it got.
+        details.extra["aborted"] = exc.code if isinstance(exc, UpstreamError) else "SEND_TIMEOUT"
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+def _served_length(range_header: str | None, size: int) -> int:
+    """Bytes a FileResponse will send (for logs and metrics; it validates Range itself)."""
+    if not range_header:
+        return size
+    try:
+        start, end = _parse_range(range_header, size)
+    except RangeInvalid:
+        return 0
+    return end - start
+
+
+def _parse_range(header: str, size: int) -> tuple[int, int]:
+    match = _RANGE_RE.match(header.strip())
+    if match is None:
+        raise RangeInvalid(f"unsupported Range {header[:100]!r}", headers={"Content-Range": f"bytes */{size}"})
+    start = int(match.group(1))
+    end = int(match.group(2)) + 1 if match.group(2) else size
+    if start >= size or end <= start:
+        raise RangeInvalid(f"Range {header[:100]!r} not satisfiable", headers={"Content-Range": f"bytes */{size}"})
+    return start, min(end, size)
+
+
+async def tags_list(request: web.Request) -> web.Response:
+    mirror, route = await _route(request)
+    query = {k: v for k, v in request.query.items() if k in ("n", "last")}
+    if "n" in query and (not query["n"].isdigit() or int(query["n"]) > _MAX_PAGE):
+        query["n"] = str(_MAX_PAGE)
+    if "last" in query:
+        validate_tag(query["last"])
+    response = await mirror.tags_list(route, query)
+    headers = _headers(route, **{"Content-Type": "application/json"})
+    link = response.headers.get("Link")
+    if link and response.status == 200:
+        # Upstream's Link names its own repository path; point it back at ours.
+        headers["Link"] = link.replace(f"/v2/{route.repository}/", f"/v2/{request.match_info['name']}/", 1)
+    if response.status == 404:
+        raise NameUnknown(f"repository {route.repository} is unknown upstream")
+    if response.status != 200:
+        raise UpstreamError(f"upstream answered {response.status} for tags/list")
+    return web.Response(body=response.body, headers=headers)
+
+
+async def referrers(request: web.Request) -> web.Response:
+    mirror, route = await _route(request)
+    digest = Digest.parse(request.match_info["digest"])
+    artifact_type = request.query.get("artifactType")
+    body, filtered, _ = await mirror.referrers_index(route, digest, artifact_type)
+    headers = _headers(route, **{"Content-Type": "application/vnd.oci.image.index.v1+json"})
+    if filtered:
+        headers["OCI-Filters-Applied"] = "artifactType"
+    return web.Response(body=body, headers=headers)
+
+
+async def unsupported(request: web.Request) -> web.Response:
+    raise Unsupported("pullgate is a read-only mirror: push and delete are not supported")
+
+
+def add_routes(app: web.Application) -> None:
+    name = r"{name:[^?#]+?}"
+    app.router.add_get("/v2/", api_base, name="base")
+    app.router.add_get("/auth/token", token, name="token")
+    app.router.add_get(rf"/v2/{name}/manifests/{{reference}}", manifest, name="manifest")
+    app.router.add_get(rf"/v2/{name}/blobs/{{digest}}", blob, name="blob")
+    app.router.add_get(rf"/v2/{name}/tags/list", tags_list, name="tags")
+    app.router.add_get(rf"/v2/{name}/referrers/{{digest}}", referrers, name="referrers")
+    for method in ("PUT", "POST", "PATCH", "DELETE"):
+        app.router.add_route(method, r"/v2/{tail:.*}", unsupported, name=f"unsupported_{method.lower()}")

@@ -1,0 +1,209 @@
+"""Blobs: served from the store when present, else fetched from upstream once (single
+flight) while every waiting client streams the bytes as they arrive.
+
+A blob is served for repository R only if a cached manifest of R references it or the
+upstream confirmed R holds it (distribution spec: blobs are scoped to repositories; the
+store is shared, and must not let one repository's digests leak through another's name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+
+from proxy.errors import BlobUnknown, DigestMismatch, PullgateError, UpstreamError, UpstreamUnavailable
+from proxy.oci.digest import Digest
+from proxy.ops.metrics import Metrics
+from proxy.registry.catalog import Catalog
+from proxy.registry.download import CHUNK, Flight, State
+from proxy.registry.routing import Route
+from proxy.registry.store import BlobStore
+from proxy.registry.upstream.client import RegistryClient, describe_error
+
+_START_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class CachedBlob:
+    digest: Digest
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    digest: Digest
+    size: int | None
+
+
+class BlobService:
+    def __init__(
+        self, store: BlobStore, catalog: Catalog, upstreams: dict[str, RegistryClient], metrics: Metrics
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._flights: dict[Digest, Flight] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.on_stored: Callable[[], None] = lambda: None  # something was added to the store
+        self.on_full: Callable[[], None] = lambda: None  # the disk is full: evict now
+        self._log = structlog.get_logger("pullgate.blobs")
+
+    async def get(self, route: Route, digest: Digest) -> CachedBlob | Flight:
+        """The cached blob, or the download to stream from (joined or started)."""
+        size = self._store.size(digest)
+        if size is not None:
+            await self._authorize(route, digest)
+            self._metrics.cache_results.labels("blob", "hit").inc()
+            return CachedBlob(digest, size)
+        flight = self._flights.get(digest)
+        if flight is not None:
+            await self._authorize(route, digest)
+            self._metrics.cache_results.labels("blob", "coalesced").inc()
+            self._metrics.coalesced.labels("blob").inc()
+        else:
+            self._metrics.cache_results.labels("blob", "miss").inc()
+            flight = self._start(route, digest)
+        await asyncio.wait_for(asyncio.shield(flight.started), _START_TIMEOUT)
+        return flight
+
+    async def head(self, route: Route, digest: Digest) -> BlobInfo:
+        size = self._store.size(digest)
+        if size is not None:
+            await self._authorize(route, digest)
+            return BlobInfo(digest, size)
+        flight = self._flights.get(digest)
+        if (
+            flight is not None
+            and flight.size is not None
+            and self._catalog.blob_allowed(route.upstream, route.repository, digest)
+        ):
+            return BlobInfo(digest, flight.size)
+        # Not cached: ask upstream rather than answer 404 (the client will GET it next).
+        return BlobInfo(digest, await self._confirm(route, digest))
+
+    async def _authorize(self, route: Route, digest: Digest) -> None:
+        if not self._catalog.blob_allowed(route.upstream, route.repository, digest):
+            await self._confirm(route, digest)
+
+    async def _confirm(self, route: Route, digest: Digest) -> int | None:
+        """HEAD the blob upstream under this repository; remember the answer."""
+        client = self._upstreams[route.upstream]
+        response = await client.fetch("HEAD", route.repository, f"blobs/{digest}", max_size=0)
+        if response.status == 404:
+            raise BlobUnknown(f"blob {digest} is unknown to repository {route.repository}")
+        if response.status != 200:
+            raise UpstreamError(f"upstream answered {response.status} for blob HEAD")
+        self._catalog.link_blob(route.upstream, route.repository, digest)
+        length = response.headers.get("Content-Length")
+        return int(length) if length and length.isdigit() else None
+
+    # --- downloads ------------------------------------------------------------------------
+    def _start(self, route: Route, digest: Digest) -> Flight:
+        flight = Flight(digest, self._store.temp_path())
+        self._flights[digest] = flight
+        # The download is its own task: a client that disconnects must not cancel it.
+        task = asyncio.create_task(self._download(route, flight))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return flight
+
+    async def _download(self, route: Route, flight: Flight) -> None:
+        client = self._upstreams[route.upstream]
+        log = self._log.bind(upstream=route.upstream, repository=route.repository, digest=str(flight.digest))
+        self._metrics.inflight_fetches.inc()
+        try:
+            async with client.open("GET", route.repository, f"blobs/{flight.digest}") as response:
+                if response.status == 404:
+                    raise BlobUnknown(f"blob {flight.digest} is unknown to repository {route.repository}")
+                if response.status != 200:
+                    raise UpstreamError(f"upstream answered {response.status} for blob GET")
+                flight.begin(response.content_length)
+                await self._receive(route, flight, response)
+            await self._keep(route, flight)
+        except PullgateError as exc:
+            flight.fail(exc)
+            log.warning("blob_fetch_failed", error=exc.message, code=exc.code)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self._metrics.upstream_errors.labels(route.upstream, "read").inc()
+            flight.fail(UpstreamUnavailable(f"upstream transfer failed: {exc.__class__.__name__}"))
+            log.warning("blob_fetch_failed", error=describe_error(exc), code="UNAVAILABLE")
+        except OSError as exc:
+            flight.fail(UpstreamUnavailable(f"cache write failed: {errno.errorcode.get(exc.errno or 0, exc)}"))
+            log.error("blob_store_failed", error=repr(exc))
+        finally:
+            if flight.state is State.RUNNING:  # cancelled (shutdown)
+                flight.fail(UpstreamUnavailable("download cancelled"))
+            self._metrics.inflight_fetches.dec()
+            if self._flights.get(flight.digest) is flight:
+                del self._flights[flight.digest]
+            if flight.final is None:
+                flight.temp.unlink(missing_ok=True)
+            flight.writer_closed()
+
+    async def _keep(self, route: Route, flight: Flight) -> None:
+        """Commit a verified download to the store — unless the disk filled, in which case
+        the clients got their bytes straight through and nothing is cached."""
+        log = self._log.bind(upstream=route.upstream, repository=route.repository, digest=str(flight.digest))
+        if not flight.spilled:
+            try:
+                flight.final = await self._store.commit(flight.temp, flight.digest, flight.fd)
+            except OSError as exc:
+                log.error("blob_store_failed", error=repr(exc))
+        if flight.final is None:
+            flight.finish()
+            log.warning("blob_passed_through", size=flight.written, reason="cache disk full")
+            self.on_full()
+            return
+        self._catalog.add_blob(flight.digest, flight.written)
+        self._catalog.link_blob(route.upstream, route.repository, flight.digest)
+        flight.finish()
+        log.info("blob_cached", size=flight.written)
+        self.on_stored()
+
+    async def _receive(self, route: Route, flight: Flight, response: aiohttp.ClientResponse) -> None:
+        hasher = flight.digest.hasher()
+        async for chunk in response.content.iter_chunked(CHUNK):
+            hasher.update(chunk)
+            flight.write(chunk)
+            if flight.spilled and self._flights.get(flight.digest) is flight:
+                # New clients must not join a download that keeps only a memory window.
+                del self._flights[flight.digest]
+                self._log.error("cache_disk_full", digest=str(flight.digest), on_disk=flight.disk_bytes)
+                self.on_full()
+            if flight.size is not None and flight.written > flight.size:
+                break
+        self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written)
+        if flight.size is not None and flight.written != flight.size:
+            self._metrics.upstream_errors.labels(route.upstream, "short_read").inc()
+            raise UpstreamUnavailable(f"upstream sent {flight.written} of {flight.size} bytes")
+        if not flight.digest.matches(hasher.hexdigest()):
+            self._metrics.digest_mismatches.labels(route.upstream, "blob").inc()
+            self._log.error(
+                "digest_mismatch",
+                upstream=route.upstream,
+                repository=route.repository,
+                expected=str(flight.digest),
+                actual=f"{flight.digest.algorithm}:{hasher.hexdigest()}",
+            )
+            raise DigestMismatch(f"upstream content for {flight.digest} does not match its digest")
+
+    def in_flight(self) -> list[Digest]:
+        return list(self._flights)
+
+    async def close(self, grace: float) -> None:
+        """Let running downloads finish within ``grace`` seconds (they are cached for the
+        next start), then cancel the rest: their temp files are removed."""
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+

@@ -1,0 +1,170 @@
+"""One upstream blob download shared by every client that asks for the blob meanwhile.
+
+The download writes to a temp file; readers ``pread`` from the same descriptor at their own
+offsets and wait for more bytes, so each client streams as bytes arrive, and a client that
+starts late (or resumes with ``Range``) reads what is already there at disk speed.
+
+Nobody receives a blob's last byte before its digest is verified: a reader may read up to
+``written - 1`` while the download runs. If verification fails, every reader's connection
+is cut short of ``Content-Length`` — clients see a truncated transfer, never wrong bytes.
+
+When the disk fills (ENOSPC, EDQUOT, EFBIG) the download goes on in *pass-through* mode:
+later bytes are kept in a bounded memory window for the readers already attached, and the
+blob is not cached. A reader that falls behind the window is cut off rather than let memory
+grow with the blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections import deque
+from collections.abc import AsyncIterator
+from enum import Enum
+from pathlib import Path
+
+from proxy.errors import PullgateError, UpstreamUnavailable
+from proxy.oci.digest import Digest
+
+CHUNK = 1 << 18
+SPILL_WINDOW = 64 << 20  # memory kept for readers of a pass-through download
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class State(Enum):
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Flight:
+    def __init__(self, digest: Digest, temp: Path) -> None:
+        self.digest = digest
+        self.temp = temp
+        self.size: int | None = None  # expected size, once upstream told us
+        self.written = 0
+        self.state = State.RUNNING
+        self.error: PullgateError | None = None
+        self.started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        self.final: Path | None = None  # where the verified blob lives once committed
+        self.disk_bytes: int | None = None  # set when the disk filled: bytes [0, n) are on disk
+        self._fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._changed = asyncio.Event()
+        self._readers: dict[int, int] = {}  # reader id -> next offset it needs
+        self._next_reader = 0
+        self._writer_done = False
+        self._spill: deque[tuple[int, bytes]] = deque()  # (offset, data) past disk_bytes
+        self._spill_bytes = 0
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def spilled(self) -> bool:
+        return self.disk_bytes is not None
+
+    # --- writer side ----------------------------------------------------------------------
+    def begin(self, size: int | None) -> None:
+        self.size = size
+        if not self.started.done():
+            self.started.set_result(size)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view and self.disk_bytes is None:
+            try:
+                n = os.pwrite(self._fd, view, self.written)
+            except OSError as exc:
+                if exc.errno not in _DISK_FULL:
+                    raise
+                self.disk_bytes = self.written
+                break
+            self.written += n
+            view = view[n:]
+        if view:
+            self._spill.append((self.written, bytes(view)))
+            self._spill_bytes += len(view)
+            self.written += len(view)
+            self._trim_spill()
+        self._notify()
+
+    def _trim_spill(self) -> None:
+        needed = min(self._readers.values(), default=self.written)
+        while self._spill and (
+            self._spill[0][0] + len(self._spill[0][1]) <= needed or self._spill_bytes > SPILL_WINDOW
+        ):
+            _, dropped = self._spill.popleft()
+            self._spill_bytes -= len(dropped)
+
+    def finish(self) -> None:
+        self.state = State.DONE
+        self._notify()
+
+    def fail(self, error: PullgateError) -> None:
+        self.state = State.FAILED
+        self.error = error
+        if not self.started.done():
+            self.started.set_exception(error)
+            self.started.exception()  # mark retrieved: nobody may be waiting
+        self._notify()
+
+    def writer_closed(self) -> None:
+        self._writer_done = True
+        self._maybe_close()
+
+    def _notify(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    # --- reader side ----------------------------------------------------------------------
+    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Bytes ``[start, end)`` of the blob as they become available (and verified, for
+        the last one). Raises the download's error if it fails."""
+        reader = self._next_reader
+        self._next_reader += 1
+        self._readers[reader] = start
+        own_fd = -1
+        try:
+            fd = self._fd
+            if fd < 0:
+                # Joined just as the download finished and closed its descriptor.
+                if self.state is not State.DONE or self.final is None:
+                    raise self.error or PullgateError("download failed")
+                fd = own_fd = os.open(self.final, os.O_RDONLY)
+            offset = start
+            while end is None or offset < end:
+                limit = self.written if self.state is State.DONE else max(self.written - 1, 0)
+                if end is not None:
+                    limit = min(limit, end)
+                if offset < limit:
+                    data = self._chunk(fd, offset, limit)
+                    offset += len(data)
+                    self._readers[reader] = offset
+                    yield data
+                elif self.state is State.DONE:
+                    return
+                elif self.state is State.FAILED:
+                    raise self.error or PullgateError("download failed")
+                else:
+                    await self._changed.wait()
+        finally:
+            if own_fd >= 0:
+                os.close(own_fd)
+            del self._readers[reader]
+            self._maybe_close()
+
+    def _chunk(self, fd: int, offset: int, limit: int) -> bytes:
+        if self.disk_bytes is None or offset < self.disk_bytes:
+            stop = limit if self.disk_bytes is None else min(limit, self.disk_bytes)
+            return os.pread(fd, min(stop - offset, CHUNK), offset)
+        for chunk_offset, data in self._spill:
+            if chunk_offset <= offset < chunk_offset + len(data):
+                return data[offset - chunk_offset : min(limit - chunk_offset, offset - chunk_offset + CHUNK)]
+        raise UpstreamUnavailable("client fell behind a pass-through download (cache disk full)")
+
+    def _maybe_close(self) -> None:
+        if self._writer_done and not self._readers and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

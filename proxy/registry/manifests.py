@@ -1,0 +1,261 @@
+"""Manifests: by digest they are immutable and cached until evicted; a tag's digest is
+trusted for ``tag_ttl``, then revalidated with a HEAD (Docker Hub does not count HEADs
+against pull limits) and re-downloaded only when the digest moved. While the upstream is
+down or rate-limiting, a known tag is served stale for up to ``max_stale``; a tag the
+upstream said does not exist is remembered for ``negative_ttl``.
+
+Concurrent misses for the same manifest share one upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import structlog
+
+from proxy.config.settings import CacheConfig
+from proxy.errors import (
+    DigestMismatch,
+    ManifestUnknown,
+    PullgateError,
+    UpstreamDenied,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamUnavailable,
+)
+from proxy.oci.digest import Digest
+from proxy.oci.mediatypes import MANIFEST_TYPES, UPSTREAM_ACCEPT, ParsedManifest, parse_manifest
+from proxy.ops.metrics import Metrics
+from proxy.registry.catalog import Catalog
+from proxy.registry.routing import Route
+from proxy.registry.store import BlobStore
+from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
+
+_MEMORY_BYTES = 64 << 20  # manifests are small; keep the hot ones in memory
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """A tag resolved to a digest, and whether the answer came from the cache (the
+    admission webhook's ``ResolvedTag``)."""
+
+    digest: Digest
+    source: Literal["cache", "upstream"]
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: Digest
+    media_type: str
+    data: bytes
+    result: str  # cache result: hit, miss, revalidated, stale
+
+
+class ManifestCache:
+    def __init__(
+        self,
+        store: BlobStore,
+        catalog: Catalog,
+        upstreams: dict[str, RegistryClient],
+        config: CacheConfig,
+        metrics: Metrics,
+    ) -> None:
+        self._store = store
+        self._catalog = catalog
+        self._upstreams = upstreams
+        self._config = config
+        self._metrics = metrics
+        self._memory: OrderedDict[Digest, bytes] = OrderedDict()
+        self._memory_bytes = 0
+        self._negative: dict[tuple[str, str, str], float] = {}
+        self._inflight: dict[tuple[str, str, str], asyncio.Task[Manifest]] = {}
+        self._log = structlog.get_logger("pullgate.manifests")
+        self.on_stored: Callable[[], None] = lambda: None
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def get(self, route: Route, reference: str, *, count: bool = True) -> Manifest:
+        """The manifest for a tag or digest (``reference`` already validated); ``count``
+        records a pull (off for the mirror's own prefetches)."""
+        key = (route.upstream, route.repository, reference)
+        task = self._inflight.get(key)
+        if task is None:
+            if Digest.looks_like(reference):
+                coro = self._by_digest(route, Digest.parse(reference))
+            else:
+                coro = self._by_tag(route, reference)
+            task = asyncio.ensure_future(coro)
+            self._inflight[key] = task
+            task.add_done_callback(lambda _: self._inflight.pop(key, None))
+        else:
+            self._metrics.coalesced.labels("manifest").inc()
+        manifest = await asyncio.shield(task)
+        if count:
+            self._metrics.cache_results.labels("manifest", manifest.result).inc()
+            self._catalog.touch(route.upstream, route.repository, manifest.digest)
+        return manifest
+
+    # --- by digest ------------------------------------------------------------------------
+    async def _by_digest(self, route: Route, digest: Digest) -> Manifest:
+        cached = self._cached(digest)
+        if cached is not None:
+            if not self._catalog.has_image(route.upstream, route.repository, digest):
+                # Held for another repository: only serve it here if upstream agrees.
+                await self._confirm(route, digest, *cached)
+            return Manifest(digest, cached[0], cached[1], "hit")
+        response = await self._upstream(route, str(digest), "GET")
+        return await self._store_manifest(route, response, digest, "miss")
+
+    async def _confirm(self, route: Route, digest: Digest, media_type: str, data: bytes) -> None:
+        await self._upstream(route, str(digest), "HEAD")  # ManifestUnknown if R lacks it
+        parsed = parse_manifest(data, media_type)
+        self._catalog.add_manifest(route.upstream, route.repository, digest, len(data), parsed)
+
+    # --- by tag -----------------------------------------------------------------------------
+    async def _by_tag(self, route: Route, tag: str) -> Manifest:
+        key = (route.upstream, route.repository, tag)
+        if self._negative.get(key, 0.0) > time.monotonic():
+            self._metrics.cache_results.labels("tag", "negative").inc()
+            raise ManifestUnknown(f"manifest {route.repository}:{tag} is unknown (cached answer)")
+        entry = self._catalog.tag(*key)
+        cached = self._cached(entry.digest) if entry is not None else None
+        now = time.time()
+        if entry is not None and cached is not None and now - entry.checked < self._config.tag_ttl:
+            return Manifest(entry.digest, cached[0], cached[1], "hit")
+        try:
+            if entry is not None and cached is not None:
+                head = await self._upstream(route, tag, "HEAD")
+                moved = head.headers.get("Docker-Content-Digest")
+                if moved == str(entry.digest):
+                    self._catalog.set_tag(*key, entry.digest, now)
+                    return Manifest(entry.digest, cached[0], cached[1], "revalidated")
+            response = await self._upstream(route, tag, "GET")
+        except ManifestUnknown:
+            self._negative[key] = time.monotonic() + self._config.negative_ttl
+            if len(self._negative) > 10_000:
+                self._prune_negative()
+            raise
+        except (UpstreamUnavailable, UpstreamRateLimited) as exc:
+            if entry is None or cached is None or now - entry.checked > self._config.tag_ttl + self._config.max_stale:
+                raise
+            self._log.warning(
+                "stale_tag_served",
+                upstream=route.upstream,
+                repository=route.repository,
+                tag=tag,
+                digest=str(entry.digest),
+                age=round(now - entry.checked),
+                error=exc.message,
+            )
+            return Manifest(entry.digest, cached[0], cached[1], "stale")
+        claimed = response.headers.get("Docker-Content-Digest")
+        manifest = await self._store_manifest(route, response, Digest.parse(claimed) if claimed else None, "miss")
+        self._catalog.set_tag(*key, manifest.digest, now)
+        return manifest
+
+    def _prune_negative(self) -> None:
+        now = time.monotonic()
+        self._negative = {k: v for k, v in self._negative.items() if v > now}
+
+    # --- upstream and storage ---------------------------------------------------------------
+    async def _upstream(self, route: Route, reference: str, method: str) -> UpstreamResponse:
+        client = self._upstreams[route.upstream]
+        response = await client.fetch(
+            method,
+            route.repository,
+            f"manifests/{reference}",
+            headers={"Accept": UPSTREAM_ACCEPT},
+            max_size=self._config.max_manifest_size,
+        )
+        if response.status == 404:
+            raise ManifestUnknown(f"manifest {route.repository}:{reference} is unknown upstream")
+        if response.status == 403:
+            raise UpstreamDenied(f"upstream {route.upstream} denied access to {route.repository}")
+        if response.status != 200:
+            raise UpstreamError(f"upstream answered {response.status} for manifest {method}")
+        return response
+
+    async def _store_manifest(
+        self, route: Route, response: UpstreamResponse, expected: Digest | None, result: str
+    ) -> Manifest:
+        """Verify a fetched manifest against the digest asked for (or claimed), then keep it."""
+        algorithm = expected.algorithm if expected else "sha256"
+        digest = Digest.of(response.body, algorithm)
+        if expected is not None and digest != expected:
+            self._metrics.digest_mismatches.labels(route.upstream, "manifest").inc()
+            self._log.error(
+                "digest_mismatch",
+                upstream=route.upstream,
+                repository=route.repository,
+                expected=str(expected),
+                actual=str(digest),
+                kind="manifest",
+            )
+            raise DigestMismatch(f"upstream manifest does not match digest {expected}")
+        parsed = parse_manifest(response.body, response.headers.get("Content-Type"))
+        if self._store.size(digest) is None:
+            await self._store.put(response.body, digest)
+        self._catalog.add_manifest(route.upstream, route.repository, digest, len(response.body), parsed)
+        self._remember(digest, response.body)
+        self.on_stored()
+        if parsed.is_index:
+            self._prefetch(route, parsed)
+        return Manifest(digest, parsed.media_type, response.body, result)
+
+    def _prefetch(self, route: Route, index: ParsedManifest) -> None:
+        """Cache every platform manifest of a new index in the background (they are small):
+        a node of another architecture can then pull while the upstream is down."""
+        for child in index.children:
+            if child.media_type in MANIFEST_TYPES and not self._catalog.has_image(
+                route.upstream, route.repository, child.digest
+            ):
+                task = asyncio.create_task(self._prefetch_one(route, child.digest))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _prefetch_one(self, route: Route, digest: Digest) -> None:
+        try:
+            await self.get(route, str(digest), count=False)
+        except PullgateError as exc:  # a best-effort warm-up: the client's own request reports errors
+            self._log.info(
+                "manifest_prefetch_failed", repository=route.repository, digest=str(digest), error=exc.message
+            )
+
+    def _cached(self, digest: Digest) -> tuple[str, bytes] | None:
+        info = self._catalog.manifest(digest)
+        if info is None:
+            return None
+        data = self._memory.get(digest)
+        if data is not None:
+            self._memory.move_to_end(digest)
+            return info.media_type, data
+        data = self._store.read(digest)
+        if data is None:
+            return None
+        self._remember(digest, data)
+        return info.media_type, data
+
+    def _remember(self, digest: Digest, data: bytes) -> None:
+        if digest in self._memory:
+            return
+        self._memory[digest] = data
+        self._memory_bytes += len(data)
+        while self._memory_bytes > _MEMORY_BYTES:
+            _, old = self._memory.popitem(last=False)
+            self._memory_bytes -= len(old)
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._background:
+            await asyncio.wait(set(self._background))
+
+    def forget(self, digest: Digest) -> None:
+        """Drop a manifest from memory (eviction)."""
+        data = self._memory.pop(digest, None)
+        if data is not None:
+            self._memory_bytes -= len(data)

@@ -1,0 +1,205 @@
+"""The mirror: the cache (store + catalog), the upstream clients and the services built on
+them, opened and closed as one unit. It is what the HTTP routes, the admission webhook
+(tag resolution) and the CLI tools talk to."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import structlog
+from prometheus_client import CollectorRegistry
+
+from proxy.config.settings import Config
+from proxy.errors import NameUnknown, UpstreamError
+from proxy.oci.digest import Digest
+from proxy.oci.mediatypes import OCI_INDEX
+from proxy.oci.reference import ImageReference
+from proxy.ops.metrics import Metrics
+from proxy.registry.blobs import BlobService
+from proxy.registry.catalog import Catalog
+from proxy.registry.content import MirrorContent
+from proxy.registry.eviction import digests, plan_eviction
+from proxy.registry.manifests import Manifest, ManifestCache, Resolution
+from proxy.registry.routing import Route, Router
+from proxy.registry.store import BlobStore
+from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
+
+_FLUSH_INTERVAL = 5.0
+_MAX_LIST_BODY = 4 << 20
+
+
+class Mirror:
+    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics(CollectorRegistry())
+        self.router = Router(config)
+        root = config.cache.dir
+        self.store = BlobStore(root)
+        self.catalog = Catalog(root / "catalog.db")
+        self.upstreams: dict[str, RegistryClient] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._evicting: asyncio.Task[int] | None = None
+        self.manifests: ManifestCache
+        self.blobs: BlobService
+        self._log = structlog.get_logger("pullgate.mirror")
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        self.store.open()
+        self.catalog.open()
+        on_disk = await asyncio.to_thread(lambda: list(self.store.scan()))
+        dropped = self.catalog.reconcile(on_disk)
+        connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector, headers={"User-Agent": "pullgate"}, auto_decompress=False
+        )
+        for upstream in self.config.upstreams:
+            self.metrics.declare_upstream(upstream.name)
+            self.upstreams[upstream.name] = RegistryClient(upstream, self._session, self.config.timeouts, self.metrics)
+        self.manifests = ManifestCache(self.store, self.catalog, self.upstreams, self.config.cache, self.metrics)
+        self.blobs = BlobService(self.store, self.catalog, self.upstreams, self.metrics)
+        self.manifests.on_stored = self.blobs.on_stored = self._check_quota
+        self.blobs.on_full = self._disk_full
+        self._update_size_metrics()
+        self.metrics.cache_max_bytes.set(self.config.cache.max_size)
+        self._flusher = asyncio.create_task(self._flush_loop())
+        self._log.info("cache_opened", dir=str(self.config.cache.dir), reconciled=dropped)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        if self._evicting is not None:
+            await self._evicting
+        if hasattr(self, "manifests"):
+            await self.manifests.close()
+        if hasattr(self, "blobs"):
+            await self.blobs.close(self.config.shutdown_grace)
+        if self._session is not None:
+            await self._session.close()
+        self.catalog.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_FLUSH_INTERVAL)
+            self.catalog.flush()
+            self._update_size_metrics()
+
+    # --- quota ---------------------------------------------------------------------------
+    def _check_quota(self) -> None:
+        if self.catalog.total_bytes > self.config.cache.max_size and (self._evicting is None or self._evicting.done()):
+            self._evicting = asyncio.create_task(self.evict())
+
+    def _disk_full(self) -> None:
+        """The disk filled before the quota did: shrink to the low-water mark of what the
+        store holds now."""
+        if self._evicting is None or self._evicting.done():
+            target = int(min(self.catalog.total_bytes, self.config.cache.max_size) * self.config.cache.low_water)
+            self._evicting = asyncio.create_task(self.evict(target))
+
+    async def evict(self, target: int | None = None) -> int:
+        """Evict least recently pulled images until the store holds at most ``target``
+        bytes (default: the low-water mark). Returns the bytes freed."""
+        if target is None:
+            target = int(self.config.cache.max_size * self.config.cache.low_water)
+        busy = frozenset(str(d) for d in self.blobs.in_flight())
+        victims = plan_eviction(self.catalog.snapshot(), target, busy)
+        freed = 0
+        for victim in victims:
+            removed = digests(victim)
+            for digest in removed:
+                freed += self.store.remove(digest)
+                self.manifests.forget(digest)
+            self.catalog.forget(removed)
+            self.metrics.evictions.inc()
+            self.metrics.evicted_bytes.inc(victim.size)
+            self._log.info(
+                "cache_evicted",
+                root=victim.root,
+                objects=len(victim.members),
+                bytes=victim.size,
+                last_used=round(victim.last_used),
+            )
+        self._update_size_metrics()
+        return freed
+
+    def _update_size_metrics(self) -> None:
+        size, count = self.catalog.totals()
+        self.catalog.total_bytes = size  # also counts what other processes (CLI import) added
+        self.metrics.cache_bytes.set(size)
+        self.metrics.cache_objects.set(count)
+
+    def ready(self) -> bool:
+        return self._session is not None and self.store.writable()
+
+    # --- the registry API --------------------------------------------------------------
+    async def manifest(self, route: Route, reference: str) -> Manifest:
+        return await self.manifests.get(route, reference)
+
+    async def tags_list(self, route: Route, query: dict[str, str]) -> UpstreamResponse:
+        path = "tags/list"
+        if query:
+            path += "?" + urlencode(query)
+        return await self._passthrough(route, path)
+
+    async def referrers_index(
+        self, route: Route, digest: Digest, artifact_type: str | None
+    ) -> tuple[bytes, bool, bool]:
+        """The referrers index (OCI 1.1), whether it was filtered by artifact type, and
+        whether the upstream supports the API at all.
+
+        Registries without the referrers API (Distribution 2.8) answer 404: the spec's
+        fallback for clients is an empty index, which is what we return.
+        """
+        query = f"?artifactType={quote(artifact_type, safe='')}" if artifact_type else ""
+        response = await self._passthrough(route, f"referrers/{digest}{query}")
+        if response.status in (404, 405, 400):
+            return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode(), False, False
+        if response.status != 200:
+            raise UpstreamError(f"upstream answered {response.status} for referrers")
+        filtered = "artifactType" in response.headers.get("OCI-Filters-Applied", "")
+        body = response.body
+        if artifact_type and not filtered:
+            body, filtered = _filter_referrers(body, artifact_type), True
+        return body, filtered, True
+
+    async def _passthrough(self, route: Route, path: str) -> UpstreamResponse:
+        client = self.upstreams[route.upstream]
+        return await client.fetch("GET", route.repository, path, max_size=_MAX_LIST_BODY)
+
+    # --- TagResolver for the admission webhook ----------------------------------------------
+    async def resolve(self, ref: ImageReference) -> Resolution:
+        """Tag -> digest through the cache (a memory lookup while the tag is fresh)."""
+        route = self.route_image(ref)
+        if ref.digest is not None:
+            return Resolution(ref.digest, "cache")
+        assert ref.tag is not None
+        manifest = await self.manifests.get(route, ref.tag)
+        return Resolution(manifest.digest, "cache" if manifest.result in ("hit", "stale") else "upstream")
+
+    def content(self, ref: ImageReference) -> MirrorContent:
+        """Manifests, blobs and referrers of ``ref``'s upstream, through the cache."""
+        return self.content_of(self.route_image(ref).upstream)
+
+    def content_of(self, upstream: str) -> MirrorContent:
+        """Manifests, blobs and referrers of one upstream, through the cache."""
+        return MirrorContent(self.manifests, self.blobs, self.store, self.referrers_index, upstream)
+
+    def route_image(self, ref: ImageReference) -> Route:
+        try:
+            return self.router.route(ref.repository, ref.registry)
+        except NameUnknown as exc:
+            raise NameUnknown(f"registry {ref.registry} is not mirrored by pullgate (no upstream)") from exc
+
+
+def _filter_referrers(body: bytes, artifact_type: str) -> bytes:
+    try:
+        index: dict[str, Any] = json.loads(body)
+        index["manifests"] = [m for m in index.get("manifests", []) if m.get("artifactType") == artifact_type]
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise UpstreamError("upstream referrers answer is not an index") from exc
+    return json.dumps(index).encode()
