@@ -27,3 +27,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert concurrent["upstream_blob_gets"] == 1
     assert concurrent["ok"] == concurrent["clients"] == 16
     assert result["warm"]["manifest"]["pullgate"]["tag"]["errors"] == 0
+    # The limits measured beside pullgate answered too (ratios need both sides).
+    assert result["warm"]["manifest"]["limit"]["tag"]["rps"] > 0
+    for name in ("nginx_warm", "pullgate_warm"):
+        assert result["concurrent"][name]["ok"] == 16, name
