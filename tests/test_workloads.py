@@ -81,7 +81,8 @@ def test_every_workload_kind_is_read_at_its_pod_spec(group: str, kind: str) -> N
     for key in reversed(POD_SPEC_PATHS[(group, kind)]):
         obj = {key: obj}
     (site,) = extract_sites(obj, group, kind)
-    assert site.image == "nginx" and site.pointer == "/" + "/".join(POD_SPEC_PATHS[(group, kind)]) + "/containers/0/image"
+    prefix = "/" + "/".join(POD_SPEC_PATHS[(group, kind)])
+    assert site.image == "nginx" and site.pointer == f"{prefix}/containers/0/image"
 
 
 def test_policy_check_and_warm_read_the_same_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
