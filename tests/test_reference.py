@@ -137,6 +137,7 @@ def test_refusals_say_why(text: str, message: str) -> None:
         ("[fe80::1%eth0]", None, NameInvalid),
         ("ghcr.io/x", None, NameInvalid),
         ("a" * 301, None, NameInvalid),
+        ("ghcr.io\n", None, NameInvalid),
     ],
 )
 def test_normalize_host(host: str, expected: str | None, error: type[PullgateError] | None) -> None:
@@ -207,6 +208,7 @@ def test_is_registry_host(component: str, expected: bool) -> None:
         ("*!/x", "can never match a registry host", NameInvalid),
         ("", "is not an image pattern", NameInvalid),
         (" nginx", "is not an image pattern", NameInvalid),
+        ("h\n.", "'\\n' is not in any repository name", NameInvalid),  # found by fuzz/fuzz_reference.py
     ],
 )
 def test_normalize_pattern(pattern: str, expected: str, error: type[PullgateError] | None) -> None:
@@ -277,6 +279,7 @@ def test_normalize_registry_pattern(pattern: str, expected: str | None, error: t
         ("-a", "components of lowercase letters"),
         ("a/", "components of lowercase letters"),
         ("a%2Fb", "components of lowercase letters"),
+        ("library/nginx\n", "components of lowercase letters"),  # '$' would match before a final newline
     ],
 )
 def test_validate_repository(name: str, error: str | None) -> None:
@@ -289,7 +292,8 @@ def test_validate_repository(name: str, error: str | None) -> None:
 
 
 @pytest.mark.parametrize(
-    ("tag", "ok"), [("latest", True), ("v1.2.3-rc_1", True), ("_x", True), (".x", False), ("a" * 129, False)]
+    ("tag", "ok"),
+    [("latest", True), ("v1.2.3-rc_1", True), ("_x", True), (".x", False), ("a" * 129, False), ("latest\n", False)],
 )
 def test_validate_tag(tag: str, ok: bool) -> None:
     if ok:

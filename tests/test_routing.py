@@ -63,6 +63,9 @@ CONFIG = Config(
         ("Foo/bar", None, None, NameInvalid),
         ("owner/app", "ghcr.io.", None, NameInvalid),
         ("owner/app", "ghcr.io:99999", None, NameInvalid),
+        ("app\n", None, None, NameInvalid),  # %0A in a path: no other spelling of "app"
+        ("ghcr.io\n/owner/app", None, None, NameInvalid),
+        ("owner/app", "ghcr.io\n", None, NameInvalid),
     ],
 )
 def test_route(name: str, ns: str | None, expected: Route | None, error: type[Exception] | None) -> None:

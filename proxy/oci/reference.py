@@ -40,10 +40,10 @@ from proxy.errors import NameInvalid, TagInvalid
 from proxy.oci.digest import Digest
 
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$")
+_REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*\Z")
+_TAG_RE = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}\Z")
 _LABEL = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?"
-_HOST_RE = re.compile(rf"^(?:(?P<name>{_LABEL}(?:\.{_LABEL})*)|\[(?P<ip6>[0-9a-f:.]+)\])(?::(?P<port>[0-9]+))?$")
+_HOST_RE = re.compile(rf"^(?:(?P<name>{_LABEL}(?:\.{_LABEL})*)|\[(?P<ip6>[0-9a-f:.]+)\])(?::(?P<port>[0-9]+))?\Z")
 MAX_NAME_LENGTH = 255
 MAX_HOST_LENGTH = 300  # 253 for a DNS name, plus brackets and a port
 MAX_REFERENCE_LENGTH = 4096
@@ -58,10 +58,10 @@ DEFAULT_PORTS = frozenset({443, 80})
 
 # What can appear in a repository pattern (besides the globs): a repository name is made of
 # these and nothing else, so any other character means the pattern can never match.
-_PATTERN_PATH_CHARS = re.compile(r"^[a-z0-9._/*-]*$")
-_HOST_GLOB_CHARS = re.compile(r"^[a-z0-9.*:\[\]-]+$")
-_TAG_GLOB_RE = re.compile(r"^[a-zA-Z0-9_.*-]{1,128}$")
-_DIGEST_GLOB_RE = re.compile(r"^(?:\*+|[a-z0-9*]+(?:[+._-][a-z0-9*]+)*:[a-zA-Z0-9=_*-]+)$")
+_PATTERN_PATH_CHARS = re.compile(r"^[a-z0-9._/*-]*\Z")
+_HOST_GLOB_CHARS = re.compile(r"^[a-z0-9.*:\[\]-]+\Z")
+_TAG_GLOB_RE = re.compile(r"^[a-zA-Z0-9_.*-]{1,128}\Z")
+_DIGEST_GLOB_RE = re.compile(r"^(?:\*+|[a-z0-9*]+(?:[+._-][a-z0-9*]+)*:[a-zA-Z0-9=_*-]+)\Z")
 
 
 def validate_repository(name: str) -> str:

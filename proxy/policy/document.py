@@ -30,7 +30,7 @@ Mode = Literal["enforce", "warn", "audit"]
 MODES: tuple[Mode, ...] = ("enforce", "warn", "audit")
 # A DNS label with dots: the name becomes an auditAnnotations key, which Kubernetes limits
 # to a qualified name of at most 63 characters.
-_NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?$")
+_NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?\Z")
 _DIRECTIVES = ("resolveTags", "rewriteRegistry")
 
 

@@ -63,7 +63,7 @@ FIELDS = (
     "requireLabels",
     "allowedBaseImages",
 )
-_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?$")
+_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?\Z")
 _ROOT_USERS = frozenset({"", "root", "0"})
 _ATTESTATION = "unknown/unknown"
 # Reproducible builds (distroless, ko, nix) stamp the epoch or Go's zero time: no build date.
