@@ -310,7 +310,8 @@ class RegistryClient:
         except (aiohttp.ClientError, TimeoutError, ManifestInvalid) as exc:
             self._metrics.upstream_errors.labels(self.name, "auth").inc()
             raise UpstreamUnavailable(f"upstream {self.name}: token request failed: {exc.__class__.__name__}") from exc
-        data = jsondoc.parse_object(body, f"upstream {self.name}: token response", max_depth=8, error=UpstreamUnavailable)
+        what = f"upstream {self.name}: token response"
+        data = jsondoc.parse_object(body, what, max_depth=8, error=UpstreamUnavailable)
         token = data.get("token") or data.get("access_token")
         if not isinstance(token, str) or not token:
             raise UpstreamDenied(f"upstream {self.name}: token endpoint returned no token")
