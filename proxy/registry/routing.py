@@ -59,10 +59,14 @@ class Router:
         # Every normalized host an upstream answers to (its name when that is a host, its
         # URL's host); on a shared host the upstream listed first wins.
         self._by_host: dict[str, UpstreamConfig] = {}
+        self._docker_hub: set[str] = set()  # upstreams that are Docker Hub, under any name
         for upstream in config.upstreams:
-            for host in (self._registries[upstream.name], _url_host(upstream)):
+            hosts = (self._registries[upstream.name], _url_host(upstream))
+            for host in hosts:
                 if host is not None:
                     self._by_host.setdefault(host, upstream)
+            if DOCKER_HUB in hosts:
+                self._docker_hub.add(upstream.name)
         self._default = config.default_upstream
 
     def route(self, name: str, ns: str | None) -> Route:
@@ -107,10 +111,7 @@ class Router:
         if not name:
             raise NameInvalid("empty repository name")
         # Docker Hub keeps official images under library/ ("alpine" -> "library/alpine").
-        return normalize_repository(DOCKER_HUB if self._is_docker_hub(upstream) else "", name)
-
-    def _is_docker_hub(self, upstream: UpstreamConfig) -> bool:
-        return DOCKER_HUB in (self._registries[upstream.name], _url_host(upstream))
+        return normalize_repository(DOCKER_HUB if upstream.name in self._docker_hub else "", name)
 
 
 def _url_host(upstream: UpstreamConfig) -> str | None:
