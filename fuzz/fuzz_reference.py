@@ -6,8 +6,10 @@ repository names — everything a client or a Pod spec names an image with.
 New inputs go to the first directory; fold what adds coverage into the committed corpus with
 ``fuzz/minimize.py``. ``tests/test_fuzz.py`` replays that corpus on every run and fuzzes
 from it for a few seconds.
-Properties: only ``PullgateError`` escapes a parser, and a parsed reference prints back to
-itself.
+Properties: only ``PullgateError`` escapes a parser or normalizer; normalizing is
+idempotent (a parsed reference prints back to itself, a normalized host or pattern
+normalizes to itself); and no spelling of a host changes a reference: the registry in
+upper case, or with its default port, parses to the same reference.
 """
 
 from __future__ import annotations
@@ -24,11 +26,27 @@ if __name__ == "__main__":  # instrument our modules only: instrument_all() take
     with atheris.instrument_imports(include=["proxy"]):
         from proxy.errors import PullgateError
         from proxy.oci.digest import Digest
-        from proxy.oci.reference import ImageReference, validate_repository, validate_tag
+        from proxy.oci.reference import (
+            ImageReference,
+            normalize_host,
+            normalize_pattern,
+            normalize_reference_pattern,
+            normalize_registry_pattern,
+            validate_repository,
+            validate_tag,
+        )
 else:
     from proxy.errors import PullgateError
     from proxy.oci.digest import Digest
-    from proxy.oci.reference import ImageReference, validate_repository, validate_tag
+    from proxy.oci.reference import (
+        ImageReference,
+        normalize_host,
+        normalize_pattern,
+        normalize_reference_pattern,
+        normalize_registry_pattern,
+        validate_repository,
+        validate_tag,
+    )
 
 
 def test_one_input(data: bytes) -> None:
@@ -36,6 +54,13 @@ def test_one_input(data: bytes) -> None:
     for parse in (Digest.parse, validate_tag, validate_repository):
         with contextlib.suppress(PullgateError):
             parse(text)
+    for normalize in (normalize_host, normalize_pattern, normalize_reference_pattern, normalize_registry_pattern):
+        try:
+            once = normalize(text)
+        except PullgateError:
+            continue
+        if normalize(once) != once:
+            raise AssertionError(f"{normalize.__name__}: {text!r} -> {once!r} -> {normalize(once)!r}")
     try:
         ref = ImageReference.parse(text)
     except PullgateError:
@@ -45,6 +70,18 @@ def test_one_input(data: bytes) -> None:
         raise AssertionError(f"{text!r} -> {ref} -> {again}")
     if ref.digest is not None:
         Digest.parse(str(ref.digest))
+    for spelling in spellings(ref):
+        if ImageReference.parse(spelling) != ref:
+            raise AssertionError(f"{spelling!r} is not {ref}")
+
+
+def spellings(ref: ImageReference) -> list[str]:
+    """Other spellings of ``ref``'s registry that must name the same image."""
+    rest = str(ref)[len(ref.registry) :]
+    found = [ref.registry.upper() + rest]
+    if not ref.registry.endswith("]") and ":" not in ref.registry.rpartition("]")[2]:
+        found += [f"{ref.registry}:443{rest}", f"{ref.registry.upper()}:0080{rest}"]
+    return found
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ from proxy.admission.review import (
     review_response,
     sites_to_check,
 )
+from proxy.admission.workloads import WorkloadInvalid
 
 ADMISSION = Path(__file__).parent / "data" / "admission"
 TEMPLATE = "/spec/template/spec"
@@ -117,7 +118,10 @@ def spec(**pod_spec: Any) -> dict[str, Any]:
         (b"", "body is not JSON"),
         (b"{not json", "body is not JSON"),
         (b"\xff\xfe", "body is not JSON"),
-        (b"[" * 100_000 + b"]" * 100_000, "body is not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "AdmissionReview body nests deeper than 200 levels"),
+        (b'{"a":' * 201 + b"1" + b"}" * 201, "AdmissionReview body nests deeper than 200 levels"),
+        (b'{"a":' * 199 + b"1" + b"}" * 199, "expected apiVersion admission.k8s.io/v1"),
+        (b'{"a": NaN}', "body is not JSON: NaN is not JSON"),
         (b"[]", "body is not a JSON object"),
         (
             b'{"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}',
@@ -140,6 +144,7 @@ def spec(**pod_spec: Any) -> dict[str, Any]:
         (review(object=[]), "request.object: not an object"),
         (review(oldObject="x"), "request.oldObject: not an object"),
     ],
+    ids=lambda value: repr(value[:40]) if isinstance(value, bytes) else None,
 )
 def test_parse_errors(body: bytes, error: str) -> None:
     with pytest.raises(ReviewInvalid) as info:
@@ -159,7 +164,7 @@ def test_parse_errors(body: bytes, error: str) -> None:
     ],
 )
 def test_malformed_objects(obj: dict[str, Any], error: str) -> None:
-    with pytest.raises(ReviewInvalid, match=error):
+    with pytest.raises(WorkloadInvalid, match=error):
         sites_to_check(parse_review(review(object=obj)))
 
 
@@ -200,11 +205,11 @@ def test_update_with_malformed_old_object_checks_everything() -> None:
     )
 )
 def test_fuzz_objects_never_crash(obj: Any) -> None:
-    """Whatever the object holds, extraction either works or raises ReviewInvalid."""
+    """Whatever the object holds, extraction either works or raises its 400 error."""
     for kind in ("Pod", "Deployment"):
         group = "apps" if kind == "Deployment" else ""
         body = review(object=obj, kind={"group": group, "version": "v1", "kind": kind})
-        with contextlib.suppress(ReviewInvalid):
+        with contextlib.suppress(ReviewInvalid, WorkloadInvalid):
             sites_to_check(parse_review(body))
 
 

@@ -276,7 +276,8 @@ async def test_ill_formed_layouts_are_rejected(
         ({}, None, "has no name"),
         ({REF_NAME: "quay.io/x/y:1"}, None, "not mirrored"),
         ({REF_NAME: "docker.io/library/app@sha256:" + "0" * 64}, None, "different digest"),
-        ({REF_NAME: "Bad/Name:1"}, None, "invalid repository"),
+        ({REF_NAME: "Bad/Name:1"}, None, "'Bad' is not a registry host"),
+        ({REF_NAME: "library/Bad:1"}, None, "repository names are lowercase"),
     ],
 )
 async def test_import_names(

@@ -16,6 +16,7 @@ from proxy.oci.digest import Digest
         ("sha256", "invalid digest"),
         ("sha256:../../etc", "invalid digest"),
         ("", "invalid digest"),
+        ("sha256:" + "0" * 64 + "\n", "invalid digest"),  # '$' would match before a final newline
     ],
 )
 def test_parse(text: str, error: str | None) -> None:

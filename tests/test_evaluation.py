@@ -144,7 +144,8 @@ PIN = {"requireDigest": True, "resolveTags": True}
             "Not/Valid",
             False,
             ["deny"],
-            'container "c0" image "Not/Valid": invalid image reference: invalid repository',
+            'container "c0" image "Not/Valid": invalid image reference: invalid image name \'Not/Valid\': '
+            "'Not' is not a registry host",
             None,
         ),
         (pol(), f"nginx@sha256:{'z' * 64}", False, ["deny"], "invalid image reference", None),

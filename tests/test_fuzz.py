@@ -1,9 +1,12 @@
 """Fuzzing: property-based (hypothesis) over everything a client or an upstream controls —
 request paths, ``ns``, references, digests, ``Range``, ``Authorization``, manifests,
 AdmissionReview JSON and policy YAML — and a short coverage-guided run (atheris, ``fuzz/``)
-over the reference/digest parsers and the manifest parser, whose corpus is also replayed.
+over the reference/digest parsers and the naming rule, the manifest parser and the
+untrusted-JSON parser, whose corpus is also replayed.
 
 The properties: parsers return or raise their ``PullgateError`` (never anything else);
+normalizing is idempotent and no spelling of a host changes a reference; no JSON document
+nests past the parser's depth limit, however deep it is written;
 the live mirror answers every request within a few seconds with a status below 500 and,
 under ``/v2/``, a spec-shaped JSON error body; nothing reaches an upstream that is not
 configured."""
@@ -35,12 +38,23 @@ from proxy.access.passwords import HashFormatError, PasswordHash, parse_htpasswd
 from proxy.access.tokens import AccessTokens
 from proxy.admission.review import parse_review, sites_to_check
 from proxy.config.settings import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.errors import PullgateError, RangeInvalid
+from proxy.errors import NameInvalid, PullgateError, RangeInvalid
 from proxy.http.app import create_app
 from proxy.http.pullapi import _parse_range
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
+from proxy.oci.jsondoc import JsonInvalid
 from proxy.oci.mediatypes import MANIFEST_TYPES, parse_manifest
-from proxy.oci.reference import ImageReference, validate_repository, validate_tag
+from proxy.oci.reference import (
+    ImageReference,
+    looks_like_host,
+    normalize_host,
+    normalize_pattern,
+    normalize_reference_pattern,
+    normalize_registry_pattern,
+    validate_repository,
+    validate_tag,
+)
 from proxy.policy.document import PolicyInvalid, load_file, parse_policy
 from proxy.registry.upstream.challenge import parse_challenge
 from tests.support.origin import Origin
@@ -48,7 +62,7 @@ from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
-TARGETS = ("fuzz_reference", "fuzz_manifest")
+TARGETS = ("fuzz_reference", "fuzz_manifest", "fuzz_json")
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- strategies -------------------------------------------------------------------------------
@@ -90,6 +104,73 @@ def test_parsed_references_round_trip(text: str) -> None:
     except PullgateError:
         return
     assert ImageReference.parse(str(ref)) == ref
+
+
+hosts = st.one_of(
+    st.sampled_from(["ghcr.io", "docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com",
+                     "localhost", "127.0.0.1", "[::1]", "[0:0::1]", "quay.io", "foo", "a-b.example"]),
+    st.from_regex(r"\A[a-z0-9]{1,5}(\.[a-z0-9]{1,5}){0,2}\Z"),
+)
+ports = st.sampled_from(["", ":443", ":80", ":0443", ":00080", ":5000", ":05000", ":65535", ":0", ":65536", ":"])
+
+
+def respell(host: str, draw_case: list[bool]) -> str:
+    return "".join(c.upper() if flip else c for c, flip in zip(host, draw_case * len(host), strict=False))
+
+
+@FAST
+@given(hosts, ports, st.lists(st.booleans(), min_size=1, max_size=8), st.sampled_from(["app", "acme/app", "a/b/c"]),
+       st.sampled_from(["", ":1.0", "@sha256:" + "a" * 64]))
+def test_every_spelling_of_a_host_is_one_reference(
+    host: str, port: str, case: list[bool], path: str, suffix: str
+) -> None:
+    """Case, default ports and leading zeros never change a reference; normalizing twice is
+    normalizing once; the only error is ``NameInvalid``."""
+    written = f"{respell(host, case)}{port}/{path}{suffix}"
+    try:
+        ref = ImageReference.parse(written)
+    except NameInvalid:
+        return
+    assert ImageReference.parse(str(ref)) == ref
+    assert normalize_host(ref.registry) == ref.registry
+    plain = ImageReference.parse(f"{host}{port}/{path}{suffix}")
+    assert plain == ref, (written, str(ref), str(plain))
+    if port in (":443", ":80", ":0443", ":00080") and looks_like_host(host):
+        assert ref == ImageReference.parse(f"{host}/{path}{suffix}")
+
+
+@FAST
+@given(st.text(max_size=80))
+def test_pattern_normalizers_are_idempotent(text: str) -> None:
+    for normalize in (normalize_pattern, normalize_reference_pattern, normalize_registry_pattern, normalize_host):
+        try:
+            once = normalize(text)
+        except NameInvalid:
+            continue
+        assert normalize(once) == once, (normalize.__name__, text, once)
+
+
+rfc_json = st.recursive(  # RFC 8259 has no NaN or Infinity
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=9),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=30,
+)
+
+
+@FAST
+@given(rfc_json, st.integers(0, 12), st.integers(0, 3000), st.sampled_from(["[", '{"k":']))
+def test_json_depth_bound_holds(value: Any, limit: int, extra: int, opener: str) -> None:
+    """A value wrapped ``extra`` levels deeper parses only if the whole nests within
+    ``limit``; otherwise ``JsonInvalid`` — never ``RecursionError``, whatever the depth."""
+    closer = "]" if opener == "[" else "}"
+    text = opener * extra + json.dumps(value) + closer * extra
+    try:
+        parsed = jsondoc.parse(text, max_depth=limit)
+    except JsonInvalid:
+        assert jsondoc.nesting_depth(text) > limit or extra > limit
+        return
+    assert jsondoc.nesting_depth(text) <= limit
+    assert parsed == json.loads(text)
 
 
 @FAST
@@ -314,7 +395,8 @@ headers_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max
     name=st.one_of(st.sampled_from(["app", "library/app", "docker.io/library/app", "acme/x"]), segments),
     kind=st.sampled_from(["manifests", "blobs", "tags/list", "referrers", "nothing"]),
     reference=references,
-    ns=st.one_of(st.none(), st.sampled_from(["docker.io", "evil.example", "127.0.0.2", ""]), segments),
+    ns=st.one_of(st.none(), st.sampled_from(["docker.io", "DOCKER.IO:443", "Index.Docker.IO", "docker.io:0080",
+                                             "evil.example", "127.0.0.2", "", "docker.io."]), segments),
     range_header=st.one_of(st.none(), ranges),
     authorization=st.one_of(
         st.none(), headers_values, st.builds(lambda v: f"Basic {v}", headers_values),

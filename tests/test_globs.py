@@ -11,6 +11,7 @@ from proxy.oci.globs import GlobSet
     ("patterns", "text", "expected"),
     [
         (["docker.io/library/*"], "docker.io/library/nginx", True),
+        (["docker.io/library/nginx"], "docker.io/library/nginx\n", False),
         (["docker.io/library/*"], "docker.io/library/a/b", False),
         (["docker.io/library/*"], "docker.io/library", False),
         (["ghcr.io/acme/**"], "ghcr.io/acme/app", True),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,39 @@ def test_check_stdin_namespace_and_no_match(
     args = ["policy", "check", "--policies", policies, "--no-match", no_match, "--namespace", namespace, "-"]
     assert main(args) == code
     assert capsys.readouterr().out.splitlines()[-1] == last
+
+
+@pytest.mark.parametrize(
+    ("field", "patterns", "error"),
+    [
+        ("images", ["NGINX"], "spec.match.images[0]: 'NGINX' can never match: repository names are lowercase"),
+        (
+            "images",
+            ["ghcr.io/acme/**", "docker.io/library/[abc"],
+            "spec.match.images[1]: 'docker.io/library/[abc' can never match: '[' is not in any repository name "
+            "(patterns use * and ** as globs; every other character is literal)",
+        ),
+        ("excludeImages", ["Acme/app"], "spec.match.excludeImages[0]: invalid image name 'Acme/app': 'Acme' is not"),
+        ("images", ["ghcr.io./acme/**"], "spec.match.images[0]: invalid image name 'ghcr.io./acme/**': invalid"),
+        ("allowedBaseImages", ["PYTHON:*"], "spec.rules.image.allowedBaseImages[0]: expected an image pattern"),
+        ("allowedRegistries", ["quay"], "spec.rules.allowedRegistries[0]: 'quay' is not a registry host"),
+    ],
+)
+def test_lint_rejects_patterns_that_can_never_match(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, patterns: list[str], error: str
+) -> None:
+    """Issue 15 item 6: a pattern that cannot match any image would silently enforce nothing."""
+    match: dict[str, object] = {"images": ["**"]}
+    rules: dict[str, object] = {"requireDigest": True}
+    if field in ("images", "excludeImages"):
+        match[field] = patterns
+    elif field == "allowedBaseImages":
+        rules["image"] = {"allowedBaseImages": patterns}
+    else:
+        rules[field] = patterns
+    doc = {"apiVersion": "pullgate.dev/v1", "kind": "ImagePolicy", "metadata": {"name": "p"},
+           "spec": {"match": match, "rules": rules}}
+    (tmp_path / "p.yaml").write_text(json.dumps(doc))  # JSON is YAML
+    assert main(["policy", "lint", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"error: {tmp_path / 'p.yaml'}: document 1 (p): {error}" in out, out

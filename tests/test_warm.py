@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.inventory.warm import Warmer, WarmInputInvalid, images_in_manifests, open_mirror, read_list
+from proxy.inventory.warm import Warmer, open_mirror, read_list
 from proxy.oci.digest import Digest
 from proxy.ops.progress import Progress
 from proxy.registry.mirror import Mirror
@@ -157,31 +157,3 @@ def test_read_list(tmp_path: Path, text: str, expected: list[str]) -> None:
     assert read_list(str(path)) == expected
 
 
-@pytest.mark.parametrize(
-    ("files", "expected", "error"),
-    [
-        (
-            ["app.yaml"],
-            [
-                "busybox",
-                "nginx:1.25",
-                "quay.io/prometheus/node-exporter:v1.8.0",
-                "registry.evil.example/tools/report:1",
-            ],
-            None,
-        ),
-        (["list.yaml", "list.yaml"], ["ghcr.io/acme/tool@sha256:" + "a" * 64], None),
-        (["missing.yaml"], None, "cannot read"),
-        (["broken.yaml"], None, "not YAML"),
-    ],
-)
-def test_images_in_manifests(
-    data_dir: Path, tmp_path: Path, files: list[str], expected: list[str] | None, error: str | None
-) -> None:
-    (tmp_path / "broken.yaml").write_text("kind: [unclosed")
-    paths = [str(data_dir / "manifests" / f) if f != "broken.yaml" else str(tmp_path / f) for f in files]
-    if error is not None:
-        with pytest.raises(WarmInputInvalid, match=error):
-            images_in_manifests(paths)
-        return
-    assert images_in_manifests(paths) == expected

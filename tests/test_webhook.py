@@ -289,7 +289,16 @@ async def test_audit_mode_records(client: TestClient[Any, Any], metrics: Metrics
             "/spec/containers: not a list",
         ),
         (b"{" + b" " * (4 << 20) + b"}", 413, "AdmissionReview larger than admission.max_body_size (3.0 MiB)"),
+        # issue 13 finding 5: 200,000 levels (400 kB) once raised RecursionError; now a 400
+        (b"[" * 200_000 + b"]" * 200_000, 400, "AdmissionReview body nests deeper than 200 levels"),
+        (
+            b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "u", "object": '
+            + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+            400,
+            "AdmissionReview body nests deeper than 200 levels",
+        ),
     ],
+    ids=lambda value: repr(value[:40]) if isinstance(value, bytes) else None,
 )
 async def test_bad_requests(
     client: TestClient[Any, Any], metrics: Metrics, body: bytes, status: int, error: str

@@ -22,14 +22,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, TypeAlias
 
+from proxy.admission.workloads import images_in_files
 from proxy.config.settings import Config, LogConfig, load_config
 from proxy.config.units import format_size, parse_duration
 from proxy.errors import ConfigError, PullgateError
 from proxy.inventory import listing
 from proxy.inventory.export import ExportPlan, export_to_file, plan_export, write_archive
-from proxy.inventory.images import PINNED, Inventory, registry_name
+from proxy.inventory.images import PINNED, Inventory
 from proxy.inventory.imports import commit, plan_import, stage
-from proxy.inventory.warm import Warmer, images_in_manifests, open_mirror, read_list
+from proxy.inventory.warm import Warmer, open_mirror, read_list
 from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
 from proxy.oci.reference import ImageReference
@@ -38,7 +39,7 @@ from proxy.ops.progress import Progress
 from proxy.policy.active import PolicySet, load_policies
 from proxy.policy.findings import image_findings
 from proxy.registry.catalog import Catalog
-from proxy.registry.routing import Router
+from proxy.registry.routing import Router, registry_name
 from proxy.registry.store import BlobStore
 
 EXAMPLES = {
@@ -237,7 +238,7 @@ def _warm(config: Config, args: argparse.Namespace) -> int:
     images = list(args.images)
     for path in args.file:
         images += read_list(path)
-    images += images_in_manifests(args.from_manifests)
+    images += images_in_files(args.from_manifests)
     if not images:
         print("pullgate warm: no images given (IMAGE..., --file or --from-manifests)", file=sys.stderr)
         return 2

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 import structlog
-import yaml
 
-from proxy.admission.review import POD_SPEC_PATHS, ReviewInvalid, extract_sites
+from proxy.admission.workloads import group_kind, read_objects, sites_of
 from proxy.config.settings import LogConfig, load_config
 from proxy.errors import PullgateError
 from proxy.ops.logs import configure_logging
@@ -114,7 +113,7 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     online = args.config is not None or args.cache_dir is not None
     try:
         policies = load_policies(args.policies)
-        objects = [obj for name in args.files for obj in _manifests(name)]
+        objects = [obj for name in args.files for obj in read_objects(name)]
         skipped = set() if online else {p.name for p in policies.policies if _has_image_rules(p.rules)}
         if skipped:
             policies = _without_image_rules(policies)
@@ -193,15 +192,11 @@ async def _evaluate(
 ) -> list[tuple[str, ImageResult]]:
     results: list[tuple[str, ImageResult]] = []
     for source, obj in objects:
-        group, kind = _group_kind(obj)
         metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
         assert isinstance(metadata, dict)
         ns = str(metadata.get("namespace") or namespace)
-        label = f"{source} {ns}/{kind}/{metadata.get('name') or '?'}"
-        try:
-            sites = extract_sites(obj, group, kind)
-        except ReviewInvalid as exc:
-            raise ReviewInvalid(f"{label}: {exc.message}") from exc
+        label = f"{source} {ns}/{group_kind(obj)[1]}/{metadata.get('name') or '?'}"
+        sites = sites_of(obj, label)
         evaluation = await evaluator.evaluate(sites, ns, mutate=True)
         results.extend((label, r) for r in evaluation.results)
     return results
@@ -218,24 +213,3 @@ def _line(label: str, result: ImageResult, d: Decision, pins: bool) -> str:
             text += " (tag pinned by resolveTags at admission)"
     rule = f" [{d.policy or '-'}/{d.rule}]" if d.rule else ""
     return f"{d.outcome.upper():<5}  {label}  {text}{rule}"
-
-
-def _manifests(name: str) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    """Objects with a PodSpec from one manifest file (other kinds are skipped)."""
-    try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
-        documents = list(yaml.safe_load_all(text))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ReviewInvalid(f"{name}: cannot read manifests: {exc}") from exc
-    for number, doc in enumerate(documents, 1):
-        items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
-        for obj in items if isinstance(items, list) else ():
-            if isinstance(obj, dict) and _group_kind(obj) in POD_SPEC_PATHS:
-                yield f"{name}#{number}", obj
-
-
-def _group_kind(obj: Mapping[str, Any]) -> tuple[str, str]:
-    api_version = obj.get("apiVersion")
-    group = api_version.rpartition("/")[0] if isinstance(api_version, str) else ""
-    kind = obj.get("kind")
-    return group, kind if isinstance(kind, str) else ""

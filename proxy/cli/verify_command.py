@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 
 from proxy.config.settings import load_config
-from proxy.errors import PullgateError
+from proxy.errors import PullgateError, UpstreamError
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import UPSTREAM_ACCEPT
 from proxy.oci.reference import ImageReference
@@ -80,7 +81,7 @@ async def _report(source: SignatureSource, ref: ImageReference, digest: Digest, 
     signatures, notes = await collect_signatures(source, ref.repository, [digest])
     result = evaluate(signatures, [digest], policy, notes)
     payloads = [
-        json.loads(sig.payload)
+        jsondoc.parse(sig.payload, "signature payload")
         for sig in signatures
         if any(cosign.check(sig, key, [digest], policy.log_key).reason is None for key in policy.keys.values())
     ]
@@ -125,5 +126,5 @@ class HttpSource:
         status, body, _ = await self._get(f"{repository}/referrers/{digest}")
         if status != 200:
             return None
-        index: dict[str, Any] = json.loads(body)
+        index = jsondoc.parse_object(body, "referrers index", error=UpstreamError)
         return index if index.get("manifests") else None

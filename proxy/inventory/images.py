@@ -17,7 +17,6 @@ their image, and pruned only together with it (content trust must keep working o
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections import defaultdict
@@ -25,13 +24,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from proxy.config.settings import UpstreamConfig
-from proxy.errors import ManifestInvalid, NameUnknown, PullgateError
+from proxy.errors import ManifestInvalid, PullgateError
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
 from proxy.oci.mediatypes import ParsedManifest, parse_manifest
-from proxy.oci.reference import ImageReference, is_registry_host
+from proxy.oci.reference import ImageReference
 from proxy.registry.catalog import Catalog
-from proxy.registry.routing import Route, Router
+from proxy.registry.routing import Router, registry_name
 from proxy.registry.store import BlobStore
 
 SIGNATURE_TAG = re.compile(r"^sha256-([0-9a-f]{64})(?:\.(?:sig|att|sbom))?$")
@@ -44,20 +44,6 @@ RowKey = tuple[str, str]  # (upstream, repository)
 
 class ImageNotCached(PullgateError):
     code, status = "MANIFEST_UNKNOWN", 404
-
-
-def registry_name(upstream: UpstreamConfig) -> str:
-    """How references name an upstream: its name when that is a registry host (docker.io,
-    ghcr.io), else its URL's host, so ``ImageReference.parse`` routes it back here."""
-    return upstream.name if is_registry_host(upstream.name) else upstream.host
-
-
-def route_reference(router: Router, ref: ImageReference) -> Route:
-    """Where the mirror caches ``ref`` (as ``Mirror.route_image``)."""
-    try:
-        return router.route(ref.repository, ref.registry)
-    except NameUnknown as exc:
-        raise NameUnknown(f"registry {ref.registry} is not mirrored by pullgate (no upstream)") from exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +153,9 @@ class Inventory:
             return None
         data = self.store.read(Digest.parse(digest))
         try:
-            doc = json.loads(data) if data is not None else None
-        except ValueError:
+            return jsondoc.parse_object(data, digest, max_bytes=_MAX_JSON) if data is not None else None
+        except jsondoc.JsonInvalid:
             return None
-        return doc if isinstance(doc, dict) else None
 
     # --- images ------------------------------------------------------------------------------
     def images(self, repositories: GlobSet | None = None, *, attachments: bool = False) -> list[Image]:
@@ -225,7 +210,7 @@ class Inventory:
     def locate(self, text: str) -> Image:
         """The cached image ``text`` names (tag or digest), or ``ImageNotCached``."""
         ref = ImageReference.parse(text)
-        route = route_reference(self.router, ref)
+        route = self.router.route_image(ref)
         key = (route.upstream, route.repository)
         digest = str(ref.digest) if ref.digest is not None else None
         if digest is None:

@@ -19,7 +19,6 @@ manifest whose content is not there: imports are atomic per image. Memory stays 
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import tarfile
@@ -31,7 +30,7 @@ from typing import Any, BinaryIO
 
 from proxy.errors import DigestInvalid, ManifestInvalid, NameInvalid, NameUnknown, TagInvalid
 from proxy.inventory.export import CHUNK, CONTAINERD_NAME, REF_NAME, ArchiveInvalid, CacheCorrupt
-from proxy.inventory.images import route_reference
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import ParsedManifest, parse_manifest
 from proxy.oci.reference import ImageReference
@@ -105,12 +104,7 @@ def _stage_member(
     name = member.name.removeprefix("./")
     if name in ("index.json", "oci-layout"):
         data = _read_small(tar, member)
-        try:
-            doc = json.loads(data)
-        except ValueError as exc:
-            raise ArchiveInvalid(f"{name} is not JSON") from exc
-        if not isinstance(doc, dict):
-            raise ArchiveInvalid(f"{name} is not a JSON object")
+        doc = jsondoc.parse_object(data, name, error=ArchiveInvalid)
         if name == "index.json":
             staged.index = doc
         elif not str(doc.get("imageLayoutVersion", "")).startswith("1."):
@@ -227,7 +221,7 @@ def _target(
         ref = _entry_reference(entry.get("annotations") or {}, default, default_tag)
         if ref.digest is not None and str(ref.digest) != digest:
             raise ArchiveInvalid(f"index.json names {ref} for a different digest {digest}")
-        route = route_reference(router, ref)
+        route = router.route_image(ref)
     except (DigestInvalid, NameInvalid, TagInvalid, NameUnknown) as exc:
         raise ArchiveInvalid(f"index.json entry {entry.get('digest')}: {exc.message}") from exc
     graph = _Graph(staged, store)

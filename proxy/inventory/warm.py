@@ -15,14 +15,11 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from proxy.admission.review import POD_SPEC_PATHS, extract_sites
 from proxy.config.settings import Config
 from proxy.config.units import format_size
 from proxy.errors import ManifestUnknown, PullgateError, UpstreamError
@@ -188,29 +185,6 @@ def read_list(path: str) -> list[str]:
     """One image per line; blank lines and ``#`` comments are skipped ('-' = stdin)."""
     text = _read(path)
     return [line.split("#", 1)[0].strip() for line in text.splitlines() if line.split("#", 1)[0].strip()]
-
-
-def images_in_manifests(paths: Sequence[str]) -> list[str]:
-    """Every image that Kubernetes objects in ``paths`` run (multi-document YAML, ``kind:
-    List`` too), in order of appearance, without repeats."""
-    found: dict[str, None] = {}
-    for path in paths:
-        try:
-            documents = list(yaml.safe_load_all(_read(path)))
-        except yaml.YAMLError as exc:
-            raise WarmInputInvalid(f"{path}: not YAML: {exc}") from exc
-        for obj in _objects(documents):
-            api_version, kind = obj.get("apiVersion"), obj.get("kind")
-            group = api_version.rpartition("/")[0] if isinstance(api_version, str) else ""
-            if (group, kind) in POD_SPEC_PATHS:
-                found.update((site.image, None) for site in extract_sites(obj, group, str(kind)))
-    return list(found)
-
-
-def _objects(documents: list[Any]) -> Iterator[dict[str, Any]]:
-    for doc in documents:
-        items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
-        yield from (obj for obj in items if isinstance(obj, dict)) if isinstance(items, list) else ()
 
 
 def _read(path: str) -> str:

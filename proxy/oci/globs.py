@@ -55,7 +55,7 @@ class GlobSet:
         if not patterns:
             return cls((), None)
         source = "|".join(f"(?:{glob_to_regex(p)})" for p in patterns)
-        return cls(patterns, re.compile(rf"^(?:{source})$", re.DOTALL))
+        return cls(patterns, re.compile(rf"^(?:{source})\Z", re.DOTALL))
 
     def match(self, text: str) -> bool:
         return self.regex is not None and self.regex.match(text) is not None

@@ -9,11 +9,11 @@ https://distribution.github.io/distribution/spec/manifest-v2-2/.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import DigestInvalid, ManifestInvalid
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -56,10 +56,7 @@ def parse_manifest(data: bytes, content_type: str | None) -> ParsedManifest:
     The media type comes from the body's ``mediaType`` when present (OCI makes it
     SHOULD, Docker MUST), else from the response's ``Content-Type``.
     """
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ManifestInvalid(f"manifest is not JSON: {exc}") from exc
+    doc = jsondoc.parse(data, "manifest", error=ManifestInvalid)
     if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
         raise ManifestInvalid("not a schemaVersion 2 manifest")
     declared = _media_type(content_type)

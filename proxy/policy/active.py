@@ -17,7 +17,8 @@ from pathlib import Path
 
 from structlog.typing import FilteringBoundLogger
 
-from proxy.oci.reference import ImageReference, is_registry_host
+from proxy.errors import NameInvalid
+from proxy.oci.reference import ImageReference, normalize_repository, split_host
 from proxy.ops.filewatch import background, stamp
 from proxy.ops.metrics import Metrics
 from proxy.policy.document import Policy, PolicyInvalid, load_file
@@ -43,13 +44,17 @@ class PolicySet:
         return tuple(p for p in self.policies if p.applies(ref, namespace))
 
     def canonical(self, ref: ImageReference) -> ImageReference:
-        """``mirror:5000/docker.io/library/nginx`` -> ``docker.io/library/nginx``."""
+        """``mirror:5000/docker.io/library/nginx`` -> ``docker.io/library/nginx`` (the path
+        on the mirror read as a reference: ``mirror:5000/docker.io/nginx`` is the same image)."""
         if ref.registry not in self.mirror_hosts:
             return ref
-        first, _, rest = ref.repository.partition("/")
-        if not rest or not is_registry_host(first):
+        try:
+            host, rest = split_host(ref.repository)
+            if host is None:
+                return ref
+            return ImageReference(host, normalize_repository(host, rest), ref.tag, ref.digest)
+        except NameInvalid:  # not a registry path on the mirror: judged as the mirror's own image
             return ref
-        return ImageReference(first, rest, ref.tag, ref.digest)
 
 
 def policy_files(path: Path) -> tuple[Path, ...]:

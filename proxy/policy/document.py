@@ -16,12 +16,12 @@ from typing import Any, Literal, cast
 
 import yaml
 
-from proxy.errors import ConfigError
+from proxy.errors import ConfigError, NameInvalid
 from proxy.oci.globs import GlobSet
-from proxy.oci.reference import DOCKER_HUB, ImageReference, is_registry_host
+from proxy.oci.reference import ImageReference, normalize_pattern, normalize_registry_pattern
 from proxy.policy import fields
 from proxy.policy.fields import FieldError
-from proxy.policy.rules.base import ResolveTagsFailure, Rule, normalise_registry
+from proxy.policy.rules.base import ResolveTagsFailure, Rule
 from proxy.policy.rules.kinds import RULES
 
 API_VERSION = "pullgate.dev/v1"
@@ -30,7 +30,7 @@ Mode = Literal["enforce", "warn", "audit"]
 MODES: tuple[Mode, ...] = ("enforce", "warn", "audit")
 # A DNS label with dots: the name becomes an auditAnnotations key, which Kubernetes limits
 # to a qualified name of at most 63 characters.
-_NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?$")
+_NAME_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,61}[a-z0-9])?\Z")
 _DIRECTIVES = ("resolveTags", "rewriteRegistry")
 
 
@@ -123,30 +123,28 @@ def _parse_rewrite(value: object) -> str | None:
     if value is None:
         return None
     host = fields.string(value, "spec.rules.rewriteRegistry")
-    if not is_registry_host(host):
-        raise FieldError("spec.rules.rewriteRegistry", f"expected a registry host, got {host!r}")
-    return host
+    if "*" in host:
+        raise FieldError("spec.rules.rewriteRegistry", f"expected a registry host, got the glob {host!r}")
+    try:  # normalized, so an image already moved is recognized (PolicySet.canonical)
+        return normalize_registry_pattern(host)
+    except NameInvalid as exc:
+        raise FieldError("spec.rules.rewriteRegistry", f"expected a registry host: {exc.message}") from exc
 
 
 def _image_globs(value: object, path: str) -> GlobSet:
+    """Repository patterns, normalized by the reference rule (``proxy.oci.reference.normalize_pattern``:
+    ``nginx`` -> ``docker.io/library/nginx``, ``GHCR.IO/acme/**`` -> ``ghcr.io/acme/**``);
+    a pattern that can never match is an error saying why."""
     patterns = fields.string_list(value, path)
-    return GlobSet.compile(_image_pattern(p, f"{path}[{i}]") for i, p in enumerate(patterns))
-
-
-def _image_pattern(pattern: str, path: str) -> str:
-    """Normalise a repository pattern as Docker normalises names (``nginx`` ->
-    ``docker.io/library/nginx``); patterns starting with a glob are left as written."""
-    if "@" in pattern or ":" in pattern.rpartition("/")[2] or pattern != pattern.strip():
-        raise FieldError(path, f"patterns name repositories (ghcr.io/acme/**), got {pattern!r}")
-    first, slash, rest = pattern.partition("/")
-    if "*" in first:
-        return pattern
-    if not slash or not is_registry_host(first):
-        first, rest = DOCKER_HUB, pattern
-    first = normalise_registry(first)
-    if first == DOCKER_HUB and "/" not in rest and "*" not in rest:
-        rest = f"library/{rest}"
-    return f"{first}/{rest}"
+    normalized = []
+    for i, pattern in enumerate(patterns):
+        if "@" in pattern or ":" in pattern.rpartition("/")[2]:
+            raise FieldError(f"{path}[{i}]", f"patterns name repositories (ghcr.io/acme/**), got {pattern!r}")
+        try:
+            normalized.append(normalize_pattern(pattern))
+        except NameInvalid as exc:
+            raise FieldError(f"{path}[{i}]", exc.message) from exc
+    return GlobSet.compile(normalized)
 
 
 def load_file(path: Path) -> tuple[Policy, ...]:

@@ -8,7 +8,6 @@ check`` (offline: no resolver, tags that ``resolveTags`` would pin count as pinn
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from proxy.errors import (
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import parse_manifest, pick_platform
-from proxy.oci.reference import ImageReference, is_registry_host
+from proxy.oci.reference import ImageReference
 from proxy.ops.metrics import Metrics
 from proxy.policy.active import PolicySet
 from proxy.policy.document import Policy
@@ -206,13 +206,7 @@ class Facts:
         """The image config (``config.User``, ``Env``, ``history``, ``created``, ...)."""
         image = await self.image_manifest(platform)
         data = await self.blob(image.parsed.children[0].digest)
-        try:
-            config = json.loads(data)
-        except ValueError as exc:
-            raise ResolutionFailed(f"config of {self.ref.name} is not JSON") from exc
-        if not isinstance(config, dict):
-            raise ResolutionFailed(f"config of {self.ref.name} is not an object")
-        return config
+        return jsondoc.parse_object(data, f"config of {self.ref.name}", error=ResolutionFailed)
 
     async def signatures(self, policy: SignaturePolicy, cache: VerificationCache) -> VerificationResult:
         """Verify the image's cosign signatures against ``policy`` (cached by digest)."""
@@ -385,7 +379,7 @@ def _mutated(site: ImageSite, ref: ImageReference, matching: tuple[Policy, ...])
     image already pinned (and moved) maps to itself."""
     mirror = next((p.rewrite_registry for p in matching if p.rewrite_registry), None)
     # A host with a port ("localhost:5000") cannot become a path component on the mirror.
-    if mirror is not None and ref.registry != mirror and is_registry_host(ref.registry) and ":" not in ref.registry:
+    if mirror is not None and ref.registry != mirror and ":" not in ref.registry:
         text = str(ImageReference(mirror, f"{ref.registry}/{ref.repository}", ref.tag, ref.digest))
     elif ref.digest is not None and "@" not in site.image:
         text = pin_text(site.image, ref.digest)

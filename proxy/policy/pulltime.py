@@ -49,7 +49,8 @@ class PullPolicy:
         current = self._policies.current
         if current is None:
             raise Denied("image policies are not loaded yet; pulls of covered images are refused")
-        ref = ImageReference(route.upstream, route.repository, None, manifest.digest)
+        # Policies name images by registry host, not by the upstream's configured name.
+        ref = ImageReference(self._mirror.router.registry(route.upstream), route.repository, None, manifest.digest)
         for policy in current.matching(ref, ""):
             for rule in policy.rules:
                 if isinstance(rule, Signatures):

@@ -9,11 +9,11 @@ memory or disk reads most of the time.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from proxy.errors import BlobUnknown, ManifestInvalid, ManifestUnknown, UpstreamUnavailable
+from proxy.errors import BlobUnknown, ManifestInvalid, ManifestUnknown, UpstreamError, UpstreamUnavailable
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.registry.blobs import BlobService, CachedBlob
 from proxy.registry.manifests import ManifestCache
@@ -82,5 +82,4 @@ class MirrorContent:
             return None
         if not supported:
             return None
-        index: dict[str, Any] = json.loads(body)
-        return index
+        return jsondoc.parse_object(body, "referrers index", error=UpstreamError)

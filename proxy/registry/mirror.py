@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -14,7 +13,8 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import Config
-from proxy.errors import NameUnknown, UpstreamError
+from proxy.errors import UpstreamError
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import OCI_INDEX
 from proxy.oci.reference import ImageReference
@@ -190,16 +190,13 @@ class Mirror:
         return MirrorContent(self.manifests, self.blobs, self.store, self.referrers_index, upstream)
 
     def route_image(self, ref: ImageReference) -> Route:
-        try:
-            return self.router.route(ref.repository, ref.registry)
-        except NameUnknown as exc:
-            raise NameUnknown(f"registry {ref.registry} is not mirrored by pullgate (no upstream)") from exc
+        return self.router.route_image(ref)
 
 
 def _filter_referrers(body: bytes, artifact_type: str) -> bytes:
+    index = jsondoc.parse_object(body, "upstream referrers answer", error=UpstreamError)
     try:
-        index: dict[str, Any] = json.loads(body)
         index["manifests"] = [m for m in index.get("manifests", []) if m.get("artifactType") == artifact_type]
-    except (ValueError, AttributeError, TypeError) as exc:
+    except (AttributeError, TypeError) as exc:
         raise UpstreamError("upstream referrers answer is not an index") from exc
     return json.dumps(index).encode()

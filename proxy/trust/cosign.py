@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from proxy.errors import DigestInvalid, SignatureInvalid
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import DOCKER_MANIFEST, OCI_MANIFEST
 from proxy.trust import rekor
@@ -91,13 +91,7 @@ Signature = SimpleSignature | BundleSignature
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SignatureInvalid(f"{what} is not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise SignatureInvalid(f"{what} is not a JSON object")
-    return doc
+    return jsondoc.parse_object(data, what, error=SignatureInvalid)
 
 
 def _digest(value: Any, what: str) -> Digest:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import SignatureInvalid
+from proxy.oci import jsondoc
 from proxy.trust.keys import VerifyingKey
 
 
@@ -54,9 +55,9 @@ class LogEntry:
     def covers(self, signature: bytes, payload: bytes) -> bool:
         """True when the logged body records ``signature`` over ``payload``."""
         try:
-            entry = json.loads(self.body)
+            entry = jsondoc.parse_object(self.body, "transparency log entry")
             return _covers(entry["kind"], entry["spec"], signature, payload)
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (jsondoc.JsonInvalid, ValueError, KeyError, TypeError, AttributeError):
             return False
 
 
@@ -87,7 +88,7 @@ def _b64(text: Any) -> bytes:
 def from_cosign_annotation(text: str) -> LogEntry:
     """Parse the legacy ``dev.sigstore.cosign/bundle`` annotation."""
     try:
-        doc = json.loads(text)
+        doc = jsondoc.parse_object(text, "cosign bundle annotation", error=SignatureInvalid)
         payload = doc["Payload"]
         return LogEntry(
             body=base64.b64decode(payload["body"], validate=True),

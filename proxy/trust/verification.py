@@ -17,7 +17,6 @@ result's notes; a key then reports "no signature found" unless another object sa
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from types import MappingProxyType
 from typing import Any, Protocol
 
 from proxy.errors import ConfigError, SignatureInvalid
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.trust import cosign
 from proxy.trust.cosign import REASON_RANK, Outcome, Reason, Signature
@@ -202,7 +202,7 @@ async def _bundles(source: SignatureSource, repository: str, digest: Digest) -> 
             got = await source.get_manifest(repository, tag)
             if got is None:
                 return [], []
-            index = _json(got[0], tag)
+            index = jsondoc.parse(got[0], tag, error=SignatureInvalid)
         references = cosign.bundle_manifests(index)
     except SignatureInvalid as exc:
         return [], [f"referrers of {digest}: {exc.message}"]
@@ -232,13 +232,6 @@ async def _blob(source: SignatureSource, repository: str, digest: Digest) -> byt
     if data is not None and Digest.of(data, digest.algorithm) != digest:
         return None  # a source that returns other bytes is as good as none
     return data
-
-
-def _json(data: bytes, what: str) -> Any:
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SignatureInvalid(f"{what} is not JSON: {exc}") from exc
 
 
 class VerificationCache:

@@ -17,15 +17,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
-from proxy.errors import PullgateError
+from proxy.errors import NameInvalid, PullgateError
 from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
 from proxy.oci.mediatypes import ParsedManifest
-from proxy.oci.reference import DOCKER_HUB, ImageReference
+from proxy.oci.reference import ImageReference, normalize_registry_pattern
 from proxy.policy import fields
 from proxy.trust.verification import SignaturePolicy, VerificationCache, VerificationResult
-
-_DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io")
 
 
 class ResolutionFailed(PullgateError):
@@ -163,16 +161,19 @@ def _require_digest(value: object, path: str, base: Path) -> Rule | None:
     return RequireDigest() if fields.boolean(value, path) else None
 
 
-def normalise_registry(host: str) -> str:
-    return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
-
-
 def _allowed_registries(value: object, path: str, base: Path) -> Rule | None:
+    """Registry hosts or host globs, normalized like references' hosts (``INDEX.DOCKER.IO``,
+    ``ghcr.io:443`` -> ``docker.io``, ``ghcr.io``)."""
     hosts = fields.string_list(value, path)
+    normalized = []
     for i, host in enumerate(hosts):
         if "/" in host or "@" in host:
             raise fields.FieldError(f"{path}[{i}]", f"expected a registry host, got {host!r}")
-    return AllowedRegistries(GlobSet.compile(normalise_registry(h) for h in hosts))
+        try:
+            normalized.append(normalize_registry_pattern(host))
+        except NameInvalid as exc:
+            raise fields.FieldError(f"{path}[{i}]", exc.message) from exc
+    return AllowedRegistries(GlobSet.compile(normalized))
 
 
 def _deny_tags(value: object, path: str, base: Path) -> Rule | None:

@@ -24,7 +24,6 @@ why, never a silent pass.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -34,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config.units import format_size
-from proxy.errors import PullgateError
+from proxy.errors import NameInvalid, PullgateError
+from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
-from proxy.oci.reference import DOCKER_HUB, ImageReference, is_registry_host
+from proxy.oci.reference import ImageReference, normalize_reference_pattern
 from proxy.policy import fields
 from proxy.policy.fields import FieldError
 from proxy.policy.rules.base import (
@@ -46,7 +46,6 @@ from proxy.policy.rules.base import (
     ImageFacts,
     ManifestDoc,
     ResolutionFailed,
-    normalise_registry,
 )
 from proxy.policy.rules.secretscan import Finding, scan_env, scan_text
 
@@ -64,7 +63,7 @@ FIELDS = (
     "requireLabels",
     "allowedBaseImages",
 )
-_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?$")
+_PLATFORM_RE = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?\Z")
 _ROOT_USERS = frozenset({"", "root", "0"})
 _ATTESTATION = "unknown/unknown"
 # Reproducible builds (distroless, ko, nix) stamp the epoch or Go's zero time: no build date.
@@ -287,9 +286,11 @@ def _timestamp(value: object) -> float | None:
 
 
 def _json(data: bytes) -> Mapping[str, Any]:
+    """A manifest's object for its annotations; the manifest parsed already, so this cannot
+    fail in practice — but an unreadable one has no annotations rather than an error."""
     try:
-        return _mapping(json.loads(data))
-    except ValueError:
+        return jsondoc.parse_object(data, "manifest")
+    except jsondoc.JsonInvalid:
         return {}
 
 
@@ -351,19 +352,9 @@ def _base_globs(value: object, path: str) -> GlobSet:
 
 
 def _base_pattern(pattern: str, path: str) -> str:
-    """Normalise the name part as Docker does (``python:*`` -> ``docker.io/library/python:*``);
-    names starting with a glob are left as written, and so is the tag or digest part."""
-    if pattern != pattern.strip() or " " in pattern or not pattern:
-        raise FieldError(path, f"expected an image pattern like docker.io/library/python:*, got {pattern!r}")
-    last = pattern.rfind("/") + 1
-    cut = min((i for i in (pattern.find(":", last), pattern.find("@", last)) if i >= 0), default=len(pattern))
-    name, suffix = pattern[:cut], pattern[cut:]
-    first, slash, rest = name.partition("/")
-    if "*" in first:
-        return pattern
-    if not slash or not is_registry_host(first):
-        first, rest = DOCKER_HUB, name
-    first = normalise_registry(first)
-    if first == DOCKER_HUB and "/" not in rest and not rest.startswith("*"):
-        rest = f"library/{rest}"
-    return f"{first}/{rest}{suffix}"
+    """A reference glob normalized by the reference rule (``python:*`` ->
+    ``docker.io/library/python:*``); the tag or digest part is kept as written."""
+    try:
+        return normalize_reference_pattern(pattern)
+    except NameInvalid as exc:
+        raise FieldError(path, f"expected an image pattern like docker.io/library/python:*: {exc.message}") from exc

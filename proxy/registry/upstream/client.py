@@ -27,11 +27,14 @@ from yarl import URL
 from proxy.config.settings import TimeoutConfig, UpstreamConfig
 from proxy.errors import (
     ManifestInvalid,
+    NameInvalid,
     UpstreamDenied,
     UpstreamError,
     UpstreamRateLimited,
     UpstreamUnavailable,
 )
+from proxy.oci import jsondoc
+from proxy.oci.reference import DOCKER_HUB, normalize_host
 from proxy.ops.limits import FetchLimiter
 from proxy.ops.metrics import Metrics
 from proxy.registry.upstream import netguard
@@ -40,11 +43,7 @@ from proxy.registry.upstream.challenge import Challenge, TokenCache, parse_chall
 # Token hosts of the big public registries, by API host. Only Docker Hub keeps its realm on
 # another host; ghcr.io, quay.io, gcr.io, public.ecr.aws serve tokens from the API host.
 # A registry's challenge may send our credentials to these hosts and its own, no others.
-WELL_KNOWN_AUTH_HOSTS: Mapping[str, tuple[str, ...]] = {
-    "registry-1.docker.io": ("auth.docker.io",),
-    "index.docker.io": ("auth.docker.io",),
-    "docker.io": ("auth.docker.io",),
-}
+WELL_KNOWN_AUTH_HOSTS: Mapping[str, tuple[str, ...]] = {DOCKER_HUB: ("auth.docker.io",)}
 _OWN_ADDRESSES_TTL = 60.0
 _REDIRECTS = (301, 302, 303, 307, 308)
 _MAX_REDIRECTS = 5
@@ -86,7 +85,8 @@ class RegistryClient:
         self._challenge: Challenge | None = None
         self._host = urlsplit(config.url).hostname or ""
         self._plain = urlsplit(config.url).scheme == "http"
-        self._auth_hosts = set(config.auth_hosts) or {self._host, *WELL_KNOWN_AUTH_HOSTS.get(self._host, ())}
+        known = WELL_KNOWN_AUTH_HOSTS.get(_registry_of(self._host), ())
+        self._auth_hosts = set(config.auth_hosts) or {self._host, *known}
         self._own: tuple[float, frozenset[netguard.IPAddress]] | None = None
         self._log = structlog.get_logger("pullgate.upstream").bind(upstream=self.name)
         # Set by the server: fetches for mirror clients count against proxy.ops.limits.
@@ -306,11 +306,13 @@ class RegistryClient:
                 if response.status != 200:
                     self._metrics.upstream_errors.labels(self.name, "auth").inc()
                     raise UpstreamDenied(f"upstream {self.name}: token endpoint answered {response.status}")
-                data = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                body = await _read_limited(response, _MAX_TOKEN_RESPONSE)
+        except (aiohttp.ClientError, TimeoutError, ManifestInvalid) as exc:
             self._metrics.upstream_errors.labels(self.name, "auth").inc()
             raise UpstreamUnavailable(f"upstream {self.name}: token request failed: {exc.__class__.__name__}") from exc
-        token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
+        what = f"upstream {self.name}: token response"
+        data = jsondoc.parse_object(body, what, max_depth=8, error=UpstreamUnavailable)
+        token = data.get("token") or data.get("access_token")
         if not isinstance(token, str) or not token:
             raise UpstreamDenied(f"upstream {self.name}: token endpoint returned no token")
         expires_in = data.get("expires_in")
@@ -339,6 +341,14 @@ async def _read_limited(response: aiohttp.ClientResponse, max_size: int) -> byte
         if len(body) > max_size:
             raise ManifestInvalid(f"upstream response exceeds {max_size} bytes")
     return bytes(body)
+
+
+def _registry_of(host: str) -> str:
+    """The host's one spelling (Docker Hub's API host -> ``docker.io``); as is if invalid."""
+    try:
+        return normalize_host(host)
+    except NameInvalid:
+        return host
 
 
 def describe_error(exc: BaseException) -> str:
