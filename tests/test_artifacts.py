@@ -44,7 +44,7 @@ def index(*entries: dict[str, Any], **extra: Any) -> bytes:
     return json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list(entries), **extra}).encode()
 
 
-BUNDLE_NOTE = {"annotations": {"note": f"signed: {SIGSTORE_BUNDLE}", SIGSTORE_BUNDLE: "yes"}}
+BUNDLE_NOTE: dict[str, Any] = {"annotations": {"note": f"signed: {SIGSTORE_BUNDLE}", SIGSTORE_BUNDLE: "yes"}}
 
 
 @pytest.mark.parametrize(
