@@ -66,11 +66,19 @@ class World:
         assert doc["mediaType"] == OCI_INDEX or digest == descriptor.digest, "the registry holds the crafted bytes"
         return digest
 
-    async def status(self, name: str, reference: str, method: str = "GET", *, direct: bool = False) -> Any:
-        """The mirror's status for a manifest (or, ``direct``, the registry's digest)."""
+    async def status(
+        self, name: str, reference: str, method: str = "GET", *, direct: bool = False, spelling: str = "default"
+    ) -> Any:
+        """The mirror's status for a manifest (or, ``direct``, the registry's digest), with the
+        repository named as the default upstream's, by path prefix or by ``ns``."""
         base = self.registry.url if direct else self.mirror
         headers = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
-        url = f"{base}/v2/{self.repo}/single/{name}/manifests/{reference}"
+        path = f"{self.repo}/single/{name}/manifests/{reference}"
+        url = {
+            "default": f"{base}/v2/{path}",
+            "prefix": f"{base}/v2/docker.io/{path}",
+            "ns": f"{base}/v2/{path}?ns=docker.io",
+        }[spelling]
         async with self.session.request(method, url, headers=headers) as response:
             await response.read()
             return response.headers.get("Docker-Content-Digest") if direct else response.status
@@ -123,6 +131,16 @@ async def test_unsigned_image_is_refused_whatever_it_claims(world: World) -> Non
     for reference in ("1", annotated.manifest_digest, "typed", typed):
         for method in ("GET", "HEAD"):
             assert await world.status("annotated", reference, method) == 403, (reference, method)
+
+
+@pytest.mark.parametrize("spelling", ["default", "prefix", "ns"])
+async def test_disguises_are_refused_under_every_repository_spelling(world: World, spelling: str) -> None:
+    signed = await world.push_image("target", "1")
+    tag = sig_tag(signed.manifest_digest)
+    disguised = await world.push_image("target", tag, annotations=BUNDLE_NOTE)
+    for reference in (tag, disguised.manifest_digest):
+        for method in ("GET", "HEAD"):
+            assert await world.status("target", reference, method, spelling=spelling) == 403, (reference, method)
 
 
 @pytest.mark.parametrize(

@@ -136,6 +136,17 @@ async def test_backoff_doubles_is_per_realm_and_forgets_on_success() -> None:
     backoff.check("https://a/token")
 
 
+def test_backoff_memory_is_bounded() -> None:
+    """A hostile upstream naming a new realm on every 401 cannot grow the memory."""
+    backoff = RealmBackoff()
+    for i in range(1000):
+        backoff.failed(f"https://registry.example/token?n={i}", UpstreamDenied("no"))
+    backoff.check("https://registry.example/token?n=0")  # forgotten long ago
+    with pytest.raises(UpstreamDenied):
+        backoff.check("https://registry.example/token?n=999")
+    assert len(backoff._failures) == 256
+
+
 # --- a gate: an upstream whose Bearer realm the test chooses --------------------------------
 @dataclass
 class Gate:

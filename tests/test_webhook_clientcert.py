@@ -154,6 +154,25 @@ async def test_who_may_call_the_webhook(
         assert (answer if answer == REFUSED else answer[0]) == probe, path
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/healthz/../mutate",
+        "/readyz/%2e%2e/mutate",
+        "//mutate",
+        "/mutate/",
+        "/MUTATE",
+        "/mutate?x=/healthz",
+        "/%6dutate",
+    ],
+)
+async def test_probe_paths_open_no_way_to_the_reviews(listener: Listener, pki: Pki, path: str) -> None:
+    """Without a certificate, no spelling of a path reaches a review handler."""
+    answer = await call(listener.url(path), client_context(pki, "none"), {"kind": "AdmissionReview"})
+    assert answer != REFUSED and answer[0] in (403, 404, 405), answer
+    assert listener.reached == []
+
+
 async def test_a_refused_caller_is_logged_without_its_request(listener: Listener, pki: Pki) -> None:
     with structlog.testing.capture_logs() as logs:
         answer = await call(listener.url("/mutate"), client_context(pki, "none"), {"secret": "x"})

@@ -143,6 +143,7 @@ class AuthOrigins:
 # --- failure memory -----------------------------------------------------------------------
 _BACKOFF_FIRST = 1.0
 _BACKOFF_MAX = 60.0
+_BACKOFF_REALMS = 256  # realms remembered per upstream: a hostile one may vary its realm per request
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +179,10 @@ class RealmBackoff:
         if previous is not None and previous.until > now:
             return  # a concurrent request's failure: one outage, one step of backoff
         delay = self._first if previous is None else min(previous.delay * 2, self._most)
+        self._failures.pop(realm, None)
         self._failures[realm] = _Failure(now + delay, delay, type(error), error.message)
+        while len(self._failures) > _BACKOFF_REALMS:  # oldest failure first
+            del self._failures[next(iter(self._failures))]
 
     def succeeded(self, realm: str) -> None:
         self._failures.pop(realm, None)
