@@ -1,7 +1,8 @@
 """Fuzzing: property-based (hypothesis) over everything a client or an upstream controls —
 request paths, ``ns``, references, digests, ``Range``, ``Authorization``, manifests,
 AdmissionReview JSON and policy YAML — and a short coverage-guided run (atheris, ``fuzz/``)
-over the reference/digest parsers and the manifest parser, whose corpus is also replayed.
+over the reference/digest parsers, the manifest parser, signature-artifact recognition and
+token-realm origins, whose corpora are also replayed.
 
 The properties: parsers return or raise their ``PullgateError`` (never anything else);
 the live mirror answers every request within a few seconds with a status below 500 and,
@@ -48,7 +49,7 @@ from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
-TARGETS = ("fuzz_reference", "fuzz_manifest")
+TARGETS = ("fuzz_reference", "fuzz_manifest", "fuzz_artifacts", "fuzz_origin")
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- strategies -------------------------------------------------------------------------------
