@@ -97,7 +97,7 @@ async def test_round_trip_keeps_bytes_tags_and_attachments(
     amd = await source.image("library/app", layers=[20_000, 300])
     arm = await source.image("library/app", layers=[20_000, 400], platform="linux/arm64")
     index = await source.index("library/app", "1", [amd, arm])
-    signature = await source.image("library/app", sig_tag(index), layers=[b"signature"])
+    signature = await source.signature("library/app", index, b"signature")
     referrer = await source.image("library/app", None, layers=[b"sbom"], subject=index)
     tool = await source.image("acme/tool", "2", upstream="ghcr.io")
     archive = export(source, ["app:1", "ghcr.io/acme/tool:2"], tmp_path / "out.tar")
@@ -149,7 +149,7 @@ async def test_plan_export(
     }
     await source.index("library/app", "1", [amd, absent])
     single = await source.image("library/single", "1")
-    await source.image("library/single", sig_tag(single), layers=[b"sig"])
+    await source.signature("library/single", single, b"sig")
     refs = [r.replace("DIGEST", single["digest"]) for r in refs]
     if error is not None:
         with pytest.raises(error):

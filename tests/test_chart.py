@@ -33,6 +33,7 @@ import yaml
 
 from proxy.config.settings import Config, load_config
 from proxy.config.units import parse_duration
+from tests.support.certs import make_ca
 from tests.support.procs import free_port, http_status, start_daemon, stop_daemon, wait_until
 
 helm = pytest.importorskip("helm_python", reason="pip install '.[test]' (helm-python-sdk)")
@@ -93,6 +94,7 @@ EVERYTHING: dict[str, Any] = {
         "enabled": True,
         "mirrorFrom": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
         "metricsFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
+        "apiServer": {"cidrs": ["10.0.0.0/24"]},
     },
 }
 
@@ -305,6 +307,7 @@ def test_values_schema_covers_pullgate_config() -> None:
         "admission.listen",
         "admission.tls_cert",
         "admission.tls_key",
+        "admission.client_ca",  # webhook.clientCA
     }
 
     def keys(cls: type[Any], prefix: str = "") -> set[str]:
@@ -450,7 +453,8 @@ def test_optional_objects_follow_values(chart: Any) -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     policy = find(everything, "NetworkPolicy")
     mirror_rule, webhook_rule = policy["spec"]["ingress"]
-    assert {"ipBlock": {"cidr": "10.0.0.0/16"}} in mirror_rule["from"] and "from" not in webhook_rule
+    assert {"ipBlock": {"cidr": "10.0.0.0/16"}} in mirror_rule["from"]
+    assert webhook_rule["from"] == [{"ipBlock": {"cidr": "10.0.0.0/24"}}], "the API server only"
 
 
 def test_policies_from_values_or_an_existing_configmap(chart: Any) -> None:
@@ -590,6 +594,7 @@ class Pod:
     objects: list[dict[str, Any]]
     root: Path
     secrets: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # ones the chart only references
+    config_maps: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # likewise
     ports: dict[str, int] = dataclasses.field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -607,7 +612,9 @@ class Pod:
             target = self.local(mount["mountPath"])
             target.mkdir(parents=True, exist_ok=True)
             volume = volumes[mount["name"]]
-            if "configMap" in volume:
+            if "configMap" in volume and volume["configMap"]["name"] in self.config_maps:
+                data = self.config_maps[volume["configMap"]["name"]]
+            elif "configMap" in volume:
                 data = find(self.objects, "ConfigMap", volume["configMap"]["name"])["data"]
             elif "secret" in volume and volume["secret"]["secretName"] in self.secrets:
                 data = self.secrets[volume["secret"]["secretName"]]
@@ -627,8 +634,9 @@ class Pod:
         config["policies"] = str(self.local(config["policies"]))
         if config["admission"]["enabled"]:
             config["admission"]["listen"] = f"127.0.0.1:{self.ports['webhook']}"
-            for key in ("tls_cert", "tls_key"):
-                config["admission"][key] = str(self.local(config["admission"][key]))
+            for key in ("tls_cert", "tls_key", "client_ca"):
+                if config["admission"].get(key):
+                    config["admission"][key] = str(self.local(config["admission"][key]))
         for section in (config, config.get("access", {})):
             for key in ("tls_cert", "tls_key", "htpasswd", "tokens"):
                 if section.get(key):
@@ -940,3 +948,126 @@ def test_admission_deadline_is_below_every_allowed_timeout(chart: Any, tmp_path:
         config = rendered_config(objects, tmp_path)
         assert 0 < config.admission.deadline < timeout
         assert parse_duration(f"{timeout}s") == webhooks(objects)["ValidatingWebhookConfiguration"]["timeoutSeconds"]
+
+
+# --- who may call the webhook (issue 13 finding 10) -----------------------------------------
+KONNECTIVITY = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+    "podSelector": {"matchLabels": {"k8s-app": "konnectivity-agent"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("network_policy", "webhook_from"),
+    [
+        ({"apiServer": {"cidrs": ["10.0.0.0/24", "fd00:10::/64"]}},
+         [{"ipBlock": {"cidr": "10.0.0.0/24"}}, {"ipBlock": {"cidr": "fd00:10::/64"}}]),
+        ({"apiServer": {"peers": [KONNECTIVITY]}}, [KONNECTIVITY]),
+        ({"apiServer": {"cidrs": ["10.0.0.0/24"], "peers": [KONNECTIVITY]}},
+         [{"ipBlock": {"cidr": "10.0.0.0/24"}}, KONNECTIVITY]),
+        # webhookFrom replaces the API server's peers (anyone, if the operator insists).
+        ({"apiServer": {"cidrs": ["10.0.0.0/24"]}, "webhookFrom": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]},
+         [{"ipBlock": {"cidr": "0.0.0.0/0"}}]),
+    ],
+)  # fmt: skip
+def test_network_policy_admits_only_the_api_server_to_the_webhook(
+    chart: Any, network_policy: dict[str, Any], webhook_from: list[dict[str, Any]]
+) -> None:
+    objects = render(chart, {"networkPolicy": {"enabled": True, **network_policy}})
+    policy = find(objects, "NetworkPolicy")
+    for version in KUBE_VERSIONS:
+        kubernetes_validate.validate(strip(policy), version, strict=True)
+    (webhook_rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "webhook"]
+    assert webhook_rule["from"] == webhook_from, "never a rule without 'from' (that admits anyone)"
+
+
+def test_network_policy_without_the_api_servers_address_fails_to_install(chart: Any) -> None:
+    """The chart cannot know where the API server calls from; it will not guess "anyone"."""
+    with pytest.raises(helm.HelmError) as failure:
+        chart.render({"networkPolicy": {"enabled": True}}, name=NAME, namespace=NAMESPACE, is_install=True)
+    assert "networkPolicy.apiServer.cidrs" in str(failure.value)
+    without_webhook = render(chart, {"networkPolicy": {"enabled": True}, "webhook": {"enabled": False}})
+    assert [r["ports"][0]["port"] for r in find(without_webhook, "NetworkPolicy")["spec"]["ingress"]] == ["http"]
+
+
+@pytest.mark.parametrize(
+    ("client_ca", "volume", "error"),
+    [
+        ({"configMap": "apiserver-client-ca"}, {"configMap": {"name": "apiserver-client-ca"}}, None),
+        ({"secret": "apiserver-client-ca", "key": "ca.pem"}, {"secret": {"secretName": "apiserver-client-ca"}}, None),
+        ({"configMap": "a", "secret": "b"}, None, "set configMap or secret, not both"),
+        ({"configMap": "a", "key": "../etc/passwd"}, None, "key"),
+    ],
+)
+def test_webhook_client_ca_is_mounted_where_the_config_points(
+    chart: Any, tmp_path: Path, client_ca: dict[str, str], volume: dict[str, Any] | None, error: str | None
+) -> None:
+    values = {"webhook": {"clientCA": client_ca}}
+    if error is not None:
+        with pytest.raises(helm.HelmError) as failure:
+            chart.render(values, name=NAME, namespace=NAMESPACE, is_install=True)
+        assert error in str(failure.value)
+        return
+    assert volume is not None
+    objects = render(chart, values)
+    config = rendered_config(objects, tmp_path)
+    key = client_ca.get("key", "ca.crt")
+    assert str(config.admission.client_ca) == f"/etc/pullgate/admission-client-ca/{key}"
+    volumes = {v["name"]: v for v in workload(objects)["spec"]["template"]["spec"]["volumes"]}
+    kind = next(iter(volume))
+    assert volumes["webhook-client-ca"][kind].items() >= volume[kind].items()
+    assert volumes["webhook-client-ca"][kind]["items"] == [{"key": key, "path": key}]
+    mounts = {m["name"]: m["mountPath"] for m in container(objects)["volumeMounts"]}
+    assert mounts["webhook-client-ca"] == "/etc/pullgate/admission-client-ca"
+
+
+def test_rendered_pod_with_client_ca_answers_only_the_api_server(chart: Any, tmp_path: Path) -> None:
+    """The pod as rendered with webhook.clientCA: the kubelet's probes (no certificate) pass,
+    a review without a client certificate gets 403, one from another CA fails the TLS
+    handshake, and the API server's certificate is answered."""
+    pki = tmp_path / "pki"
+    apiserver_ca, other_ca = make_ca(pki, "apiserver-client-ca"), make_ca(pki, "other-ca")
+    apiserver, stranger = apiserver_ca.issue(pki, "kube-apiserver"), other_ca.issue(pki / "other", "kube-apiserver")
+    values = {
+        "policies": {"files": {"no-latest.yaml": (ROOT / "policies" / "no-latest.yaml").read_text()}},
+        "webhook": {"clientCA": {"configMap": "apiserver-client-ca"}},
+    }
+    objects = render(chart, values)
+    main = container(objects)
+    ca = base64.b64decode(find(objects, "Secret", f"{FULLNAME}-webhook-tls")["data"]["ca.crt"]).decode()
+    server_name = f"{FULLNAME}.{NAMESPACE}.svc"
+    anonymous = ssl.create_default_context(cadata=ca)
+    config_maps = {"apiserver-client-ca": {"ca.crt": apiserver_ca.pem.read_text()}}
+    with Pod(objects, tmp_path / "pod", config_maps=config_maps) as pod:
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            get = main[probe]["httpGet"]
+            url = pod.url(get["port"], get["path"], get.get("scheme", "HTTP").lower())
+            wait_until(
+                functools.partial(probe_passes, url, anonymous, server_name),
+                timeout=20,
+                what=f"{probe} {url}",
+                proc=pod.proc,
+                log=pod.log,
+            )
+        review = json.loads((ROOT / "tests" / "data" / "admission" / "pod-create-dev.json").read_text())
+        url = pod.url("webhook", webhooks(objects)["ValidatingWebhookConfiguration"]["clientConfig"]["service"]["path"])
+        url = url.replace("http://", "https://")
+        assert https_post(url, review, anonymous, server_name)[0] == 403
+        foreign = ssl.create_default_context(cadata=ca)
+        foreign.load_cert_chain(*stranger)
+        assert answer_or_refusal(url, review, foreign, server_name) == "refused"
+        trusted = ssl.create_default_context(cadata=ca)
+        trusted.load_cert_chain(*apiserver)
+        status, body = https_post(url, review, trusted, server_name)
+    assert status == 200 and json.loads(body)["response"]["allowed"] is True
+
+
+def answer_or_refusal(url: str, payload: Any, context: ssl.SSLContext, server_name: str) -> tuple[int, str] | str:
+    """``https_post``, or ``"refused"`` when the server ended the TLS session without an
+    HTTP answer (with TLS 1.3 a rejected client certificate surfaces on the first read)."""
+    try:
+        return https_post(url, payload, context, server_name)
+    except (ssl.SSLError, ConnectionError):
+        return "refused"
+    except IndexError:  # no status line: the connection closed before any response
+        return "refused"

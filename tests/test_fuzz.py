@@ -1,8 +1,9 @@
 """Fuzzing: property-based (hypothesis) over everything a client or an upstream controls —
 request paths, ``ns``, references, digests, ``Range``, ``Authorization``, manifests,
 AdmissionReview JSON and policy YAML — and a short coverage-guided run (atheris, ``fuzz/``)
-over the reference/digest parsers and the naming rule, the manifest parser and the
-untrusted-JSON parser, whose corpus is also replayed.
+over the reference/digest parsers and the naming rule, the manifest parser, the
+untrusted-JSON parser, signature-artifact recognition and token-realm origins, whose corpora
+are also replayed.
 
 The properties: parsers return or raise their ``PullgateError`` (never anything else);
 normalizing is idempotent and no spelling of a host changes a reference; no JSON document
@@ -62,7 +63,7 @@ from tests.support.procs import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FUZZ = ROOT / "fuzz"
-TARGETS = ("fuzz_reference", "fuzz_manifest", "fuzz_json")
+TARGETS = ("fuzz_reference", "fuzz_manifest", "fuzz_json", "fuzz_artifacts", "fuzz_origin")
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- strategies -------------------------------------------------------------------------------

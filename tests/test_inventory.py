@@ -21,6 +21,7 @@ from proxy.config.settings import CacheConfig, Config, UpstreamConfig
 from proxy.errors import NameInvalid, NameUnknown, PullgateError
 from proxy.inventory import listing
 from proxy.inventory.images import ImageNotCached, Inventory
+from proxy.oci.artifacts import SIMPLESIGNING
 from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
 from proxy.oci.mediatypes import OCI_INDEX, OCI_MANIFEST, parse_manifest
@@ -97,6 +98,13 @@ class CacheContent:
         desc = await self.manifest(repo, doc, tag, upstream)
         return {**desc, "platform": {"os": os_, "architecture": arch}}
 
+    async def signature(self, repo: str, of: Desc, payload: bytes = b"") -> Desc:
+        """A cosign legacy signature of ``of`` under its ``sha256-<hex>.sig`` tag: a
+        simplesigning layer (the structure that makes it a signature, not the tag)."""
+        document = json.dumps({"critical": {"image": {"docker-manifest-digest": of["digest"]}}, "n": payload.hex()})
+        layer = await self.blob(document.encode(), SIMPLESIGNING)
+        return await self.image(repo, sig_tag(of), layers=[layer])
+
     async def index(self, repo: str, tag: str | None, children: Sequence[Desc], upstream: str = "docker.io") -> Desc:
         doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list(children)}
         return await self.manifest(repo, doc, tag, upstream)
@@ -129,7 +137,7 @@ async def test_ls_lists_root_images_with_tags_platforms_and_sizes(content: Cache
     index = await content.index("library/app", "1", [amd, arm])
     content.catalog.set_tag("docker.io", "library/app", "latest", Digest.parse(index["digest"]), time.time())
     one = await content.image("acme/tool", "2", layers=[300], upstream="ghcr.io", platform="linux/arm64")
-    await content.image("library/app", sig_tag(index), layers=[b"signature"])
+    await content.signature("library/app", index, b"signature")
 
     images = {i.reference(): i for i in content.inventory().images()}
     assert set(images) == {"docker.io/library/app:1", "ghcr.io/acme/tool:2"}  # the signature is an attachment
@@ -144,6 +152,21 @@ async def test_ls_lists_root_images_with_tags_platforms_and_sizes(content: Cache
     assert [i.subject for i in every if i.subject] == [index["digest"]]
     only = content.inventory().images(GlobSet.compile(["ghcr.io/**"]))
     assert [i.repository for i in only] == ["acme/tool"]
+
+
+async def test_a_signature_shaped_tag_does_not_make_an_attachment(content: CacheContent) -> None:
+    """Issue 13: what is a signature is decided by the artifact, not the tag. A runnable
+    image pushed under ``sha256-<hex>.sig`` (or ``sha256-<hex>``) is listed as an image,
+    exported and pruned as one; a real signature under the same kind of tag is an attachment."""
+    app = await content.image("library/app", "1")
+    disguised = await content.image("library/app", sig_tag(app), layers=[700])
+    bare = await content.image("library/app", str(app["digest"]).replace(":", "-"), layers=[800])
+    real = await content.signature("library/app", disguised)
+    every = {i.digest: i for i in content.inventory().images(attachments=True)}
+    assert every[disguised["digest"]].subject is None and every[bare["digest"]].subject is None
+    assert every[real["digest"]].subject == disguised["digest"]
+    listed = {i.digest for i in content.inventory().images()}
+    assert listed == {app["digest"], disguised["digest"], bare["digest"]}
 
 
 async def test_partial_index_reports_missing_platforms(content: CacheContent) -> None:
@@ -233,10 +256,10 @@ async def prune_scene(content: CacheContent) -> dict[str, Desc]:
     amd = await content.image("library/app", layers=[base, 100])
     arm = await content.image("library/app", layers=[base, 200], platform="linux/arm64")
     scene = {"app": await content.index("library/app", "1", [amd, arm]), "amd": amd, "base": base}
-    scene["app-sig"] = await content.image("library/app", sig_tag(scene["app"]), layers=[b"sig-app"])
+    scene["app-sig"] = await content.signature("library/app", scene["app"], b"sig-app")
     scene["web"] = await content.image("library/web", "1", layers=[base, 300])
     scene["old"] = await content.image("library/old", "1", layers=[400])
-    scene["old-sig"] = await content.image("library/old", sig_tag(scene["old"]), layers=[b"sig-old"])
+    scene["old-sig"] = await content.signature("library/old", scene["old"], b"sig-old")
     scene["tool"] = await content.image("acme/tool", "1", layers=[500], upstream="ghcr.io")
     scene["stale-orphan"] = await content.blob(os.urandom(50))
     scene["fresh-orphan"] = await content.blob(os.urandom(60))

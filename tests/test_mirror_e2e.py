@@ -125,7 +125,11 @@ async def test_token_auth_upstream(
     image = image_factory.image("2", layers=[40_000, 1_000])
     await auth_registry.apush(image.layout, "2", f"{repo}:2")
     upstream = UpstreamConfig(
-        "docker.io", auth_registry.url, username=user, password_env="PULLGATE_TEST_UPSTREAM_PASSWORD"
+        "docker.io",
+        auth_registry.url,
+        username=user,
+        password_env="PULLGATE_TEST_UPSTREAM_PASSWORD",
+        auth_hosts=(token_server.url,),  # the token issuer's origin: another port of 127.0.0.1
     )
     server = await aiohttp_server(create_app(upstream_config(tmp_path, upstream)))
     before = token_server.request_count

@@ -177,6 +177,7 @@ def test_daemon_log_and_metrics_hold_no_secret(
     config = mirror_config(tmp_path, auth_registry.url, "HYGIENE_UPSTREAM_PASSWORD", "HYGIENE_TOKEN_KEY")
     settings: dict[str, Any] = json.loads(json.dumps(config.redacted(), default=str))
     settings["upstreams"][0]["username"] = user
+    settings["upstreams"][0]["auth_hosts"] = [token_server.url]  # the issuer's origin (another port)
     for key in ("listen", "tls_cert", "tls_key", "policies", "admission"):
         settings.pop(key)
     with Daemon(tmp_path / "daemon", auth_registry.url, **settings) as daemon:

@@ -20,7 +20,10 @@ credentials); authenticated ones get ``403``.
 
 Wrong credentials are always ``401``, never a silent fall-back to anonymous. Failed logins
 are counted per source address: past ``failed_login_limit`` a minute the address gets
-``429`` without its credentials being checked at all, so guessing cannot go on.
+``429`` without its credentials being checked at all, so guessing cannot go on. A password
+guess counts from the moment its check starts, and an address or a user name has at most
+``_CHECKS_PER_KEY`` checks running at once (more get ``429`` at once): however many requests
+arrive together, an address gets at most ``failed_login_limit`` guesses a minute.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import hmac
 import os
 import time
 from collections import OrderedDict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -44,14 +48,17 @@ from proxy.config.settings import AccessConfig
 from proxy.errors import ConfigError, Denied, Unauthorized
 from proxy.oci.globs import GlobSet
 from proxy.ops.filewatch import Stamp, stamp
-from proxy.ops.limits import FailureWindow, TooManyRequests, client_key
+from proxy.ops.limits import Attempt, FailureWindow, KeyedSlots, TooManyRequests, client_key
 from proxy.ops.metrics import Metrics
 from proxy.registry.routing import Route
 
 _REFRESH_INTERVAL = 1.0  # how often (at most) the credential files are stat()ed
 _CACHE_ENTRIES = 10_000
 _VERIFY_SLOTS = 4  # concurrent slow hash verifications (threads); more would starve the pool
+_CHECKS_PER_KEY = 2  # password checks running at once per source address, and per user name
 _MAX_CREDENTIAL = 1024
+# Failures a password check already counted when it started (FailureWindow.begin).
+_COUNTED_BY_ATTEMPT = frozenset({"bad_password", "unknown_user"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +182,8 @@ class Access:
         self.tokens = AccessTokens(_token_key(config), config.token_ttl)
         self._metrics = metrics
         self._failures = FailureWindow(config.failed_login_limit)
+        self._address_checks = KeyedSlots(_CHECKS_PER_KEY)
+        self._user_checks = KeyedSlots(_CHECKS_PER_KEY)
         self._basic_challenge = {"WWW-Authenticate": f'Basic realm="{config.realm}", charset="UTF-8"'}
         # Verified passwords, keyed by an HMAC under a per-process key (not a bare hash of
         # the password), expiring after credential_cache_ttl or when the files change.
@@ -202,9 +211,9 @@ class Access:
         address = client_key(remote)
         wait = self._failures.retry_after(address)
         if wait:
-            self._metrics.auth_failures.labels("rate_limited").inc()
-            self._log.warning("auth_rate_limited", remote=remote, retry_after=round(wait, 1))
-            raise TooManyRequests("too many failed logins; retry later", headers={"Retry-After": str(int(wait) + 1)})
+            error = TooManyRequests("too many failed logins; retry later", headers={"Retry-After": str(int(wait) + 1)})
+            self._rate_limited(remote, error)
+            raise error
         self.files.refresh()
         scheme, _, value = authorization.strip().partition(" ")
         scheme, value = scheme.lower(), value.strip()
@@ -215,17 +224,27 @@ class Access:
         elif scheme == "bearer":
             identity, reason, user = self._static_token(value), "bad_token", None
         elif scheme == "basic":
-            identity, reason, user = await self._basic(value)
+            try:
+                identity, reason, user = await self._basic(value, address)
+            except TooManyRequests as exc:
+                self._rate_limited(remote, exc)
+                raise
         else:
             identity, reason, user = None, "malformed", None
         if not isinstance(identity, Identity):
             self._failed(address, remote, reason, scheme, user, challenge)
         return identity
 
+    def _rate_limited(self, remote: str | None, error: TooManyRequests) -> None:
+        self._metrics.auth_failures.labels("rate_limited").inc()
+        retry_after = error.headers.get("Retry-After")
+        self._log.warning("auth_rate_limited", remote=remote, retry_after=retry_after, reason=error.message)
+
     def _failed(
         self, address: str, remote: str | None, reason: str, scheme: str, user: str | None, challenge: dict[str, str]
     ) -> NoReturn:
-        self._failures.record(address)
+        if reason not in _COUNTED_BY_ATTEMPT:
+            self._failures.record(address)
         self._metrics.auth_failures.labels(reason).inc()
         self._metrics.access_decisions.labels("unauthorized").inc()
         # The user name only when it exists: a typed password in the name field must not
@@ -255,7 +274,7 @@ class Access:
         name = self.files.tokens.get(token_digest(token))
         return None if name is None else Identity(name, self.rules.groups_of(name), "token")
 
-    async def _basic(self, value: str) -> tuple[Identity | None, str, str | None]:
+    async def _basic(self, value: str, address: str) -> tuple[Identity | None, str, str | None]:
         try:
             decoded = base64.b64decode(value, validate=True).decode()
         except (binascii.Error, UnicodeDecodeError):
@@ -270,11 +289,11 @@ class Access:
         if token_name is not None and hmac.compare_digest(token_name.encode(), user.encode()):
             return Identity(user, self.rules.groups_of(user), "token"), "", user
         known = user in self.files.users
-        if await self._verify(user, password):
+        if await self._verify(user, password, address):
             return Identity(user, self.rules.groups_of(user), "password"), "", user
         return None, "bad_password" if known else "unknown_user", user if known else None
 
-    async def _verify(self, user: str, password: str) -> bool:
+    async def _verify(self, user: str, password: str, address: str) -> bool:
         key = hmac.new(self._cache_key, f"{user}\0{password}".encode(), "sha256").digest()
         now = time.monotonic()
         cached = self._verified.get(key)
@@ -283,8 +302,8 @@ class Access:
         pending = self._pending.get(key)
         if pending is None:
             # Concurrent requests with the same credentials (containerd fetches layers in
-            # parallel) share one slow verification.
-            pending = asyncio.ensure_future(self._slow_verify(user, password))
+            # parallel) share one slow verification: one guess, counted once.
+            pending = self._start_check(user, password, address)
             self._pending[key] = pending
             pending.add_done_callback(lambda _: self._pending.pop(key, None))
         ok = await asyncio.shield(pending)
@@ -294,6 +313,26 @@ class Access:
             while len(self._verified) > _CACHE_ENTRIES:
                 self._verified.popitem(last=False)
         return ok
+
+    def _start_check(self, user: str, password: str, address: str) -> asyncio.Future[bool]:
+        """A new guess: counted against the address before it runs (``TooManyRequests`` when
+        the address has no guess left, or it or the user name has too many checks running)."""
+        guard = ExitStack()
+        try:
+            attempt = guard.enter_context(self._failures.begin(address))
+            guard.enter_context(self._address_checks.hold(address))
+            guard.enter_context(self._user_checks.hold(user))
+        except TooManyRequests:
+            guard.close()
+            raise
+        return asyncio.ensure_future(self._check(user, password, attempt, guard))
+
+    async def _check(self, user: str, password: str, attempt: Attempt, guard: ExitStack) -> bool:
+        with guard:  # held until the check ends, whoever stops waiting for it
+            ok = await self._slow_verify(user, password)
+            if not ok:
+                attempt.failed()
+            return ok
 
     async def _slow_verify(self, user: str, password: str) -> bool:
         stored = self.files.users.get(user)

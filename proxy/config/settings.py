@@ -115,6 +115,9 @@ class AdmissionConfig:
     listen: tuple[str, int] = _listen("0.0.0.0:8443")
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # CA (PEM) whose client certificates may call /validate and /mutate: the API server's,
+    # when an AdmissionConfiguration gives it one. Unset: any caller that reaches the port.
+    client_ca: Path | None = None
     deadline: float = _duration("8s")
     on_timeout: Literal["allow", "deny"] = "deny"
     max_body_size: int = _size("3MiB")
@@ -348,6 +351,8 @@ def _check(config: Config) -> None:
         raise ConfigError("cache.low_water: must be in (0, 1]")
     if (config.admission.tls_cert is None) != (config.admission.tls_key is None):
         raise ConfigError("admission.tls_cert: tls_cert and tls_key go together")
+    if config.admission.client_ca is not None and config.admission.tls_cert is None:
+        raise ConfigError("admission.client_ca: client certificates need TLS (admission.tls_cert and tls_key)")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ConfigError("tls_cert: tls_cert and tls_key go together")
     for i, upstream in enumerate(config.upstreams):

@@ -1,13 +1,22 @@
 """The admission webhook's own listener: ``admission.listen``, TLS from ``admission.tls_cert``
 and ``tls_key`` (reloaded when the files change), separate from the mirror's port so the API
-server's traffic and the nodes' pulls never share a socket or a middleware chain."""
+server's traffic and the nodes' pulls never share a socket or a middleware chain.
+
+``/mutate`` resolves tags of private upstreams with the mirror's credentials, so the port
+must not answer just anyone who reaches it. With ``admission.client_ca`` the listener asks
+for a client certificate (the API server presents one when its AdmissionConfiguration
+names a kubeconfig with it: https://kubernetes.io/docs/reference/access-authn-authz/extensible-admission-controllers/#authenticate-apiservers)
+and ``/validate`` and ``/mutate`` answer only connections that presented one signed by that
+CA; ``/healthz`` and ``/readyz`` stay open for the kubelet's probes, which carry none."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
 from structlog.typing import FilteringBoundLogger
 
@@ -35,7 +44,9 @@ async def run_webhook(
     host, port = admission.listen
     tls = None
     if admission.tls_cert is not None and admission.tls_key is not None:
-        tls = ReloadingTLS(admission.tls_cert, admission.tls_key, logger)
+        tls = ReloadingTLS(admission.tls_cert, admission.tls_key, logger, client_ca=admission.client_ca)
+        if admission.client_ca is not None:
+            app.middlewares.append(require_client_certificate)
     else:
         logger.warning(
             "admission_tls_disabled",
@@ -48,7 +59,8 @@ async def run_webhook(
         site = web.TCPSite(runner, host, port, ssl_context=tls.context if tls else None)
         await site.start()
         bound = runner.addresses[0][1]
-        logger.info("admission_listening", listen=f"{host}:{bound}", tls=tls is not None)
+        client_ca = tls is not None and tls.client_ca is not None
+        logger.info("admission_listening", listen=f"{host}:{bound}", tls=tls is not None, client_ca=client_ca)
         async with tls.running() if tls else contextlib.nullcontext():
             yield WebhookServer(host, bound, tls)
     finally:
@@ -69,3 +81,26 @@ async def serve_webhook(
     app = create_webhook_app(config, resolver, metrics, logger, policies=policies, content=content)
     async with run_webhook(app, config, logger) as server:
         yield server
+
+
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes: no certificate, no data
+
+
+@web.middleware
+async def require_client_certificate(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """``403`` for a review from a connection without a verified client certificate (the TLS
+    layer has already refused any certificate the CA did not sign)."""
+    if request.path in _OPEN_PATHS or _verified_peer(request):
+        return await handler(request)
+    structlog.get_logger("pullgate.admission").warning(
+        "admission_client_refused", remote=request.remote, path=request.path[:100], reason="no client certificate"
+    )
+    return web.json_response({"error": "a client certificate signed by admission.client_ca is required"}, status=403)
+
+
+def _verified_peer(request: web.Request) -> bool:
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    return isinstance(ssl_object, ssl.SSLObject) and bool(ssl_object.getpeercert())

@@ -13,6 +13,8 @@ Cosign's legacy signature/attestation tags (``sha256-<hex>.sig``, ``.att``, ``.s
 ``sha256-<hex>`` for the OCI 1.1 referrers fallback) and manifests with a ``subject`` are
 *attachments* of the image they name: hidden from ``ls`` unless asked for, exported with
 their image, and pruned only together with it (content trust must keep working offline).
+A signature-shaped tag makes an attachment only of a signature object
+(``proxy.oci.artifacts``): an image pushed under ``sha256-<hex>.sig`` stays an image.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 from proxy.config.settings import UpstreamConfig
 from proxy.errors import ManifestInvalid, PullgateError
 from proxy.oci import jsondoc
+from proxy.oci.artifacts import is_signature_object
 from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
 from proxy.oci.mediatypes import ParsedManifest, parse_manifest
@@ -191,8 +194,20 @@ class Inventory:
             complete=parsed is not None and present == members,
             last_pulled=max((rows[d][0] for d in members if d in rows), default=last),
             pull_count=count,
-            subject=_subject(tags, parsed),
+            subject=self._subject(tags, parsed, digest),
         )
+
+    def _subject(self, tags: tuple[str, ...], parsed: ParsedManifest | None, digest: str) -> str | None:
+        """The digest an attachment belongs to; None for an image."""
+        if parsed is not None and parsed.subject is not None:
+            return str(parsed.subject)
+        matches = [SIGNATURE_TAG.match(t) for t in tags]
+        if not tags or not all(matches) or matches[0] is None:
+            return None
+        data = self.store.read(Digest.parse(digest))
+        if data is None or not is_signature_object(data, self.snap.manifests.get(digest)):
+            return None  # the tag's shape proves nothing about the content (issue 13)
+        return f"sha256:{matches[0].group(1)}"
 
     def _platforms(self, parsed: ParsedManifest | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if parsed is None:
@@ -358,15 +373,6 @@ class PrunePlan:
             "objects": len(self.blobs),
             "bytes": self.bytes,
         }
-
-
-def _subject(tags: tuple[str, ...], parsed: ParsedManifest | None) -> str | None:
-    if parsed is not None and parsed.subject is not None:
-        return str(parsed.subject)
-    matches = [SIGNATURE_TAG.match(t) for t in tags]
-    if tags and all(matches):
-        return f"sha256:{matches[0].group(1)}" if matches[0] else None
-    return None
 
 
 def _iso(timestamp: float) -> str | None:

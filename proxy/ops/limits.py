@@ -1,5 +1,6 @@
 """Concurrency and rate limits that keep one client (or a crowd) from exhausting the mirror:
-concurrent upstream fetches, overall and per client address, and failed logins per address.
+concurrent upstream fetches, overall and per client address, failed logins per address, and
+concurrent password checks per address and per user.
 
 The client a fetch is charged to travels in a ``ContextVar`` (``FETCH_CLIENT``): the route
 handler sets it, and the download and manifest tasks it starts inherit it (asyncio copies
@@ -96,15 +97,21 @@ class FetchLimiter:
 
 class FailureWindow:
     """Failures per key in a sliding window: ``limit`` within ``window`` seconds, then the
-    key is refused until its oldest failure ages out."""
+    key is refused until its oldest failure ages out.
+
+    A guess counts from the moment it starts (``begin``), not when its slow check ends:
+    otherwise a burst of concurrent guesses all pass the check before the first failure is
+    recorded (issue 13: 150 parallel logins against a limit of 10 got 150 guesses). Attempts
+    in flight and failures in the window together never exceed ``limit``."""
 
     def __init__(self, limit: int, window: float = 60.0) -> None:
         self._limit = limit
         self._window = window
         self._failures: dict[str, deque[float]] = {}
+        self._in_flight: dict[str, int] = {}
 
     def retry_after(self, key: str) -> float:
-        """Seconds until ``key`` may try again; 0 when it may now."""
+        """Seconds until ``key`` may try again after ``limit`` failures; 0 when it may now."""
         failures = self._failures.get(key)
         if failures is None:
             return 0.0
@@ -124,3 +131,61 @@ class FailureWindow:
         self._failures[key] = failures  # re-inserted: the dict stays in order of last failure
         while len(self._failures) > _MAX_TRACKED:
             del self._failures[next(iter(self._failures))]
+
+    @contextmanager
+    def begin(self, key: str) -> Iterator[Attempt]:
+        """One attempt, counted while it runs; a failed one stays in the window (``Attempt.failed``).
+        ``TooManyRequests`` when failures plus attempts in flight already reach the limit."""
+        wait = self.retry_after(key)
+        in_flight = self._in_flight.get(key, 0)
+        if wait or len(self._failures.get(key, ())) + in_flight >= self._limit:
+            retry = str(int(wait) + 1) if wait else _RETRY_AFTER
+            raise TooManyRequests("too many failed logins; retry later", headers={"Retry-After": retry})
+        self._in_flight[key] = in_flight + 1
+        attempt = Attempt()
+        try:
+            yield attempt
+        finally:
+            left = self._in_flight[key] - 1
+            if left:
+                self._in_flight[key] = left
+            else:
+                del self._in_flight[key]
+            if attempt.failure:
+                self.record(key)
+
+
+class Attempt:
+    """An attempt under way (``FailureWindow.begin``); ``failed()`` before it ends counts it."""
+
+    failure = False
+
+    def failed(self) -> None:
+        self.failure = True
+
+
+class KeyedSlots:
+    """At most ``limit`` holders per key at once; one more is refused at once with ``429``
+    (never queued, so waiting costs the mirror nothing)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held: dict[str, int] = {}
+
+    @contextmanager
+    def hold(self, key: str) -> Iterator[None]:
+        held = self._held.get(key, 0)
+        if held >= self._limit:
+            raise TooManyRequests("too many concurrent logins; retry shortly", headers={"Retry-After": _RETRY_AFTER})
+        self._held[key] = held + 1
+        try:
+            yield
+        finally:
+            left = self._held[key] - 1
+            if left:
+                self._held[key] = left
+            else:
+                del self._held[key]
+
+    def held(self, key: str) -> int:
+        return self._held.get(key, 0)

@@ -9,19 +9,24 @@ deny with ``403 DENIED`` and the reason; ``warn``/``audit`` ones log the violati
 
 For a platform manifest pulled by digest, a signature on an index of the same repository
 that lists it counts (cosign signs the index a multi-arch tag names). Signature objects
-themselves (``sha256-<hex>.sig`` tags, sigstore bundles) are exempt.
+themselves are exempt — decided by what they are (``proxy.oci.artifacts``), never by the
+tag they were pushed under or an annotation (issue 13: an unsigned image tagged
+``sha256-<hex>.sig``, or annotated with the bundle media type, was served). An artifact is
+exempt only once its layers' bytes, read through the cache, are signature documents:
+containers/image unpacks any layer bytes under an image config, whatever their media type.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
+from collections import OrderedDict
 
 import structlog
 
 from proxy.errors import Denied, PullgateError
+from proxy.oci.artifacts import Kind, classify, payload_matches
 from proxy.oci.digest import Digest
-from proxy.oci.mediatypes import parse_manifest
+from proxy.oci.mediatypes import Descriptor
 from proxy.oci.reference import ImageReference
 from proxy.policy.active import PolicyStore
 from proxy.policy.document import Policy
@@ -31,8 +36,7 @@ from proxy.registry.mirror import Mirror
 from proxy.registry.routing import Route
 from proxy.trust.verification import VerificationResult, verify_image
 
-_SIGNATURE_TAG = re.compile(r"^sha256-[0-9a-f]{64}(\.(sig|att|sbom))?$")
-_SIGNATURE_TYPES = ("application/vnd.dev.cosign", "application/vnd.dev.sigstore")
+_EXEMPT_MEMORY = 4096  # manifest digests known to be signature objects (content never changes)
 
 
 class PullPolicy:
@@ -40,11 +44,13 @@ class PullPolicy:
         self._mirror = mirror
         self._policies = policies
         self._timeout = timeout
+        self._exempt: OrderedDict[Digest, None] = OrderedDict()
         self._log = structlog.get_logger("pullgate.pullpolicy")
 
     async def check(self, route: Route, reference: str, manifest: Manifest) -> None:
-        """Raise ``Denied`` unless every enforcing policy's signatures verify."""
-        if _SIGNATURE_TAG.match(reference) or _is_signature_object(manifest):
+        """Raise ``Denied`` unless every enforcing policy's signatures verify. ``reference``
+        (the tag or digest asked for) plays no part: a tag says nothing about the content."""
+        if await self._is_signature_object(route, manifest):
             return
         current = self._policies.current
         if current is None:
@@ -89,11 +95,34 @@ class PullPolicy:
         rule.cache.put(digest, result)
         return result
 
+    async def _is_signature_object(self, route: Route, manifest: Manifest) -> bool:
+        """Exempt from the signature requirement: a signature or attestation artifact, by
+        structure and by the content of its layers (remembered per digest: it never changes)."""
+        if manifest.digest in self._exempt:
+            self._exempt.move_to_end(manifest.digest)
+            return True
+        artifact = classify(manifest.data, manifest.media_type)
+        if artifact.kind is Kind.IMAGE:
+            return False
+        if artifact.inspect and not await self._payloads_match(route, artifact.inspect):
+            return False
+        self._exempt[manifest.digest] = None
+        while len(self._exempt) > _EXEMPT_MEMORY:
+            self._exempt.popitem(last=False)
+        return True
 
-def _is_signature_object(manifest: Manifest) -> bool:
-    try:
-        parsed = parse_manifest(manifest.data, manifest.media_type)
-    except PullgateError:
-        return False
-    types = [d.media_type for d in parsed.children]
-    return any(t.startswith(_SIGNATURE_TYPES) for t in types) or b'"application/vnd.dev.sigstore' in manifest.data
+    async def _payloads_match(self, route: Route, layers: tuple[Descriptor, ...]) -> bool:
+        source = self._mirror.content_of(route.upstream)
+        try:
+            async with asyncio.timeout(self._timeout):
+                for layer in layers:
+                    data = await source.get_blob(route.repository, layer.digest)
+                    if data is None or not payload_matches(layer.media_type, data):
+                        layer_digest = str(layer.digest)
+                        self._log.warning("pull_exemption_refused", repository=route.repository, layer=layer_digest)
+                        return False
+        except (TimeoutError, PullgateError) as exc:
+            # Not shown to be a signature: judged as an image (which then needs a signature).
+            self._log.warning("pull_exemption_unchecked", repository=route.repository, error=exc.__class__.__name__)
+            return False
+        return True

@@ -125,6 +125,9 @@ docker.io
 {{- $_ := set $admission "listen" (printf "0.0.0.0:%d" (int .Values.webhook.port)) -}}
 {{- $_ := set $admission "tls_cert" "/etc/pullgate/tls/tls.crt" -}}
 {{- $_ := set $admission "tls_key" "/etc/pullgate/tls/tls.key" -}}
+{{- if or .Values.webhook.clientCA.configMap .Values.webhook.clientCA.secret -}}
+{{- $_ := set $admission "client_ca" (printf "/etc/pullgate/admission-client-ca/%s" .Values.webhook.clientCA.key) -}}
+{{- end -}}
 {{- if not (hasKey $admission "deadline") -}}
 {{- $_ := set $admission "deadline" (printf "%ds" (max 1 (sub (int .Values.webhook.timeoutSeconds) 2))) -}}
 {{- end -}}

@@ -2,10 +2,10 @@
 backoff, ``429``/``Retry-After``, credential-free redirects, timeouts on every call, and
 metrics for all of it.
 
-Only the configured upstream URL is ever contacted, plus token realms on allowed hosts
-(``auth_hosts``) and redirects to https hosts whose addresses pass ``proxy.registry.upstream.netguard`` (no
-loopback, link-local or private targets unless the upstream itself is there) — never with
-our registry credentials attached.
+Only the configured upstream URL is ever contacted, plus token realms on allowed origins
+(``auth_hosts``: scheme, host and port) and redirects to https hosts whose addresses pass
+``proxy.registry.upstream.netguard`` (no loopback, link-local or private targets unless the
+upstream itself is there) — never with our registry credentials attached.
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ from proxy.oci.reference import DOCKER_HUB, normalize_host
 from proxy.ops.limits import FetchLimiter
 from proxy.ops.metrics import Metrics
 from proxy.registry.upstream import netguard
-from proxy.registry.upstream.challenge import Challenge, TokenCache, parse_challenge
+from proxy.registry.upstream.challenge import AuthOrigins, Challenge, RealmBackoff, TokenCache, parse_challenge
 
 # Token hosts of the big public registries, by API host. Only Docker Hub keeps its realm on
 # another host; ghcr.io, quay.io, gcr.io, public.ecr.aws serve tokens from the API host.
-# A registry's challenge may send our credentials to these hosts and its own, no others.
+# A registry's challenge may send our credentials to these (https, port 443) and its own
+# origin, no others. Keyed by the normalized registry name (proxy.oci.reference).
 WELL_KNOWN_AUTH_HOSTS: Mapping[str, tuple[str, ...]] = {DOCKER_HUB: ("auth.docker.io",)}
 _OWN_ADDRESSES_TTL = 60.0
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -82,11 +83,18 @@ class RegistryClient:
         self._timeouts = timeouts
         self._metrics = metrics
         self._tokens = TokenCache()
+        # The last challenge that yielded credentials: sent ahead on later requests. One that
+        # did not is never remembered, so it cannot fail requests without asking upstream.
         self._challenge: Challenge | None = None
+        self._realm_backoff = RealmBackoff()
         self._host = urlsplit(config.url).hostname or ""
         self._plain = urlsplit(config.url).scheme == "http"
-        known = WELL_KNOWN_AUTH_HOSTS.get(_registry_of(self._host), ())
-        self._auth_hosts = set(config.auth_hosts) or {self._host, *known}
+        self._auth_origins = AuthOrigins(
+            config.url,
+            config.auth_hosts,
+            WELL_KNOWN_AUTH_HOSTS.get(_registry_of(self._host), ()),
+            f"upstreams.{config.name}.auth_hosts",
+        )
         self._own: tuple[float, frozenset[netguard.IPAddress]] | None = None
         self._log = structlog.get_logger("pullgate.upstream").bind(upstream=self.name)
         # Set by the server: fetches for mirror clients count against proxy.ops.limits.
@@ -173,7 +181,7 @@ class RegistryClient:
         self, method: str, url: str, repository: str, headers: Mapping[str, str], timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
         request_headers = CIMultiDict(headers)
-        auth = await self._authorization(repository, self._challenge, timeout)
+        auth = await self._ahead(repository, timeout)
         if auth:
             request_headers["Authorization"] = auth
         response = await self._session.request(
@@ -185,8 +193,8 @@ class RegistryClient:
             if challenge is None or challenge.scheme not in ("bearer", "basic"):
                 self._metrics.upstream_errors.labels(self.name, "auth").inc()
                 raise UpstreamDenied(f"upstream {self.name} requires authentication we cannot provide")
-            self._challenge = challenge
             auth = await self._authorization(repository, challenge, timeout, force=True)
+            self._challenge = challenge
             if auth:
                 request_headers["Authorization"] = auth
             response = await self._session.request(
@@ -262,11 +270,23 @@ class RegistryClient:
         self._own = (now + _OWN_ADDRESSES_TTL, own)
         return own
 
-    async def _authorization(
-        self, repository: str, challenge: Challenge | None, timeout: aiohttp.ClientTimeout, *, force: bool = False
-    ) -> str | None:
+    async def _ahead(self, repository: str, timeout: aiohttp.ClientTimeout) -> str | None:
+        """Credentials for the remembered challenge, sent without waiting for a 401. When
+        they cannot be had (the realm fails or backs off), the request goes without them:
+        the upstream's answer says what it wants now."""
+        challenge = self._challenge
         if challenge is None:
             return None
+        try:
+            return await self._authorization(repository, challenge, timeout)
+        except UpstreamError:
+            if self._challenge is challenge:
+                self._challenge = None
+            return None
+
+    async def _authorization(
+        self, repository: str, challenge: Challenge, timeout: aiohttp.ClientTimeout, *, force: bool = False
+    ) -> str | None:
         if challenge.scheme == "basic":
             return self._basic()
         realm, service = challenge.realm, challenge.params.get("service", "")
@@ -286,18 +306,31 @@ class RegistryClient:
         return None
 
     async def _fetch_token(self, realm: str, service: str, scope: str, timeout: aiohttp.ClientTimeout) -> str:
-        parts = urlsplit(realm)
-        # Plain http only for an upstream that is plain http itself: Basic credentials must
-        # not travel in clear text to a host reached over TLS otherwise.
-        scheme_ok = parts.scheme == "https" or (parts.scheme == "http" and self._plain)
-        if parts.hostname not in self._auth_hosts or not scheme_ok:
-            self._metrics.upstream_errors.labels(self.name, "realm_refused").inc()
-            self._log.warning("upstream_realm_refused", host=(parts.hostname or "")[:255], scheme=parts.scheme[:10])
-            raise UpstreamDenied(f"upstream {self.name}: token realm host is not allowed (auth_hosts)")
+        if not self._auth_origins.allows(realm):
+            self._refuse_realm(realm)
+        self._realm_backoff.check(realm)
+        try:
+            token, expires_in = await self._request_token(realm, service, scope, timeout)
+        except UpstreamError as exc:
+            self._realm_backoff.failed(realm, exc)
+            self._log.warning("upstream_token_failed", realm_host=_host_of(realm), error=exc.message)
+            raise
+        self._realm_backoff.succeeded(realm)
+        self._tokens.put(realm, service, scope, token, expires_in)
+        return token
+
+    def _refuse_realm(self, realm: str) -> NoReturn:
+        self._metrics.upstream_errors.labels(self.name, "realm_refused").inc()
+        self._log.warning("upstream_realm_refused", host=_host_of(realm), scheme=realm.partition(":")[0][:10])
+        raise UpstreamDenied(f"upstream {self.name}: token realm host is not allowed (auth_hosts: scheme, host, port)")
+
+    async def _request_token(
+        self, realm: str, service: str, scope: str, timeout: aiohttp.ClientTimeout
+    ) -> tuple[str, float | None]:
         params = {k: v for k, v in (("service", service), ("scope", scope)) if v}
         try:
             async with self._session.get(
-                realm,
+                URL(realm),  # the URL whose origin was checked (yarl: aiohttp's own parser)
                 params=params,
                 headers=_optional("Authorization", self._basic()),
                 allow_redirects=False,
@@ -307,7 +340,10 @@ class RegistryClient:
                     self._metrics.upstream_errors.labels(self.name, "auth").inc()
                     raise UpstreamDenied(f"upstream {self.name}: token endpoint answered {response.status}")
                 body = await _read_limited(response, _MAX_TOKEN_RESPONSE)
-        except (aiohttp.ClientError, TimeoutError, ManifestInvalid) as exc:
+        except ManifestInvalid as exc:  # too large
+            self._metrics.upstream_errors.labels(self.name, "auth").inc()
+            raise UpstreamDenied(f"upstream {self.name}: token response too large") from exc
+        except (aiohttp.ClientError, TimeoutError) as exc:
             self._metrics.upstream_errors.labels(self.name, "auth").inc()
             raise UpstreamUnavailable(f"upstream {self.name}: token request failed: {exc.__class__.__name__}") from exc
         what = f"upstream {self.name}: token response"
@@ -316,10 +352,7 @@ class RegistryClient:
         if not isinstance(token, str) or not token:
             raise UpstreamDenied(f"upstream {self.name}: token endpoint returned no token")
         expires_in = data.get("expires_in")
-        self._tokens.put(
-            realm, service, scope, token, float(expires_in) if isinstance(expires_in, int | float) else None
-        )
-        return token
+        return token, float(expires_in) if isinstance(expires_in, int | float) else None
 
     def _record_ratelimit(self, headers: Mapping[str, str]) -> None:
         for header, gauge in (
@@ -357,6 +390,14 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ClientResponseError):
         return f"{exc.__class__.__name__}(status={exc.status})"
     return f"{exc.__class__.__name__}({str(exc)[:200]})"
+
+
+def _host_of(url: str) -> str:
+    """A realm's host for logs: never its query or user info."""
+    try:
+        return (URL(url).raw_host or "")[:255]
+    except (ValueError, TypeError, UnicodeError):
+        return "(unparsable)"
 
 
 def _optional(name: str, value: str | None) -> dict[str, str]:
