@@ -13,7 +13,8 @@ from proxy.oci.reference import ImageReference
 from proxy.policy.fields import FieldError
 from proxy.policy.rules.base import ImageContext, ResolutionFailed
 from proxy.policy.rules.signature import Signatures, build
-from proxy.trust.verification import KeyResult, SignaturePolicy, VerificationCache, VerificationResult, evaluate
+from proxy.trust.service import VerificationCache
+from proxy.trust.verification import KeyResult, SignaturePolicy, VerificationResult, evaluate
 from tests.signer import generate_key, unsupported_public_pem
 
 KEY = generate_key()
