@@ -236,12 +236,13 @@ class SimpleSigningLayer:
     payload: bytes
     signature: bytes
     rekor_bundle: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)  # e.g. keyless certificate and chain
 
     def annotations(self) -> dict[str, str]:
         out = {SIGNATURE_ANNOTATION: _b64(self.signature)}
         if self.rekor_bundle is not None:
             out[REKOR_ANNOTATION] = self.rekor_bundle
-        return out
+        return {**out, **self.extra}
 
 
 def sign_payload(key: SigningKey, payload: bytes, rekor: Rekor | None = None) -> SimpleSigningLayer:
