@@ -158,7 +158,8 @@ class Log:
     def proof(self, index: int) -> dict[str, Any]:
         root = merkle_root(self.leaves)
         text = f"{self.origin}\n{len(self.leaves)}\n{b64(root)}\n"
-        note = f"{text}\n\u2014 {self.origin} {b64(self.log_id[:4] + self.sign(text.encode()))}\n"
+        name = self.origin.split(" ")[0]  # a note's key name has no spaces; the origin may
+        note = f"{text}\n\u2014 {name} {b64(self.log_id[:4] + self.sign(text.encode()))}\n"
         return {
             "logIndex": str(index),
             "rootHash": b64(root),
@@ -360,6 +361,32 @@ class FakeSigstore:
             signature,
             compact(annotation).decode(),
             extra={"dev.sigstore.cosign/certificate": signer.pem.decode(), "dev.sigstore.cosign/chain": chain.decode()},
+        )
+
+    def legacy_attestation_layer(self, statement: bytes, signer: Signer) -> SimpleSigningLayer:
+        """``cosign attest`` (v2, keyless): the layer blob is the DSSE envelope; its
+        signature annotation is empty, the certificate and Rekor bundle are annotated."""
+        signature = signer.sign(pae(INTOTO_PAYLOAD_TYPE, statement))
+        envelope = {
+            "payloadType": INTOTO_PAYLOAD_TYPE,
+            "payload": b64(statement),
+            "signatures": [{"sig": b64(signature)}],
+        }
+        body = dsse_v1(envelope, statement, signature, signer.pem)
+        when = int((T0 + timedelta(minutes=1)).timestamp())
+        entry = self.rekor.entry(body, when, with_proof=False)
+        annotation = {
+            "SignedEntryTimestamp": entry["inclusionPromise"]["signedEntryTimestamp"],
+            "Payload": {
+                "body": b64(body),
+                "integratedTime": when,
+                "logIndex": int(entry["logIndex"]),
+                "logID": self.rekor.log_id.hex(),
+            },
+        }
+        layer = SimpleSigningLayer(compact(envelope), b"", compact(annotation).decode())
+        return SimpleSigningLayer(
+            layer.payload, b"", layer.rekor_bundle, extra={"dev.sigstore.cosign/certificate": signer.pem.decode()}
         )
 
     def dsse_bundle(

@@ -134,11 +134,10 @@ def verify_checkpoint(note: str, log_key: VerifyingKey, tree_size: int, root_has
         return "checkpoint is for another tree than the inclusion proof"
     signed = (text + "\n").encode()
     for line in signatures.splitlines():
-        parts = line.split(" ")
-        if len(parts) != 3 or parts[0] != "\u2014":
+        if not line.startswith("\u2014 "):
             continue
         try:
-            raw = base64.b64decode(parts[2], validate=True)
+            raw = base64.b64decode(line.rpartition(" ")[2], validate=True)
         except binascii.Error:
             continue
         if len(raw) > 4 and log_key.verify(raw[4:], signed):  # 4 bytes of key hint first
