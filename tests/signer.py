@@ -252,7 +252,11 @@ def sign_payload(key: SigningKey, payload: bytes, rekor: Rekor | None = None) ->
 
 
 def legacy_artifact(
-    digest: str, layers: Sequence[SimpleSigningLayer], *, suffix: str = ".sig", media_type: str = SIMPLESIGNING_MEDIA_TYPE
+    digest: str,
+    layers: Sequence[SimpleSigningLayer],
+    *,
+    suffix: str = ".sig",
+    media_type: str = SIMPLESIGNING_MEDIA_TYPE,
 ) -> Artifact:
     """The ``sha256-<hex>.sig`` manifest holding ``layers`` (as go-containerregistry writes
     it for cosign: an OCI manifest whose config lists the payloads as rootfs diff_ids);

@@ -17,13 +17,13 @@ import pytest
 
 from proxy.errors import PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
+from proxy.trust import verification
 from proxy.trust.attestations import StatementRequirements
 from proxy.trust.checks import SIGNATURE, Purpose
 from proxy.trust.cosign import DSSE_MEDIA_TYPE, Reason
 from proxy.trust.identity import KeylessIdentity, Matcher
 from proxy.trust.service import Subject, VerificationCache, VerificationService
 from proxy.trust.trustroot import TrustedRoot
-from proxy.trust import verification
 from proxy.trust.verification import SignaturePolicy, VerificationResult, verify_image
 from tests.signer import (
     OCI_INDEX,
