@@ -136,10 +136,13 @@ class HttpSource:
 
     async def _get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, bytes, str]:
         async with self._session.get(f"{self._base}/v2/{path}", params=self._params, headers=headers) as response:
-            body = await response.content.read(_MAX_BODY + 1)
-            if len(body) > _MAX_BODY:
-                raise PullgateError(f"{path}: response too large")
-            return response.status, body, response.headers.get("Content-Type", "")
+            # read(n) returns what has arrived, not n bytes: read to the end, bounded.
+            body = bytearray()
+            async for chunk in response.content.iter_chunked(64 << 10):
+                body += chunk
+                if len(body) > _MAX_BODY:
+                    raise PullgateError(f"{path}: response too large")
+            return response.status, bytes(body), response.headers.get("Content-Type", "")
 
     async def digest(self, ref: ImageReference) -> Digest:
         if ref.digest is not None:
