@@ -124,8 +124,10 @@ async def test_verify_attestation_with_trusted_root(
         image.manifest_digest, image.media_type, len(image.manifest_bytes), [json.dumps(doc).encode()]
     )
     await registry.apush(write_oci_layout(tmp_path / "att", artifact), artifact.tag, f"{repo}:{artifact.tag}")
-    base = [sys.executable, "-m", "proxy", "verify", f"docker.io/{repo}:1", "--mirror", registry.url,
-            "--certificate-identity", WORKFLOW, "--certificate-oidc-issuer", GITHUB, "--trusted-root", str(root)]  # fmt: skip
+    base = [
+        *[sys.executable, "-m", "proxy", "verify", f"docker.io/{repo}:1", "--mirror", registry.url],
+        *["--certificate-identity", WORKFLOW, "--certificate-oidc-issuer", GITHUB, "--trusted-root", str(root)],
+    ]
     attested = await arun([*base, "--attestation-type", slsa], timeout=60, check=False)
     assert attested.returncode == 0, attested.stderr
     assert json.loads(attested.stdout)[0]["predicateType"] == slsa
