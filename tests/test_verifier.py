@@ -72,13 +72,9 @@ async def test_errors_are_counted_and_logged() -> None:
     metrics = Metrics(CollectorRegistry())
     root = TrustedRoot.from_json(json.dumps(FakeSigstore().trusted_root()).encode(), "fake")
     policy = SignaturePolicy({}, 1, None, (KeylessIdentity.of(subject=WANTED, issuer=GITHUB),), root)
-    with capture_logs() as logs:
-        try:
-            await verification_service(metrics).verify(
-                Subject(Down(), "a/b", Digest.parse(IMAGE)), policy, VerificationCache()
-            )
-        except UpstreamUnavailable:
-            pass
+    subject = Subject(Down(), "a/b", Digest.parse(IMAGE))
+    with capture_logs() as logs, pytest.raises(UpstreamUnavailable):
+        await verification_service(metrics).verify(subject, policy, VerificationCache())
     labels = {"result": "error", "key": "", "issuer": ""}
     assert metrics.registry.get_sample_value("pullgate_signature_verifications_total", labels) == 1
     assert [e["event"] for e in logs] == ["signature_verification_failed"]
