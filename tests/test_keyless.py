@@ -368,3 +368,31 @@ async def test_one_asker_timing_out_does_not_cancel_the_others(world: World) -> 
 
 def test_signature_policy_purpose_default() -> None:
     assert SIGNATURE.predicate_type is None
+
+
+async def test_one_certificate_counts_once_toward_the_threshold(world: World) -> None:
+    """Two overlapping identities, one keyless signature: not two signers."""
+    source = registry(bundles(world.sigstore.dsse_bundle(statement(IMAGE, REF), signer(world))))
+    identities = [
+        KeylessIdentity.of(subject=RELEASE, issuer=GITHUB),
+        KeylessIdentity.of(subject="https://github.com/acme/**", issuer=GITHUB),
+    ]
+    policy = SignaturePolicy({}, 2, None, tuple(identities), world.root)
+    result = await verify_image(source, REPO, [Digest.parse(IMAGE)], policy)
+    assert not result.allowed and result.verified_keys == (RELEASE,)
+    second = bundles(
+        world.sigstore.dsse_bundle(statement(IMAGE, REF), signer(world)),
+        world.sigstore.dsse_bundle(statement(IMAGE, REF), signer(world)),
+    )
+    assert (await verify_image(registry(second), REPO, [Digest.parse(IMAGE)], policy)).allowed
+
+
+async def test_many_log_entries_are_capped(world: World) -> None:
+    """An upstream padding a bundle with log entries cannot make verification cost seconds."""
+    doc = world.sigstore.dsse_bundle(statement(IMAGE, REF), signer(world))
+    entry = doc["verificationMaterial"]["tlogEntries"][0]
+    doc["verificationMaterial"]["tlogEntries"] = [{**entry, "logIndex": str(i)} for i in range(1000)] + [entry]
+    started = time.perf_counter()
+    result = await verify_image(registry(bundles(doc)), REPO, [Digest.parse(IMAGE)], world.policy())
+    assert time.perf_counter() - started < 1.0
+    assert result.keys[0].reason is Reason.UNTRUSTED_LOG, "only the first entries are read; their SETs do not verify"

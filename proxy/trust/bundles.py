@@ -16,7 +16,7 @@ from typing import Any
 
 from proxy.errors import SignatureInvalid
 from proxy.trust import rekor
-from proxy.trust.cosign import MAX_SIGNATURES, BundleSignature, b64
+from proxy.trust.cosign import MAX_PER_OBJECT, BundleSignature, b64
 from proxy.trust.documents import json_object
 
 MEDIA_TYPES = frozenset(
@@ -48,7 +48,7 @@ def parse_bundle(blob: bytes, origin: str) -> BundleSignature:
             return BundleSignature(
                 payload_type=str(envelope["payloadType"]),
                 payload=b64(envelope["payload"]),
-                signatures=tuple(b64(s["sig"]) for s in envelope["signatures"][:MAX_SIGNATURES]),
+                signatures=tuple(b64(s["sig"]) for s in envelope["signatures"][:MAX_PER_OBJECT]),
                 **common,
             )
         message = doc["messageSignature"]
@@ -78,12 +78,12 @@ def _certificate(material: dict[str, Any]) -> bytes | None:
 def _timestamps(data: Any) -> tuple[bytes, ...]:
     if not data:
         return ()
-    return tuple(b64(t["signedTimestamp"]) for t in (data.get("rfc3161Timestamps") or [])[:MAX_SIGNATURES])
+    return tuple(b64(t["signedTimestamp"]) for t in (data.get("rfc3161Timestamps") or [])[:MAX_PER_OBJECT])
 
 
 def _log_entries(items: Any) -> tuple[rekor.LogEntry, ...]:
     entries: list[rekor.LogEntry] = []
-    for item in items[:MAX_SIGNATURES]:
+    for item in items[:MAX_PER_OBJECT]:
         try:
             entries.append(rekor.from_bundle_entry(item))
         except SignatureInvalid:

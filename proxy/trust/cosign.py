@@ -43,6 +43,9 @@ INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPES = frozenset({"https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1"})
 SIGN_PREDICATE = "https://sigstore.dev/cosign/sign/v1"
 MAX_SIGNATURES = 64  # layers per .sig manifest, bundles per image: beyond is abuse, not signing
+# Log entries, timestamps and DSSE signatures per object: cosign writes one of each. Each
+# costs signature checks, so an upstream cannot make one verification cost seconds.
+MAX_PER_OBJECT = 8
 
 
 class Reason(StrEnum):
@@ -189,7 +192,7 @@ def _legacy_envelope(
         return BundleSignature(
             payload_type=str(envelope["payloadType"]),
             payload=b64(envelope["payload"]),
-            signatures=tuple(b64(s["sig"]) for s in envelope["signatures"][:MAX_SIGNATURES]),
+            signatures=tuple(b64(s["sig"]) for s in envelope["signatures"][:MAX_PER_OBJECT]),
             log_entries=(entry,) if entry is not None else (),
             origin=origin,
             certificate=certificate,

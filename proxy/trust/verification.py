@@ -194,7 +194,12 @@ def evaluate(
     if policy.identities:
         assert policy.trusted_root is not None
         keyless = [(s, check_keyless(s, policy.trusted_root, accepted, policy.purpose)) for s in found]
-        judged += [_best(i.name, keyless, policy, notes, when, i) for i in policy.identities]
+        for identity in policy.identities:
+            verdict = _best(identity.name, keyless, policy, notes, when, identity)
+            judged.append(verdict)
+            # One certificate counts once toward the threshold, however many (overlapping)
+            # identities it matches: the next identity needs another signer.
+            keyless = [(s, o) for s, o in keyless if verdict[1] is None or s.certificate != verdict[1].certificate]
     payloads = tuple(dict.fromkeys(s.payload for _, s in judged if s is not None))
     return VerificationResult(tuple(r for r, _ in judged), policy.threshold, tuple(notes), payloads)
 
