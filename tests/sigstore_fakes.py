@@ -412,8 +412,11 @@ class FakeSigstore:
         if rekor == 1:
             body = dsse_v1(envelope, statement, signature, signer.pem)
             entry = self.rekor.entry(body, when, with_set=with_set, with_proof=with_proof)
-        else:
+        elif rekor == 2:
             entry = self.rekor2.entry(dsse_v2(statement, signature, signer.der), 0)
+        else:  # Rekor v2 logging the DSSE signature as a hashedrekord over the PAE
+            message = hashlib.sha256(pae(INTOTO_PAYLOAD_TYPE, statement)).digest()
+            entry = self.rekor2.entry(hashedrekord_v2(message, signature, signer.der), 0)
         material: dict[str, Any] = {"certificate": {"rawBytes": b64(signer.der)}, "tlogEntries": [entry]}
         if timestamp is not None:
             material["timestampVerificationData"] = {
@@ -461,6 +464,22 @@ def dsse_v1(envelope: dict[str, Any], payload: bytes, signature: bytes, signer_p
                 "envelopeHash": {**sha, "value": hashlib.sha256(compact(envelope)).hexdigest()},
                 "payloadHash": {**sha, "value": hashlib.sha256(payload).hexdigest()},
                 "signatures": [{"signature": b64(signature), "verifier": b64(signer_pem)}],
+            },
+        }
+    )
+
+
+def hashedrekord_v2(digest: bytes, signature: bytes, cert_der: bytes) -> bytes:
+    verifier = {"x509Certificate": {"rawBytes": b64(cert_der)}, "keyDetails": "PKIX_ECDSA_P256_SHA_256"}
+    return compact(
+        {
+            "apiVersion": "0.0.2",
+            "kind": "hashedrekord",
+            "spec": {
+                "hashedRekordV002": {
+                    "data": {"algorithm": "SHA2_256", "digest": b64(digest)},
+                    "signature": {"content": b64(signature), "verifier": verifier},
+                }
             },
         }
     )

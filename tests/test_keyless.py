@@ -7,6 +7,7 @@ with conditions and ages). The real vectors: tests/test_keyless_vectors.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.errors import PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
@@ -72,6 +74,15 @@ def bundles(*docs: dict[str, Any]) -> Artifact:
     return bundle_artifact(IMAGE, OCI_INDEX, 321, [json.dumps(d).encode() for d in docs])
 
 
+def v02(doc: dict[str, Any], w: World) -> dict[str, Any]:
+    """The same bundle as sigstore-go/cosign 2 wrote it: v0.2, the leaf first in a chain."""
+    material = doc["verificationMaterial"]
+    leaf = material.pop("certificate")
+    chain = [leaf, {"rawBytes": base64.b64encode(w.sigstore.intermediate.public_bytes(Encoding.DER)).decode()}]
+    material["x509CertificateChain"] = {"certificates": chain}
+    return {**doc, "mediaType": "application/vnd.dev.sigstore.bundle+json;version=0.2"}
+
+
 def signer(w: World, **kwargs: Any) -> Signer:
     return w.sigstore.issue(**kwargs)
 
@@ -89,6 +100,12 @@ SIGNED = {
     "bundle-rekor-v1": lambda w: bundles(w.sigstore.dsse_bundle(statement(IMAGE, REF), signer(w))),
     "bundle-rekor-v2-tsa": lambda w: bundles(
         w.sigstore.dsse_bundle(statement(IMAGE, REF), signer(w), rekor=2, timestamp=T0 + timedelta(minutes=2))
+    ),
+    "bundle-rekor-v2-hashedrekord-tsa": lambda w: bundles(
+        w.sigstore.dsse_bundle(statement(IMAGE, REF), signer(w), rekor=3, timestamp=T0 + timedelta(minutes=2))
+    ),
+    "bundle-v0.2-certificate-chain": lambda w: bundles(
+        v02(w.sigstore.dsse_bundle(statement(IMAGE, REF), signer(w)), w)
     ),
     "bundle-proof-only-tsa": lambda w: bundles(
         w.sigstore.dsse_bundle(statement(IMAGE, REF), signer(w), with_set=False, timestamp=T0 + timedelta(minutes=2))
