@@ -397,6 +397,7 @@ async def test_one_certificate_counts_once_toward_the_threshold(world: World) ->
     policy = SignaturePolicy({}, 2, None, tuple(identities), world.root)
     result = await verify_image(source, REPO, [Digest.parse(IMAGE)], policy)
     assert not result.allowed and result.verified_keys == (RELEASE,)
+    assert result.keys[1].reason is Reason.ALREADY_COUNTED
     second = bundles(
         world.sigstore.dsse_bundle(statement(IMAGE, REF), signer(world)),
         world.sigstore.dsse_bundle(statement(IMAGE, REF), signer(world)),

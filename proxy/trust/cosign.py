@@ -69,6 +69,7 @@ class Reason(StrEnum):
     EXTENSION_MISMATCH = "certificate extension mismatch"
     CONDITION_FAILED = "attestation condition not met"
     TOO_OLD = "attestation too old"
+    ALREADY_COUNTED = "its signer already counts for another identity"
 
 
 # How far a signature got: a later failure says more than an earlier one.

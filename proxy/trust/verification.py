@@ -194,12 +194,12 @@ def evaluate(
     if policy.identities:
         assert policy.trusted_root is not None
         keyless = [(s, check_keyless(s, policy.trusted_root, accepted, policy.purpose)) for s in found]
+        counted: set[bytes] = set()  # one certificate counts once, however many identities it matches
         for identity in policy.identities:
-            verdict = _best(identity.name, keyless, policy, notes, when, identity)
+            verdict = _best(identity.name, keyless, policy, notes, when, identity, counted)
             judged.append(verdict)
-            # One certificate counts once toward the threshold, however many (overlapping)
-            # identities it matches: the next identity needs another signer.
-            keyless = [(s, o) for s, o in keyless if verdict[1] is None or s.certificate != verdict[1].certificate]
+            if verdict[1] is not None and verdict[1].certificate is not None:
+                counted.add(verdict[1].certificate)
     payloads = tuple(dict.fromkeys(s.payload for _, s in judged if s is not None))
     return VerificationResult(tuple(r for r, _ in judged), policy.threshold, tuple(notes), payloads)
 
@@ -211,6 +211,7 @@ def _best(
     notes: Sequence[str],
     now: datetime,
     identity: KeylessIdentity | None,
+    counted: Collection[bytes] = (),
 ) -> tuple[KeyResult, Signature | None]:
     """The signer's verdict over every object: the first that verifies (and meets the
     identity and statement requirements), else the failure that got furthest."""
@@ -221,6 +222,8 @@ def _best(
             unmet = identity.mismatch(outcome.identity) if identity and outcome.identity else None
             if unmet is None and policy.requirements is not None:
                 unmet = policy.requirements.unmet(outcome, now)
+            if unmet is None and sig.certificate is not None and sig.certificate in counted:
+                unmet = (Reason.ALREADY_COUNTED, "the same certificate matched an earlier identity")
             if unmet is None:
                 return KeyResult(name, None, outcome.detail, outcome.identity, issuer), sig
             outcome = Outcome(unmet[0], f"{outcome.detail}: {unmet[1]}", outcome.identity)
