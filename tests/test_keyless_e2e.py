@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from proxy.config.settings import AdmissionConfig, CacheConfig, Config, UpstreamConfig
+from proxy.config.settings import AdmissionConfig, CacheConfig, Config, MirrorConfig, UpstreamConfig
 from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS
 from tests.signer import Artifact, SimpleSigningLayer, bundle_artifact, legacy_artifact, write_oci_layout
@@ -182,3 +182,30 @@ async def test_keyless_bundle_and_provenance(
     assert answer["allowed"] is allowed, answer
     if message is not None:
         assert message in answer["status"]["message"]
+
+
+async def test_pull_time_enforcement_uses_the_same_keyless_verification(
+    registry: Registry, aiohttp_server: ServerFactory, repo: str, tmp_path: Path
+) -> None:
+    """``mirror.enforce_policies``: the mirror refuses the manifest of an image whose keyless
+    signature names another identity, and serves the one the policy's identity signed."""
+    config = Config(
+        cache=CacheConfig(dir=tmp_path / "cache"),
+        upstreams=(UpstreamConfig("docker.io", registry.url),),
+        mirror=MirrorConfig(enforce_policies=True),
+        policies=policies(tmp_path / "policies", repo, FakeSigstore()),
+    )
+    server = await aiohttp_server(create_app(config))
+    mirror = f"http://{server.host}:{server.port}"
+    async with aiohttp.ClientSession() as session:
+        for name, status in (("real", 200), ("wrong", 403)):
+            repository = f"{repo}/{name}/fulcio-rekor"
+            digest = registry.plant_manifest(repository, "1", (VECTOR / "image-manifest.json").read_bytes())
+            artifact = real_signature()
+            layout = write_oci_layout(tmp_path / f"sig-{name}", artifact)
+            await registry.apush(layout, artifact.tag, f"{repository}:{artifact.tag}")
+            async with session.get(f"{mirror}/v2/{repository}/manifests/{digest}") as response:
+                assert response.status == status, await response.text()
+                if status == 403:
+                    message = (await response.json())["errors"][0]["message"]
+                    assert "certificate identity mismatch (identity 'mitr@redhat.com'" in message
