@@ -236,12 +236,13 @@ class SimpleSigningLayer:
     payload: bytes
     signature: bytes
     rekor_bundle: str | None = None
+    extra: Mapping[str, str] = field(default_factory=dict)  # e.g. keyless certificate and chain
 
     def annotations(self) -> dict[str, str]:
         out = {SIGNATURE_ANNOTATION: _b64(self.signature)}
         if self.rekor_bundle is not None:
             out[REKOR_ANNOTATION] = self.rekor_bundle
-        return out
+        return {**out, **self.extra}
 
 
 def sign_payload(key: SigningKey, payload: bytes, rekor: Rekor | None = None) -> SimpleSigningLayer:
@@ -250,9 +251,16 @@ def sign_payload(key: SigningKey, payload: bytes, rekor: Rekor | None = None) ->
     return SimpleSigningLayer(payload, signature, logged)
 
 
-def legacy_artifact(digest: str, layers: Sequence[SimpleSigningLayer]) -> Artifact:
+def legacy_artifact(
+    digest: str,
+    layers: Sequence[SimpleSigningLayer],
+    *,
+    suffix: str = ".sig",
+    media_type: str = SIMPLESIGNING_MEDIA_TYPE,
+) -> Artifact:
     """The ``sha256-<hex>.sig`` manifest holding ``layers`` (as go-containerregistry writes
-    it for cosign: an OCI manifest whose config lists the payloads as rootfs diff_ids)."""
+    it for cosign: an OCI manifest whose config lists the payloads as rootfs diff_ids);
+    ``cosign attest`` writes ``.att`` with DSSE envelope layers."""
     config = _compact(
         {
             "architecture": "",
@@ -267,12 +275,12 @@ def legacy_artifact(digest: str, layers: Sequence[SimpleSigningLayer]) -> Artifa
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": _descriptor(OCI_CONFIG, config),
-        "layers": [_descriptor(SIMPLESIGNING_MEDIA_TYPE, x.payload, annotations=x.annotations()) for x in layers],
+        "layers": [_descriptor(media_type, x.payload, annotations=x.annotations()) for x in layers],
     }
     blobs = [config, *(x.payload for x in layers)]
     manifest_digest, artifact = _manifest_artifact(manifest, OCI_MANIFEST, blobs)
     parsed = Digest.parse(digest)
-    artifact.tags[f"{parsed.algorithm}-{parsed.hex}.sig"] = manifest_digest
+    artifact.tags[f"{parsed.algorithm}-{parsed.hex}{suffix}"] = manifest_digest
     return artifact
 
 

@@ -227,10 +227,10 @@ CASES: list[tuple[str, Callable[[World], Setup], bool, dict[str, Reason | None]]
     ("tlog-wrong-rekor-key",
      lambda w: (registry(_legacy(w, "alice", rekor=w.rogue_rekor)), [IMAGE],
                 w.policy("alice", log=w.rekor)),
-     False, {"alice": R.NOT_IN_TLOG}),
+     False, {"alice": R.UNTRUSTED_LOG}),
     ("tlog-entry-for-other-signature",
      lambda w: (registry(_log_for_other_signature(w)), [IMAGE], w.policy("alice", log=w.rekor)),
-     False, {"alice": R.NOT_IN_TLOG}),
+     False, {"alice": R.LOG_ENTRY_MISMATCH}),
     # Sigstore bundle format
     ("bundle-referrers-api", lambda w: (registry(_bundle(w, "alice")), [IMAGE], w.policy("alice")),
      True, {"alice": None}),
@@ -254,7 +254,7 @@ CASES: list[tuple[str, Callable[[World], Setup], bool, dict[str, Reason | None]]
     ("bundle-attestation-is-not-a-signature",
      lambda w: (registry(_statement_bundle(w, IMAGE, "https://slsa.dev/provenance/v1")), [IMAGE],
                 w.policy("alice")),
-     False, {"alice": R.NO_SIGNATURE}),
+     False, {"alice": R.WRONG_PREDICATE}),
     ("bundle-tlog-required-absent",
      lambda w: (registry(_bundle(w, "alice")), [IMAGE], w.policy("alice", log=w.rekor)),
      False, {"alice": R.NOT_IN_TLOG}),
@@ -265,7 +265,7 @@ CASES: list[tuple[str, Callable[[World], Setup], bool, dict[str, Reason | None]]
     ("bundle-tlog-wrong-rekor-key",
      lambda w: (registry(_bundle(w, "alice", rekor=w.rogue_rekor)), [IMAGE],
                 w.policy("alice", log=w.rekor)),
-     False, {"alice": R.NOT_IN_TLOG}),
+     False, {"alice": R.UNTRUSTED_LOG}),
 ]
 
 
@@ -420,7 +420,7 @@ def test_load_public_key(pem: Callable[[], bytes], algorithm: str | None, error:
     [
         pytest.param(("alice",), 1, None, id="one"),
         pytest.param(("alice", "bob"), 2, None, id="two-of-two"),
-        pytest.param((), 1, "keys is empty", id="no-keys"),
+        pytest.param((), 1, "give keys or keyless identities", id="no-keys"),
         pytest.param(("alice",), 0, "threshold 0", id="zero"),
         pytest.param(("alice", "bob"), 3, "threshold 3", id="more-than-keys"),
         pytest.param(("alice", "alice-again"), 1, "are the same", id="duplicate-key"),

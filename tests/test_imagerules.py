@@ -24,7 +24,8 @@ from proxy.policy.findings import image_findings
 from proxy.policy.rules.base import DEFAULT_PLATFORM, ImageContext, ManifestDoc, ResolutionFailed
 from proxy.policy.rules.image import ImageRules, build, is_root
 from proxy.policy.sites import ImageSite
-from proxy.trust.verification import SignaturePolicy, VerificationCache, VerificationResult
+from proxy.trust.service import VerificationCache
+from proxy.trust.verification import SignaturePolicy, VerificationResult
 from tests.support.resolver import DictResolver
 
 NOW = 1_735_689_600.0  # 2025-01-01T00:00:00Z

@@ -17,7 +17,7 @@ WEBHOOK_POLICIES = str(DATA / "policies" / "webhook")
 
 def test_lint_examples_ship_valid(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "lint", str(ROOT / "policies")]) == 0
-    assert capsys.readouterr().out.startswith(f"ok: {ROOT / 'policies'}: 7 policies in 6 file(s)")
+    assert capsys.readouterr().out.startswith(f"ok: {ROOT / 'policies'}: 10 policies in 8 file(s)")
 
 
 @pytest.mark.parametrize(

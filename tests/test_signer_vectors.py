@@ -82,7 +82,7 @@ async def test_real_vector_verifies_with_its_key(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "log_key", "expected"),
     [pytest.param(n, REKOR_PUB, None, id=f"{n}-rekor") for n in LOGGED]
-    + [pytest.param(n, "rogue", Reason.NOT_IN_TLOG, id=f"{n}-rogue-log") for n in LOGGED]
+    + [pytest.param(n, "rogue", Reason.UNTRUSTED_LOG, id=f"{n}-rogue-log") for n in LOGGED]
     + [pytest.param("containers-image-cosign-valid", REKOR_PUB, Reason.NOT_IN_TLOG, id="unlogged-vector")],
 )
 async def test_real_rekor_set(name: str, log_key: bytes | str, expected: Reason | None) -> None:

@@ -159,8 +159,9 @@ class Metrics:
         # --- signatures --------------------------------------------------------------------
         self.verifications = Counter(
             "pullgate_signature_verifications_total",
-            "Signature verifications by result (verified, failed, error) and key name.",
-            ["result", "key"],
+            "Signature and attestation verifications by result (verified, failed, error), signer"
+            " (key name or keyless identity) and the OIDC issuer the policy wants (keyless only).",
+            ["result", "key", "issuer"],
             registry=registry,
         )
         self.verification_seconds = Histogram(

@@ -8,8 +8,7 @@ check`` (offline: no resolver, tags that ``resolveTags`` would pin count as pinn
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, cast
 
@@ -32,13 +31,9 @@ from proxy.policy.active import PolicySet
 from proxy.policy.document import Policy
 from proxy.policy.rules.base import DEFAULT_PLATFORM, ImageContext, ManifestDoc, ResolutionFailed
 from proxy.policy.sites import ImageSite, clip
-from proxy.trust.verification import (
-    SignaturePolicy,
-    SignatureSource,
-    VerificationCache,
-    VerificationResult,
-    verify_image,
-)
+from proxy.policy.verifier import verification_service
+from proxy.trust.service import Subject, VerificationCache, VerificationService
+from proxy.trust.verification import SignaturePolicy, SignatureSource, VerificationResult
 
 _T = TypeVar("_T")
 
@@ -139,6 +134,10 @@ class ContentProvider(Protocol):
 
     def content(self, ref: ImageReference) -> SignatureSource: ...
 
+    def parents(self, ref: ImageReference, digest: Digest) -> Sequence[Digest]:
+        """Indexes of ``ref``'s repository known to list ``digest`` (their signatures count)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class Facts:
@@ -149,6 +148,7 @@ class Facts:
     resolutions: Resolutions
     content: ContentProvider | None = None
     metrics: Metrics | None = None
+    verifier: VerificationService | None = None
 
     async def digest(self) -> Digest:
         if self.ref.digest is not None:
@@ -209,31 +209,23 @@ class Facts:
         return jsondoc.parse_object(data, f"config of {self.ref.name}", error=ResolutionFailed)
 
     async def signatures(self, policy: SignaturePolicy, cache: VerificationCache) -> VerificationResult:
-        """Verify the image's cosign signatures against ``policy`` (cached by digest)."""
+        """Verify the image's signatures (or attestations) against ``policy`` through the
+        one verification service (cached by digest, shared with pull-time enforcement)."""
         digest = await self.digest()
-        cached = cache.get(digest)
-        if self.metrics is not None:
-            self.metrics.verification_cache.labels("hit" if cached else "miss").inc()
-        if cached is not None:
-            return cached
         return await self.resolutions.memo(
             ("signatures", id(cache), digest), lambda: self._verify(digest, policy, cache)
         )
 
     async def _verify(self, digest: Digest, policy: SignaturePolicy, cache: VerificationCache) -> VerificationResult:
-        started = time.monotonic()
+        source = self._source()
         try:
-            result = await verify_image(self._source(), self.ref.repository, (digest,), policy)
+            assert self.content is not None  # _source() checked
+            related = self.content.parents(self.ref, digest)
+            subject = Subject(source, self.ref.repository, digest, tuple(related))
+            verifier = self.verifier or verification_service(self.metrics)
+            return await verifier.verify(subject, policy, cache)
         except PullgateError as exc:
-            if self.metrics is not None:
-                self.metrics.verifications.labels("error", "").inc()
             raise ResolutionFailed(failure_reason(exc, self.ref)) from exc
-        if self.metrics is not None:
-            self.metrics.verification_seconds.observe(time.monotonic() - started)
-            for key in result.keys:
-                self.metrics.verifications.labels("verified" if key.reason is None else "failed", key.name).inc()
-        cache.put(digest, result)
-        return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +294,7 @@ class Evaluator:
     resolver: TagResolver | None = None
     metrics: Metrics | None = None
     content: ContentProvider | None = None
+    verifier: VerificationService | None = None  # default: one reporting to ``metrics``
 
     async def evaluate(self, sites: tuple[ImageSite, ...], namespace: str, *, mutate: bool) -> Evaluation:
         """Judge every site. With ``mutate``, pin tags (``resolveTags``) and rewrite hosts
@@ -331,7 +324,7 @@ class Evaluator:
             site.image,
             pin.ref,
             namespace,
-            Facts(pin.ref, resolutions, self.content, self.metrics),
+            Facts(pin.ref, resolutions, self.content, self.metrics, self.verifier),
             pin.pinned,
             pin.error,
             site.run_as_user,

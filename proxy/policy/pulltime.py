@@ -31,10 +31,12 @@ from proxy.oci.reference import ImageReference
 from proxy.policy.active import PolicyStore
 from proxy.policy.document import Policy
 from proxy.policy.rules.signature import Signatures
+from proxy.policy.verifier import verification_service
 from proxy.registry.manifests import Manifest
 from proxy.registry.mirror import Mirror
 from proxy.registry.routing import Route
-from proxy.trust.verification import VerificationResult, verify_image
+from proxy.trust.service import Subject
+from proxy.trust.verification import VerificationResult
 
 _EXEMPT_MEMORY = 4096  # manifest digests known to be signature objects (content never changes)
 
@@ -46,6 +48,7 @@ class PullPolicy:
         self._timeout = timeout
         self._exempt: OrderedDict[Digest, None] = OrderedDict()
         self._log = structlog.get_logger("pullgate.pullpolicy")
+        self._verifier = verification_service(mirror.metrics)
 
     async def check(self, route: Route, reference: str, manifest: Manifest) -> None:
         """Raise ``Denied`` unless every enforcing policy's signatures verify. ``reference``
@@ -76,24 +79,17 @@ class PullPolicy:
         raise Denied(f"image {ref}: policy {policy.name} requires a valid signature: {reason}")
 
     async def _verify(self, route: Route, digest: Digest, rule: Signatures) -> VerificationResult:
-        cached = rule.cache.get(digest)
-        metrics = self._mirror.metrics
-        metrics.verification_cache.labels("hit" if cached else "miss").inc()
-        if cached is not None:
-            return cached
-        candidates = (digest, *self._mirror.catalog.parents(route.upstream, route.repository, digest))
-        source = self._mirror.content_of(route.upstream)
+        """The one verification service the webhook uses too: same candidates (the digest
+        and the indexes listing it), same cache, single flight and metrics."""
+        related = self._mirror.catalog.parents(route.upstream, route.repository, digest)
+        subject = Subject(self._mirror.content_of(route.upstream), route.repository, digest, tuple(related))
         try:
             async with asyncio.timeout(self._timeout):
-                result = await verify_image(source, route.repository, candidates, rule.policy)
+                return await self._verifier.verify(subject, rule.policy, rule.cache)
         except TimeoutError as exc:
             raise Denied("signature verification timed out; the pull is refused") from exc
         except PullgateError as exc:
             raise Denied(f"signature verification failed: {exc.message}") from exc
-        for key in result.keys:
-            metrics.verifications.labels("verified" if key.reason is None else "failed", key.name).inc()
-        rule.cache.put(digest, result)
-        return result
 
     async def _is_signature_object(self, route: Route, manifest: Manifest) -> bool:
         """Exempt from the signature requirement: a signature or attestation artifact, by

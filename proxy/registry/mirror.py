@@ -185,6 +185,12 @@ class Mirror:
         """Manifests, blobs and referrers of ``ref``'s upstream, through the cache."""
         return self.content_of(self.route_image(ref).upstream)
 
+    def parents(self, ref: ImageReference, digest: Digest) -> list[Digest]:
+        """Cached indexes of ``ref``'s repository that list ``digest`` (a signature on a
+        multi-arch index covers its platform manifests)."""
+        route = self.route_image(ref)
+        return self.catalog.parents(route.upstream, route.repository, digest)
+
     def content_of(self, upstream: str) -> MirrorContent:
         """Manifests, blobs and referrers of one upstream, through the cache."""
         return MirrorContent(self.manifests, self.blobs, self.store, self.referrers_index, upstream)

@@ -1,54 +1,75 @@
-"""Cosign signature formats, parsed from bytes and checked against one key, without I/O.
+"""Cosign signature formats parsed from bytes, without I/O: what a signature object holds.
 
 Legacy format (https://github.com/sigstore/cosign/blob/main/specs/SIGNATURE_SPEC.md): the
-tag ``sha256-<hex>.sig`` holds a manifest whose ``simplesigning`` layers are payloads, each
-signed by its layer annotation ``dev.cosignproject.cosign/signature`` (base64), optionally
-with a Rekor SET in ``dev.sigstore.cosign/bundle``.
+tag ``sha256-<hex>.sig`` (``.att`` for attestations) holds a manifest whose layers are
+payloads, each signed by its layer annotation ``dev.cosignproject.cosign/signature``
+(base64), optionally with a Rekor SET (``dev.sigstore.cosign/bundle``), a Fulcio
+certificate and chain (``dev.sigstore.cosign/certificate``, ``…/chain``: keyless) and an
+RFC 3161 timestamp (``dev.sigstore.cosign/rfc3161timestamp``). Signature layers hold a
+"simple signing" payload; attestation layers (``application/vnd.dsse.envelope.v1+json``)
+a DSSE envelope whose signature is over its pre-authentication encoding.
 
 Bundle format (cosign v3; https://github.com/sigstore/cosign/blob/main/specs/BUNDLE_SPEC.md):
-an OCI artifact with ``artifactType`` ``application/vnd.dev.sigstore.bundle.v0.3+json`` refers
-to the image; its single layer is a Sigstore bundle whose DSSE envelope signs (through the
-pre-authentication encoding, https://github.com/secure-systems-lab/dsse/blob/master/protocol.md)
-an in-toto statement with predicate ``https://sigstore.dev/cosign/sign/v1`` about the image.
+an OCI artifact with ``artifactType`` ``application/vnd.dev.sigstore.bundle.v0.3+json``
+refers to the image; its single layer is a Sigstore bundle (``proxy.trust.bundles``).
 
-``check`` applies one key to one signature and answers with the furthest step that failed,
-in the order the checks run: the signature, then the digest the payload names, then the log.
+The checks themselves live in ``proxy.trust.checks``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from proxy.errors import DigestInvalid, SignatureInvalid
-from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import DOCKER_MANIFEST, OCI_MANIFEST
 from proxy.trust import rekor
-from proxy.trust.keys import VerifyingKey
+from proxy.trust.documents import json_object, parse_json
 
 SIMPLESIGNING_MEDIA_TYPE = "application/vnd.dev.cosign.simplesigning.v1+json"
+DSSE_MEDIA_TYPE = "application/vnd.dsse.envelope.v1+json"
 SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 REKOR_ANNOTATION = "dev.sigstore.cosign/bundle"
+CERTIFICATE_ANNOTATION = "dev.sigstore.cosign/certificate"
+CHAIN_ANNOTATION = "dev.sigstore.cosign/chain"
+TIMESTAMP_ANNOTATION = "dev.sigstore.cosign/rfc3161timestamp"
 SIMPLESIGNING_TYPE = "cosign container image signature"
 BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPES = frozenset({"https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1"})
 SIGN_PREDICATE = "https://sigstore.dev/cosign/sign/v1"
 MAX_SIGNATURES = 64  # layers per .sig manifest, bundles per image: beyond is abuse, not signing
+# Log entries, timestamps and DSSE signatures per object: cosign writes one of each. Each
+# costs signature checks, so an upstream cannot make one verification cost seconds.
+MAX_PER_OBJECT = 8
 
 
 class Reason(StrEnum):
-    """Why a key did not verify; the values appear verbatim in admission deny messages."""
+    """Why a signer did not verify; the values appear verbatim in admission deny messages.
+    Ordered by how far verification got: a later reason says more than an earlier one."""
 
     NO_SIGNATURE = "no signature found"
+    WRONG_PREDICATE = "statement has another predicate type"
     BAD_SIGNATURE = "signature does not verify"
     DIGEST_MISMATCH = "payload digest mismatch"
     NOT_IN_TLOG = "not in transparency log"
+    UNTRUSTED_LOG = "transparency log entry not signed by a trusted log"
+    BAD_INCLUSION_PROOF = "transparency log inclusion proof invalid"
+    LOG_ENTRY_MISMATCH = "transparency log entry is for another signature or artifact"
+    BAD_TIMESTAMP = "timestamp invalid"
+    UNTRUSTED_CERTIFICATE = "certificate not issued by a trusted CA"
+    CERT_NOT_VALID_AT_TIME = "certificate not valid at the signing time"
+    BAD_SCT = "certificate transparency (SCT) invalid"
+    ISSUER_MISMATCH = "certificate issuer mismatch"
+    IDENTITY_MISMATCH = "certificate identity mismatch"
+    EXTENSION_MISMATCH = "certificate extension mismatch"
+    CONDITION_FAILED = "attestation condition not met"
+    TOO_OLD = "attestation too old"
+    ALREADY_COUNTED = "its signer already counts for another identity"
 
 
 # How far a signature got: a later failure says more than an earlier one.
@@ -56,18 +77,15 @@ REASON_RANK = {reason: rank for rank, reason in enumerate(Reason)}
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    reason: Reason | None  # None: verified
-    detail: str = ""
-
-
-@dataclass(frozen=True, slots=True)
 class SignatureLayer:
-    """One layer of a legacy ``.sig`` manifest, before its payload blob is fetched."""
+    """One layer of a legacy ``.sig``/``.att`` manifest, before its blob is fetched."""
 
     digest: Digest
-    signature: str  # base64, as annotated
+    signature: str  # base64, as annotated ("" for DSSE layers: the envelope holds it)
     rekor_bundle: str | None
+    media_type: str = SIMPLESIGNING_MEDIA_TYPE
+    certificate: str | None = None  # PEM
+    timestamp: str | None = None  # the annotation's JSON
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,22 +94,26 @@ class SimpleSignature:
     signature: bytes
     log_entry: rekor.LogEntry | None
     origin: str  # where it came from, for details
+    certificate: bytes | None = None  # the Fulcio leaf (PEM or DER): a keyless signature
+    timestamps: tuple[bytes, ...] = ()  # RFC 3161 responses (DER)
 
 
 @dataclass(frozen=True, slots=True)
 class BundleSignature:
+    """A DSSE envelope (``payload_type`` set) or a message signature (``message_digest``
+    set: the SHA-256 of the signed artifact, ``payload`` empty)."""
+
     payload_type: str
     payload: bytes
     signatures: tuple[bytes, ...]
     log_entries: tuple[rekor.LogEntry, ...]
     origin: str
+    certificate: bytes | None = None
+    timestamps: tuple[bytes, ...] = ()
+    message_digest: bytes | None = None
 
 
 Signature = SimpleSignature | BundleSignature
-
-
-def _json_object(data: bytes, what: str) -> dict[str, Any]:
-    return jsondoc.parse_object(data, what, error=SignatureInvalid)
 
 
 def _digest(value: Any, what: str) -> Digest:
@@ -102,8 +124,8 @@ def _digest(value: Any, what: str) -> Digest:
 
 
 def signature_layers(manifest: bytes) -> list[SignatureLayer]:
-    """The signed layers of a legacy ``sha256-<hex>.sig`` manifest."""
-    doc = _json_object(manifest, "signature manifest")
+    """The signed layers of a legacy ``sha256-<hex>.sig`` (or ``.att``) manifest."""
+    doc = json_object(manifest, "signature manifest")
     if doc.get("mediaType", OCI_MANIFEST) not in (OCI_MANIFEST, DOCKER_MANIFEST):
         raise SignatureInvalid(f"signature manifest has media type {doc.get('mediaType')!r}")
     layers = doc.get("layers")
@@ -111,32 +133,84 @@ def signature_layers(manifest: bytes) -> list[SignatureLayer]:
         raise SignatureInvalid("signature manifest has no layers list")
     found: list[SignatureLayer] = []
     for layer in layers[:MAX_SIGNATURES]:
-        if not isinstance(layer, dict) or layer.get("mediaType") != SIMPLESIGNING_MEDIA_TYPE:
+        if not isinstance(layer, dict) or layer.get("mediaType") not in (SIMPLESIGNING_MEDIA_TYPE, DSSE_MEDIA_TYPE):
             continue
         annotations = layer.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            continue
         signature = annotations.get(SIGNATURE_ANNOTATION)
         if not isinstance(signature, str):
             continue
-        bundle = annotations.get(REKOR_ANNOTATION)
-        digest = _digest(layer.get("digest"), "signature layer digest")
-        found.append(SignatureLayer(digest, signature, bundle if isinstance(bundle, str) else None))
+        found.append(
+            SignatureLayer(
+                _digest(layer.get("digest"), "signature layer digest"),
+                signature,
+                _text(annotations.get(REKOR_ANNOTATION)),
+                str(layer["mediaType"]),
+                _text(annotations.get(CERTIFICATE_ANNOTATION)),
+                _text(annotations.get(TIMESTAMP_ANNOTATION)),
+            )
+        )
     return found
 
 
-def simple_signature(layer: SignatureLayer, payload: bytes, origin: str) -> SimpleSignature:
-    """A legacy signature from its layer and payload blob; a bad log annotation raises."""
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def simple_signature(layer: SignatureLayer, payload: bytes, origin: str) -> Signature:
+    """A legacy signature from its layer and blob: a simple-signing payload, or (``.att``)
+    a DSSE envelope. Unusable log or timestamp annotations are dropped: they matter only
+    when required, and then their absence is reported."""
     entry = None
     if layer.rekor_bundle:
         try:
             entry = rekor.from_cosign_annotation(layer.rekor_bundle)
         except SignatureInvalid:
-            entry = None  # unusable log entry: matters only when the log is required
+            entry = None
+    certificate = layer.certificate.encode() if layer.certificate else None
+    timestamps = _legacy_timestamp(layer.timestamp)
+    if layer.media_type == DSSE_MEDIA_TYPE:
+        return _legacy_envelope(payload, entry, origin, certificate, timestamps)
     try:
         # Real annotations may wrap long (RSA) signatures in newlines; strict otherwise.
         signature = base64.b64decode("".join(layer.signature.split()), validate=True)
     except binascii.Error:
         signature = b""  # cannot verify; reported as such rather than as "not found"
-    return SimpleSignature(payload, signature, entry, origin)
+    return SimpleSignature(payload, signature, entry, origin, certificate, timestamps)
+
+
+def _legacy_envelope(
+    blob: bytes,
+    entry: rekor.LogEntry | None,
+    origin: str,
+    certificate: bytes | None,
+    timestamps: tuple[bytes, ...],
+) -> BundleSignature:
+    """``cosign attest`` (legacy): the layer blob is the DSSE envelope itself."""
+    try:
+        envelope = json_object(blob, "attestation envelope")
+        return BundleSignature(
+            payload_type=str(envelope["payloadType"]),
+            payload=b64(envelope["payload"]),
+            signatures=tuple(b64(s["sig"]) for s in envelope["signatures"][:MAX_PER_OBJECT]),
+            log_entries=(entry,) if entry is not None else (),
+            origin=origin,
+            certificate=certificate,
+            timestamps=timestamps,
+        )
+    except (SignatureInvalid, KeyError, TypeError, binascii.Error, ValueError) as exc:
+        return BundleSignature("", b"", (), (), f"{origin}: unusable DSSE envelope ({exc})")
+
+
+def _legacy_timestamp(text: str | None) -> tuple[bytes, ...]:
+    if not text:
+        return ()
+    try:
+        doc = json_object(text, "timestamp annotation")
+        return (b64(doc["SignedRFC3161Timestamp"]),)
+    except (SignatureInvalid, KeyError, TypeError, binascii.Error, ValueError):
+        return ()
 
 
 def bundle_manifests(index: Any) -> list[Digest]:
@@ -154,7 +228,7 @@ def bundle_manifests(index: Any) -> list[Digest]:
 
 def bundle_layer(manifest: bytes) -> Digest | None:
     """The bundle blob an artifact manifest points at; None if it is another artifact."""
-    doc = _json_object(manifest, "referrer manifest")
+    doc = json_object(manifest, "referrer manifest")
     if doc.get("artifactType") != BUNDLE_MEDIA_TYPE:
         return None
     layers = doc.get("layers")
@@ -163,37 +237,8 @@ def bundle_layer(manifest: bytes) -> Digest | None:
     return _digest(layers[0].get("digest"), "bundle layer digest")
 
 
-def parse_bundle(blob: bytes, origin: str) -> BundleSignature:
-    """A Sigstore bundle holding a DSSE envelope (message-signature bundles are refused)."""
-    doc = _json_object(blob, "Sigstore bundle")
-    try:
-        envelope = doc["dsseEnvelope"]
-        signatures = tuple(_b64(s["sig"]) for s in envelope["signatures"][:MAX_SIGNATURES])
-        material = doc.get("verificationMaterial") or {}
-        return BundleSignature(
-            payload_type=str(envelope["payloadType"]),
-            payload=_b64(envelope["payload"]),
-            signatures=signatures,
-            log_entries=_log_entries(material.get("tlogEntries") or []),
-            origin=origin,
-        )
-    except (KeyError, TypeError, AttributeError, binascii.Error, ValueError) as exc:
-        raise SignatureInvalid(f"Sigstore bundle has no usable DSSE envelope: {exc}") from exc
-
-
-def _log_entries(items: Any) -> tuple[rekor.LogEntry, ...]:
-    entries: list[rekor.LogEntry] = []
-    for item in items[:MAX_SIGNATURES]:
-        try:
-            entry = rekor.from_bundle_entry(item)
-        except SignatureInvalid:
-            continue  # unusable log entry: matters only when the log is required
-        if entry is not None:
-            entries.append(entry)
-    return tuple(entries)
-
-
-def _b64(text: Any) -> bytes:
+def b64(text: Any) -> bytes:
+    """Base64 as Sigstore writes it (padding optional)."""
     if not isinstance(text, str):
         raise TypeError("expected a base64 string")
     return base64.b64decode(text + "=" * (-len(text) % 4))
@@ -205,84 +250,19 @@ def pae(payload_type: str, payload: bytes) -> bytes:
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
 
 
-def check(
-    signature: Signature,
-    key: VerifyingKey,
-    digests: Collection[Digest],
-    log_key: VerifyingKey | None,
-) -> Outcome:
-    """Does ``signature`` verify with ``key`` for one of ``digests`` (and the log, if given)?"""
-    if isinstance(signature, SimpleSignature):
-        return _check_simple(signature, key, digests, log_key)
-    return _check_bundle(signature, key, digests, log_key)
-
-
-def _check_simple(
-    sig: SimpleSignature,
-    key: VerifyingKey,
-    digests: Collection[Digest],
-    log_key: VerifyingKey | None,
-) -> Outcome:
-    if not key.verify(sig.signature, sig.payload):
-        return Outcome(Reason.BAD_SIGNATURE, f"{sig.origin}: not signed by this key")
+def statement(payload_type: str, payload: bytes) -> dict[str, Any] | None:
+    """The in-toto statement a DSSE payload holds, or None."""
+    if payload_type != INTOTO_PAYLOAD_TYPE:
+        return None
     try:
-        critical = _json_object(sig.payload, "payload")["critical"]
-        named, kind = critical["image"]["docker-manifest-digest"], critical["type"]
-    except (SignatureInvalid, KeyError, TypeError) as exc:
-        return Outcome(Reason.DIGEST_MISMATCH, f"{sig.origin}: malformed payload: {exc}")
-    if kind != SIMPLESIGNING_TYPE:
-        return Outcome(Reason.NO_SIGNATURE, f"{sig.origin}: payload type {kind!r}")
-    if not _names_candidate(named, digests):
-        return Outcome(Reason.DIGEST_MISMATCH, f"{sig.origin}: payload names {named}")
-    if log_key is None:
-        return Outcome(None, sig.origin)
-    entry = sig.log_entry
-    if entry is None:
-        return Outcome(Reason.NOT_IN_TLOG, f"{sig.origin}: no transparency log bundle")
-    if not entry.verify_set(log_key):
-        return Outcome(Reason.NOT_IN_TLOG, f"{sig.origin}: log promise not signed by the log key")
-    if not entry.covers(sig.signature, sig.payload):
-        return Outcome(Reason.NOT_IN_TLOG, f"{sig.origin}: log entry is for another signature")
-    return Outcome(None, sig.origin)
-
-
-def _check_bundle(
-    sig: BundleSignature,
-    key: VerifyingKey,
-    digests: Collection[Digest],
-    log_key: VerifyingKey | None,
-) -> Outcome:
-    statement = _statement(sig)
-    if statement is not None and statement.get("predicateType") != SIGN_PREDICATE:
-        # An attestation (SBOM, provenance) by the same key is not a signature.
-        return Outcome(Reason.NO_SIGNATURE, f"{sig.origin}: not a cosign signature statement")
-    message = pae(sig.payload_type, sig.payload)
-    good = [s for s in sig.signatures if key.verify(s, message)]
-    if not good:
-        return Outcome(Reason.BAD_SIGNATURE, f"{sig.origin}: not signed by this key")
-    if statement is None or sig.payload_type != INTOTO_PAYLOAD_TYPE:
-        return Outcome(Reason.DIGEST_MISMATCH, f"{sig.origin}: payload is not an in-toto statement")
-    named = _subject_digests(statement)
-    if not any(_names_candidate(d, digests) for d in named):
-        return Outcome(Reason.DIGEST_MISMATCH, f"{sig.origin}: statement names {named}")
-    if log_key is None:
-        return Outcome(None, sig.origin)
-    for entry in sig.log_entries:
-        if entry.verify_set(log_key) and any(entry.covers(s, sig.payload) for s in good):
-            return Outcome(None, sig.origin)
-    return Outcome(Reason.NOT_IN_TLOG, f"{sig.origin}: no log entry promised by the log key")
-
-
-def _statement(sig: BundleSignature) -> dict[str, Any] | None:
-    try:
-        doc = _json_object(sig.payload, "statement")
+        doc = parse_json(payload, "statement")
     except SignatureInvalid:
         return None
-    return doc if doc.get("_type") in STATEMENT_TYPES else None
+    return doc if isinstance(doc, dict) and doc.get("_type") in STATEMENT_TYPES else None
 
 
-def _subject_digests(statement: dict[str, Any]) -> list[str]:
-    subjects = statement.get("subject")
+def subject_digests(doc: dict[str, Any]) -> list[str]:
+    subjects = doc.get("subject")
     if not isinstance(subjects, list):
         return []
     found: list[str] = []
@@ -291,10 +271,3 @@ def _subject_digests(statement: dict[str, Any]) -> list[str]:
         if isinstance(digest, dict):
             found.extend(f"{alg}:{value}" for alg, value in digest.items())
     return found
-
-
-def _names_candidate(named: Any, digests: Collection[Digest]) -> bool:
-    try:
-        return Digest.parse(named if isinstance(named, str) else "") in digests
-    except DigestInvalid:
-        return False

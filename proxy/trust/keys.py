@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 from proxy.errors import KeyUnsupported
 
@@ -51,6 +52,34 @@ class VerifyingKey:
             return False
         return True
 
+    def verify_digest(self, signature: bytes, sha256: bytes) -> bool:
+        """True when ``signature`` signs the message whose SHA-256 is ``sha256`` (Sigstore
+        message-signature bundles carry only the digest). Ed25519 signs messages, not
+        digests, so it cannot verify these."""
+        try:
+            if isinstance(self.key, ec.EllipticCurvePublicKey):
+                if self.key.curve.name != "secp256r1":
+                    return False
+                self.key.verify(signature, sha256, ec.ECDSA(Prehashed(hashes.SHA256())))
+            elif isinstance(self.key, rsa.RSAPublicKey):
+                return _verify_rsa_prehashed(self.key, signature, sha256)
+            else:
+                return False
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def _verify_rsa_prehashed(key: rsa.RSAPublicKey, signature: bytes, digest: bytes) -> bool:
+    pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO)
+    for scheme in (padding.PKCS1v15(), pss):
+        try:
+            key.verify(signature, digest, scheme, Prehashed(hashes.SHA256()))
+        except (InvalidSignature, ValueError):
+            continue
+        return True
+    return False
+
 
 def _verify_rsa(key: rsa.RSAPublicKey, signature: bytes, data: bytes) -> bool:
     pss = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.AUTO)
@@ -72,9 +101,23 @@ def load_public_key(pem: bytes | str, *, name: str = "key") -> VerifyingKey:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise KeyUnsupported(f"{name}: unreadable public key: {exc}") from exc
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return from_public_key(key, name=name)
+
+
+def load_der_public_key(der: bytes, *, name: str = "key") -> VerifyingKey:
+    """Load a DER SPKI key (as ``trusted_root.json`` and certificates carry them)."""
+    try:
+        key = serialization.load_der_public_key(der)
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise KeyUnsupported(f"{name}: unreadable public key: {exc}") from exc
+    return from_public_key(key, name=name)
+
+
+def from_public_key(key: object, *, name: str = "key") -> VerifyingKey:
+    """A ``VerifyingKey`` for a key object (e.g. a certificate's), refusing unsupported types."""
     if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey | ed25519.Ed25519PublicKey):
         raise KeyUnsupported(f"{name}: unsupported key type {type(key).__name__.lstrip('_')}")
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return VerifyingKey(key, _algorithm(key, name), hashlib.sha256(der).hexdigest())
 
 

@@ -14,6 +14,7 @@ upstream. Config reference: https://distribution.github.io/distribution/about/co
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import subprocess
 import time
@@ -164,6 +165,26 @@ class Registry:
         await skopeo.acopy(skopeo.source_ref(layout_dir, tag), dest, all_images=all_images,
                            dest_creds=creds or self.creds, timeout=timeout)
         return dest
+
+    def plant_manifest(self, repository: str, tag: str, data: bytes) -> str:
+        """Store a manifest under ``tag`` straight in the filesystem driver's layout, without
+        the blobs it references: for real signed manifests from test vectors, whose image
+        layers we do not have (Distribution refuses such a PUT; serving it by tag or digest
+        reads only these files). Returns the digest."""
+        hexpart = hashlib.sha256(data).hexdigest()
+        digest = f"sha256:{hexpart}"
+        blob = self.blob_file(digest)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        manifests = self.storage / "docker" / "registry" / "v2" / "repositories" / repository / "_manifests"
+        for link in (
+            manifests / "revisions" / "sha256" / hexpart / "link",
+            manifests / "tags" / tag / "current" / "link",
+            manifests / "tags" / tag / "index" / "sha256" / hexpart / "link",
+        ):
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.write_text(digest)
+        return digest
 
     def blob_file(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob (tests corrupt or delete it)."""

@@ -23,7 +23,8 @@ from proxy.oci.globs import GlobSet
 from proxy.oci.mediatypes import ParsedManifest
 from proxy.oci.reference import ImageReference, normalize_registry_pattern
 from proxy.policy import fields
-from proxy.trust.verification import SignaturePolicy, VerificationCache, VerificationResult
+from proxy.trust.service import VerificationCache
+from proxy.trust.verification import SignaturePolicy, VerificationResult
 
 
 class ResolutionFailed(PullgateError):
@@ -74,7 +75,8 @@ class ImageFacts(Protocol):
         ...
 
     async def signatures(self, policy: SignaturePolicy, cache: VerificationCache) -> VerificationResult:
-        """cosign verification of the image's digest against ``policy``."""
+        """cosign verification (signatures or attestations) of the image's digest against
+        ``policy``, through the one verification service."""
         ...
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from proxy.policy.rules import attestation as attestationrule
 from proxy.policy.rules import image as imagerules
 from proxy.policy.rules import signature as signaturerule
 from proxy.policy.rules.base import BUILTIN_RULES, RuleFactory
@@ -15,6 +16,7 @@ RULES: Mapping[str, RuleFactory] = MappingProxyType(
     {
         **BUILTIN_RULES,
         signaturerule.NAME: signaturerule.build,
+        attestationrule.NAME: attestationrule.build,
         imagerules.NAME: imagerules.build,
     }
 )

@@ -1,5 +1,6 @@
-"""The ``signatures`` policy rule: only images whose cosign signatures verify against the
-policy's keys (``threshold`` distinct keys; optionally logged in Rekor) are admitted.
+"""The ``signatures`` policy rule: only images whose cosign signatures verify — against the
+policy's keys, or keyless against Fulcio identities — are admitted (``threshold`` distinct
+keys and identities; keyed signatures optionally logged in Rekor).
 
 ```yaml
 signatures:
@@ -10,32 +11,42 @@ signatures:
         ...
     - name: ci
       publicKeyFile: keys/ci.pub      # relative to the policy file
-  threshold: 1
-  transparencyLog:
+  keyless:                            # Fulcio certificates (cosign sign without a key)
+    - issuer: https://token.actions.githubusercontent.com
+      subject: "https://github.com/acme/*/.github/workflows/release.yml@refs/tags/*"
+      # or issuerRegExp / subjectRegExp; optional extensions: {sourceRepositoryURI: ...}
+  trustedRoot: /etc/pullgate/trusted_root.json   # optional; default: Sigstore public good
+  threshold: 1                        # keys and keyless identities both count
+  transparencyLog:                    # keyed signatures must also be in this Rekor
     publicKeyFile: keys/rekor.pub
   cacheTTL: 10m          # how long a successful verification of a digest is reused
   failureCacheTTL: 30s   # failures are retried sooner (a signature may just have been pushed)
 ```
 
-Verification happens in-process (``proxy.trust.verification``) on the digest the pod will run —
+Keyless signatures always need a transparency-log entry and a verified signing time (see
+``proxy.trust.checks``). Verification happens in-process on the digest the pod will run —
 the pinned digest under ``resolveTags`` — from signature objects fetched through the
-mirror's cache. Results are cached per digest for the life of this rule (one policy
-version), successes longer than failures.
+mirror's cache, by the verification service pull-time enforcement uses too. Results are
+cached per digest for the life of this rule (one policy version).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from proxy.errors import ConfigError
 from proxy.policy import fields
 from proxy.policy.fields import FieldError
 from proxy.policy.rules.base import ImageContext, ResolutionFailed, Rule
-from proxy.trust.keys import VerifyingKey, load_public_key
-from proxy.trust.verification import SignaturePolicy, VerificationCache
+from proxy.policy.rules.signers import SIGNER_FIELDS, parse_signers, public_key, threshold
+from proxy.trust.service import VerificationCache
+from proxy.trust.verification import SignaturePolicy
 
 NAME = "signatures"
+_FIELDS = (*SIGNER_FIELDS, "threshold", "transparencyLog", "cacheTTL", "failureCacheTTL")
 
 
 @dataclass(frozen=True)
@@ -55,49 +66,22 @@ class Signatures:
 
 
 def build(value: object, path: str, base: Path) -> Rule | None:
-    doc = fields.mapping(value, path, ("keys", "threshold", "transparencyLog", "cacheTTL", "failureCacheTTL"))
-    keys_doc = doc.get("keys")
-    if not isinstance(keys_doc, list) or not keys_doc:
-        raise FieldError(f"{path}.keys", "expected a non-empty list of keys")
-    keys: dict[str, VerifyingKey] = {}
-    for i, entry in enumerate(keys_doc):
-        where = f"{path}.keys[{i}]"
-        key_doc = fields.mapping(entry, where, ("name", "publicKey", "publicKeyFile"))
-        name = fields.string(key_doc.get("name"), f"{where}.name")
-        if name in keys:
-            raise FieldError(f"{where}.name", f"duplicate key name {name!r}")
-        keys[name] = _key(key_doc, where, base)
-    threshold = doc.get("threshold", 1)
-    if not isinstance(threshold, int) or isinstance(threshold, bool) or not 1 <= threshold <= len(keys):
-        raise FieldError(f"{path}.threshold", f"must be a whole number from 1 to {len(keys)}, got {threshold!r}")
+    doc = fields.mapping(value, path, _FIELDS)
+    signers = parse_signers(doc, path, base)
+    count = threshold(doc.get("threshold", 1), f"{path}.threshold", signers.count)
     log_key = None
     if doc.get("transparencyLog") is not None:
         where = f"{path}.transparencyLog"
-        log_key = _key(fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile")), where, base)
-    cache = VerificationCache(
+        log_key = public_key(fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile")), where, base)
+    try:
+        policy = SignaturePolicy(signers.keys, count, log_key, signers.identities, signers.trusted_root)
+    except ConfigError as exc:
+        raise FieldError(f"{path}.keys", exc.message) from exc
+    return Signatures(policy, cache(doc, path))
+
+
+def cache(doc: Mapping[str, Any], path: str) -> VerificationCache:
+    return VerificationCache(
         ttl=fields.duration(doc.get("cacheTTL", "10m"), f"{path}.cacheTTL"),
         failure_ttl=fields.duration(doc.get("failureCacheTTL", "30s"), f"{path}.failureCacheTTL"),
     )
-    try:
-        return Signatures(SignaturePolicy(keys, threshold, log_key), cache)
-    except ConfigError as exc:
-        raise FieldError(f"{path}.keys", exc.message) from exc
-
-
-def _key(doc: dict[str, object] | object, where: str, base: Path) -> VerifyingKey:
-    assert isinstance(doc, dict)
-    if ("publicKey" in doc) == ("publicKeyFile" in doc):
-        raise FieldError(where, "give exactly one of publicKey or publicKeyFile")
-    if "publicKey" in doc:
-        pem, field_path = fields.string(doc["publicKey"], f"{where}.publicKey"), f"{where}.publicKey"
-    else:
-        field_path = f"{where}.publicKeyFile"
-        file = base / fields.string(doc["publicKeyFile"], field_path)
-        try:
-            pem = file.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FieldError(field_path, f"cannot read {file}: {exc}") from exc
-    try:
-        return load_public_key(pem, name=field_path)
-    except ConfigError as exc:
-        raise FieldError(field_path, exc.message) from exc
