@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from aiohttp import web
 
 from proxy.access.control import ANONYMOUS, Identity
-from proxy.errors import NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
+from proxy.errors import BlobUnknown, NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
 from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import INDEX_TYPES, acceptable, parse_accept, parse_manifest, pick_platform
@@ -30,6 +31,9 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 _MAX_PAGE = 10_000
+# Bytes per sendfile call on the cached path: each must leave within limits.send_timeout,
+# so the slowest client kept is 1 MiB per send_timeout (17 KiB/s with the default 60 s).
+_SEND_PIECE = 1 << 20
 
 
 @dataclass
@@ -160,15 +164,63 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return response
     found = await mirror.blobs.get(route, digest)
     if isinstance(found, CachedBlob):
-        details = info(request)
-        details.cache = "hit"
-        details.bytes = _served_length(request.headers.get("Range"), found.size)
-        mirror.metrics.bytes_served.labels("cache").inc(details.bytes)
-        # sendfile; FileResponse also implements Range (containerd resumes with bytes=N-).
-        headers["Accept-Ranges"] = "bytes"
-        return web.FileResponse(mirror.store.path(digest), chunk_size=1 << 20, headers=headers)
+        info(request).cache = "hit"
+        return await _send_cached(request, mirror, found, headers)
     info(request).cache = "miss"
     return await _stream(request, found, headers)
+
+
+async def _send_cached(
+    request: web.Request, mirror: Mirror, blob: CachedBlob, headers: dict[str, str]
+) -> web.StreamResponse:
+    """A cached blob by ``sendfile``, honouring a single ``Range`` (containerd resumes with
+    ``bytes=N-``). Sent in pieces, each bounded by ``limits.send_timeout`` like the
+    streaming path's writes: a client that stops reading loses its connection and its
+    file descriptor instead of holding both forever."""
+    start, end, status = 0, blob.size, 200
+    range_header = request.headers.get("Range")
+    if range_header:
+        start, end = _parse_range(range_header, blob.size)
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+    headers["Accept-Ranges"] = "bytes"
+    try:
+        file = await asyncio.to_thread(open, mirror.store.path(blob.digest), "rb")
+    except FileNotFoundError:  # evicted since the lookup
+        raise BlobUnknown(f"blob {blob.digest} is no longer cached; retry") from None
+    try:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start
+        await response.prepare(request)
+        if await _sendfile(request, file, start, end):
+            await response.write_eof()
+    finally:
+        file.close()
+    return response
+
+
+async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) -> bool:
+    """``loop.sendfile`` in ``_SEND_PIECE``s; False when the client was cut off."""
+    loop = asyncio.get_running_loop()
+    send_timeout = request.app[CONFIG].limits.send_timeout
+    details = info(request)
+    offset = start
+    while offset < end:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        count = min(_SEND_PIECE, end - offset)
+        try:
+            async with asyncio.timeout(send_timeout):
+                await loop.sendfile(transport, file, offset, count)
+        except TimeoutError:
+            details.extra["aborted"] = "SEND_TIMEOUT"
+            transport.abort()
+            return False
+        offset += count
+        details.bytes += count
+        request.app[MIRROR].metrics.bytes_served.labels("cache").inc(count)
+    return True
 
 
 async def _stream(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
@@ -203,17 +255,6 @@ async def _stream(request: web.Request, flight: Flight, headers: dict[str, str])
         return response
     await response.write_eof()
     return response
-
-
-def _served_length(range_header: str | None, size: int) -> int:
-    """Bytes a FileResponse will send (for logs and metrics; it validates Range itself)."""
-    if not range_header:
-        return size
-    try:
-        start, end = _parse_range(range_header, size)
-    except RangeInvalid:
-        return 0
-    return end - start
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:

@@ -19,18 +19,28 @@ from pathlib import Path
 from structlog.typing import FilteringBoundLogger
 
 from proxy.errors import ConfigError
-from proxy.ops.filewatch import background, stamps
+from proxy.ops.filewatch import stamps
+from proxy.ops.metrics import Metrics
+from proxy.ops.supervisor import supervised
 
 
 class ReloadingTLS:
     """``context`` goes to the listener; ``running()`` watches the files and swaps certs."""
 
     def __init__(
-        self, cert: Path, key: Path, logger: FilteringBoundLogger, *, interval: float = 10.0, name: str = "admission"
+        self,
+        cert: Path,
+        key: Path,
+        logger: FilteringBoundLogger,
+        metrics: Metrics,
+        *,
+        interval: float = 10.0,
+        name: str = "admission",
     ) -> None:
         """``name``: the listener, for the config key in errors and the log event names
         (``admission``: ``admission.tls_cert``; ``mirror``: top-level ``tls_cert``)."""
         self.cert, self.key, self.logger, self.interval, self.name = cert, key, logger, interval, name
+        self._metrics = metrics
         self._stamp = stamps(cert, key)
         key_name = "admission.tls_cert" if name == "admission" else "tls_cert"
         try:
@@ -49,11 +59,12 @@ class ReloadingTLS:
     def _select(self, conn: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
         conn.context = self._current
 
-    def reload(self) -> bool:
-        """Load the files now; keep the current certificate if they do not load."""
-        self._stamp = stamps(self.cert, self.key)
+    async def reload(self) -> bool:
+        """Load the files now (in a thread: reading and parsing keys is slow); keep the
+        current certificate if they do not load."""
+        self._stamp = await asyncio.to_thread(stamps, self.cert, self.key)
         try:
-            self._current = self._build()
+            self._current = await asyncio.to_thread(self._build)
         except (OSError, ssl.SSLError) as exc:
             self.logger.error(f"{self.name}_tls_reload_failed", cert=str(self.cert), error=str(exc))
             return False
@@ -63,10 +74,10 @@ class ReloadingTLS:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if stamps(self.cert, self.key) != self._stamp:
-                self.reload()
+            if await asyncio.to_thread(stamps, self.cert, self.key) != self._stamp:
+                await self.reload()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ReloadingTLS]:
-        async with background(self.watch(), "tls-watch"):
+        async with supervised(self._metrics, f"{self.name}_tls_watch", self.watch, self.logger):
             yield self
