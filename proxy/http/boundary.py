@@ -5,7 +5,8 @@ error body; anything else is a bug and becomes ``500 UNKNOWN`` with the request 
 ``unhandled_error`` event with the traceback and ``pullgate_unhandled_errors_total``. Every
 request, whatever happened, leaves one ``http_request`` event and its request metrics.
 A client that goes away mid-response is not an error: its ``http_request`` event says
-``aborted: CLIENT_GONE`` (status 499 when nothing was sent yet, nginx's convention).
+``aborted: CLIENT_GONE`` (status 499 when nothing was sent yet, nginx's convention); a
+handler cancelled at shutdown says ``aborted: CANCELLED``.
 
 Webhook (``webhook_boundary``): the handlers answer their own errors; what escapes them
 becomes a JSON error body (never aiohttp's plain-text 500), counted as an ``error`` outcome,
@@ -17,6 +18,7 @@ connection is cut short of ``Content-Length`` instead, so the client discards wh
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -65,7 +67,15 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
         else:
             response = error_response(Unsupported("pullgate is a read-only mirror"))
     except ConnectionError as exc:
-        response = _client_gone(request) if _gone(request) else _unhandled(request, exc, endpoint)
+        gone = _gone(request) or PREPARED in request  # a write to a client that left
+        response = _client_gone(request) if gone else _unhandled(request, exc, endpoint)
+    except asyncio.CancelledError:
+        # The server cancels a handler whose client left (handler_cancellation) or that
+        # outlived the shutdown grace: the request still leaves its event.
+        info(request).extra.setdefault("aborted", "CLIENT_GONE" if _gone(request) else "CANCELLED")
+        status = request[PREPARED].status if PREPARED in request else CLIENT_CLOSED
+        _observe(request, status, endpoint, request_id, time.monotonic() - started)
+        raise
     except Exception as exc:  # noqa: BLE001 - the last resort: a bug must still answer in the spec's terms
         response = _unhandled(request, exc, endpoint)
     response.headers["X-Request-Id"] = request_id
