@@ -130,9 +130,10 @@ async def _until_stopped(
         await reload(app, path, environ or dict(os.environ))
 
     async with Supervisor(app[METRICS], log) as tasks:
+        # Stays installed while draining (SIGHUP's default would kill the process); once the
+        # supervisor is closed, start() ignores it.
         loop.add_signal_handler(signal.SIGHUP, lambda: tasks.start("sighup_reload", on_hup, restart=False))
         await stop.wait()
-        loop.remove_signal_handler(signal.SIGHUP)
     app[LIFECYCLE].draining = True
     log.info("shutdown_started", delay_seconds=config.shutdown_delay, grace_seconds=config.shutdown_grace)
     await asyncio.sleep(min(config.shutdown_delay, config.shutdown_grace))
