@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
+from proxy.errors import ConfigError
 from proxy.oci.digest import Digest
 from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import Backoff, Supervisor
@@ -127,7 +128,7 @@ def test_a_task_series_exists_before_its_first_failure() -> None:
 # --- the mirror's tasks ------------------------------------------------------------------------
 def mirror_config(tmp_path: Path, origin: TestServer, **cache: int) -> Config:
     return Config(
-        cache=CacheConfig(dir=tmp_path / "cache", **cache),  # type: ignore[arg-type]
+        cache=CacheConfig(dir=tmp_path / "cache", **cache),
         upstreams=(UpstreamConfig("docker.io", str(origin.make_url("")).rstrip("/")),),
         default_upstream="docker.io",
         timeouts=TimeoutConfig(connect=2, read=5, manifest=5, retries=0, backoff=0.01),
@@ -178,3 +179,12 @@ async def test_close_without_open_closes_what_the_constructor_made(tmp_path: Pat
     await mirror.close()
     assert mirror._session.closed
     assert not (tmp_path / "never-opened").exists()
+
+
+async def test_a_failed_open_closes_what_the_constructor_made(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    mirror = Mirror(Config(cache=CacheConfig(dir=tmp_path / "file" / "cache")))
+    with pytest.raises(ConfigError, match=r"cache\.dir: .* is not writable \(not a directory\)"):
+        await mirror.open()
+    assert mirror._session.closed
+    await mirror.close()  # and closing again is harmless

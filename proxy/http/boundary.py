@@ -56,7 +56,7 @@ async def request_middleware(request: web.Request, handler: Handler) -> web.Stre
             endpoint = request.match_info.route.name
         response = await handler(request)
     except PullgateError as exc:
-        response = _sent_or(request, "ERROR", partial(error_response, exc))
+        response = _sent_or(request, exc.code, partial(error_response, exc))
     except web.HTTPException as exc:
         # Unrouted paths under /v2/ still get spec-shaped error bodies.
         if not request.path.startswith("/v2/") or exc.status not in (404, 405):

@@ -38,9 +38,8 @@ _MAX_LIST_BODY = 4 << 20
 
 
 class Mirror:
-    """Built whole here; ``open()`` does the disk work, ``close()`` closes everything, in
-    reverse order, whatever failed before (including a constructor or ``open()`` that
-    raised half-way: the caller closes what it constructed)."""
+    """Built whole here; ``open()`` does the disk work; ``close()`` (idempotent) closes
+    everything in reverse order, whatever failed before."""
 
     def __init__(self, config: Config, metrics: Metrics | None = None, *, limiter: FetchLimiter | None = None) -> None:
         """``limiter``: the daemon's bound on upstream fetches for its clients (the CLI
@@ -81,7 +80,15 @@ class Mirror:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
-        """Open the cache; ``ConfigError`` naming ``cache.dir`` when it cannot be written."""
+        """Open the cache; ``ConfigError`` naming ``cache.dir`` when it cannot be written.
+        A failed open has closed everything again (the session the constructor made too)."""
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
         root = self.config.cache.dir
         try:
             await asyncio.to_thread(self._open_store)
