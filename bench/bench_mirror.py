@@ -50,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
+from limits import Nginx, TrivialServer  # noqa: E402 - bench/ is the script directory, first on sys.path
 
 from tests.support import skopeo  # noqa: E402
 from tests.support.images import (  # noqa: E402
@@ -291,6 +292,17 @@ def cold_pull(host: str, workdir: Path, upstream: Registry, image: ImageInfo) ->
     return {"seconds": seconds, "upstream_blob_gets": gets}
 
 
+def warm_fanout(base: str, image: ImageInfo, n: int) -> dict[str, Any]:
+    digest, size = image.layer_digests[0], image.layer_sizes[0]
+    url = f"{base}/v2/{BIG_REPO}/blobs/{digest}"
+    started = time.monotonic()
+    with ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(lambda _: fetch(url, timeout=300), range(n)))
+    wall = time.monotonic() - started
+    ok = sum(1 for code, got, _ in results if code == 200 and got == size)
+    return {"wall_seconds": wall, "ok": ok, "clients": n}
+
+
 def concurrent_cold(base: str, upstream: Registry, image: ImageInfo, n: int) -> dict[str, Any]:
     digest, size = image.layer_digests[0], image.layer_sizes[0]
     # Like a real client: the manifest first (cached now), then the blobs, all cold.
@@ -323,10 +335,14 @@ def phase_warm(work: Path, upstream: Registry, big: ImageInfo, plan: Plan) -> di
         out["blob"] = warm_blobs({"pullgate": pg.url, "reference": ref.url, "upstream": upstream.url},
                                  upstream, big, plan.reps)
         log("warm blob GB/s: " + ", ".join(f"{n} {r['gbps']:.2f}" for n, r in out["blob"].items()))
-        for name, base in (("pullgate", pg.url), ("reference", ref.url), ("upstream", upstream.url)):
-            out["manifest"][name] = warm_manifests(base, BIG_REPO, big, plan)
-            log(f"manifests {name}: tag {out['manifest'][name]['tag']['rps']:.0f} req/s, "
-                f"digest {out['manifest'][name]['digest']['rps']:.0f} req/s")
+        body, _ = get_verified(f"{pg.url}/v2/{BIG_REPO}/manifests/{TAG}", big.manifest_digest, ACCEPT)
+        limit = TrivialServer(work / "trivial", body, OCI_MANIFEST, big.manifest_digest)
+        with limit:
+            targets = (("pullgate", pg.url), ("limit", limit.url), ("reference", ref.url), ("upstream", upstream.url))
+            for name, base in targets:
+                out["manifest"][name] = warm_manifests(base, BIG_REPO, big, plan)
+                log(f"manifests {name}: tag {out['manifest'][name]['tag']['rps']:.0f} req/s, "
+                    f"digest {out['manifest'][name]['digest']['rps']:.0f} req/s")
     return out
 
 
@@ -355,14 +371,25 @@ def phase_concurrent(work: Path, upstream: Registry, big: ImageInfo, plan: Plan)
             out["pullgate"] = concurrent_cold(pg.url, upstream, big, plan.concurrency)
         out["pullgate"].update(rss_start_kib=baseline, rss_peak_sampled_kib=sampler.peak,
                                vm_hwm_kib=proc_status_kib(pg.pid, "VmHWM"))
+        out["pullgate_warm"] = warm_fanout(pg.url, big, plan.concurrency)
+        # The fan-out limit: nginx sendfile serving the same bytes (now in pullgate's store)
+        # to the same number of clients, warm.
+        root = work / "nginx-root"
+        blob_dir = root / "v2" / BIG_REPO / "blobs"
+        blob_dir.mkdir(parents=True)
+        digest = big.layer_digests[0]
+        os.link(work / "pg-conc" / "cache" / "blobs" / "sha256" / digest.removeprefix("sha256:")[:2]
+                / digest.removeprefix("sha256:"), blob_dir / digest)
+    with Nginx(work / "nginx", root) as nginx:
+        out["nginx_warm"] = warm_fanout(nginx.url, big, plan.concurrency)
     with running(reference(work / "ref-conc", upstream)) as ref:
         out["reference"] = concurrent_cold(ref.url, upstream, big, plan.concurrency)
         pid = registry_pid(ref)
         if pid is not None:
             out["reference"]["vm_hwm_kib"] = proc_status_kib(pid, "VmHWM")
     for name, r in out.items():
-        log(f"{plan.concurrency} concurrent cold GETs {name}: {r['wall_seconds']:.2f} s, "
-            f"{r['ok']}/{r['clients']} ok, {r['upstream_blob_gets']} upstream GETs")
+        log(f"{plan.concurrency} concurrent GETs {name}: {r['wall_seconds']:.2f} s, "
+            f"{r['ok']}/{r['clients']} ok, {r.get('upstream_blob_gets', '-')} upstream GETs")
     return out
 
 
@@ -387,6 +414,8 @@ def verdicts(r: dict[str, Any]) -> dict[str, bool]:
     return {
         "blob_gbps": blob["pullgate"]["gbps"] >= 1.0 and blob["pullgate"]["gbps"] >= 2 * blob["reference"]["gbps"],
         "manifest_tag_rps": tag_pg >= 3000 and tag_pg >= 10 * tag_ref,
+        "manifest_vs_limit": all(man["pullgate"][k]["rps"] >= 0.6 * man["limit"][k]["rps"] for k in ("tag", "digest")),
+        "cold_vs_nginx": conc["pullgate"]["wall_seconds"] <= 1.3 * conc["nginx_warm"]["wall_seconds"],
         "concurrent_upstream_gets": conc["pullgate"]["upstream_blob_gets"] == 1
         and conc["pullgate"]["ok"] == conc["pullgate"]["clients"],
         "rss": conc["pullgate"]["vm_hwm_kib"] < 150 * 1024,
@@ -413,6 +442,10 @@ def table(r: dict[str, Any]) -> str:
                      + (f", {errs} errors" if errs else "") + ")",
                      *(_fmt(v, 0) for v in vals), _fmt(_ratio(vals[0], vals[1]), 1) + "x", target,
                      mark[ok[key]] if key else ""))
+        limit = man["limit"][kind]["rps"]
+        rows.append(("... trivial aiohttp handler, same bytes and wrk settings (the framework's limit; req/s)",
+                     _fmt(limit, 0), "-", "-", f"pullgate {_fmt(_ratio(vals[0], limit))}x of it", ">= 0.6x",
+                     mark[ok["manifest_vs_limit"]]))
     layers = "+".join(str(m) for m in plan["cold_layers_mib"])
     rows.append((f"cold pull, skopeo, {layers} MiB layers (s, median of {plan['cold_reps']})",
                  _fmt(cold["pullgate"]["seconds"]), _fmt(cold["reference"]["seconds"]),
@@ -421,6 +454,12 @@ def table(r: dict[str, Any]) -> str:
     rows.append((f"{plan['concurrency']} concurrent cold GETs of {plan['blob_mib']} MiB (wall s)",
                  _fmt(pg_c["wall_seconds"]), _fmt(ref_c["wall_seconds"]), "-",
                  _fmt(_ratio(ref_c["wall_seconds"], pg_c["wall_seconds"])) + "x faster", "", ""))
+    ngx = conc["nginx_warm"]["wall_seconds"]
+    rows.append((f"... nginx sendfile serving the same {plan['concurrency']} warm (wall s; the fan-out limit)",
+                 _fmt(ngx), "-", "-", f"pullgate cold {_fmt(_ratio(pg_c['wall_seconds'], ngx))}x of it",
+                 "<= 1.3x", mark[ok["cold_vs_nginx"]]))
+    rows.append((f"... pullgate serving the same {plan['concurrency']} warm (wall s)",
+                 _fmt(conc["pullgate_warm"]["wall_seconds"]), "-", "-", "", "", ""))
     rows.append(("... upstream blob GETs (complete client responses)",
                  f"{pg_c['upstream_blob_gets']} ({pg_c['ok']}/{pg_c['clients']})",
                  f"{ref_c['upstream_blob_gets']} ({ref_c['ok']}/{ref_c['clients']})", "-", "",

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestServer
 
-from tests.support.aio import ServerFactory
+from proxy.config.settings import Config
+from proxy.http.app import create_app
+from tests.support.aio import ClientFactory, ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.images import ImageFactory
-from tests.support.origin import Origin
+from tests.support.origin import MirrorUnderTest, Origin, StartMirror
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -140,3 +142,20 @@ async def origin(aiohttp_server: ServerFactory) -> tuple[Origin, TestServer]:
     """The registry-shaped fault-knob app (``tests/support/origin.py``) on loopback."""
     state = Origin()
     return state, await aiohttp_server(state.app())
+
+
+@pytest.fixture
+def origin_url(origin: tuple[Origin, TestServer]) -> str:
+    """The ``origin`` app's base URL, for an upstream's ``url``."""
+    return str(origin[1].make_url("")).rstrip("/")
+
+
+@pytest.fixture
+def start_mirror(origin: tuple[Origin, TestServer], aiohttp_client: ClientFactory) -> StartMirror:
+    """``await start_mirror(config)``: the mirror app for ``config`` (whose upstream is
+    ``origin_url``) under a test client, with the origin's fault knobs beside it."""
+
+    async def start(config: Config) -> MirrorUnderTest:
+        return await aiohttp_client(create_app(config)), origin[0]
+
+    return start

@@ -45,7 +45,8 @@ from proxy.errors import ConfigError
 from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS
 from tests.support.aio import Client, ClientFactory
-from tests.support.origin import OCI_MANIFEST, Origin, digest_of
+from tests.support.images import sha256_digest
+from tests.support.origin import OCI_MANIFEST, Origin, StartMirror
 from tests.support.polling import eventually
 
 # Written by Apache's `htpasswd -nbB -C 5 alice 'correct horse battery'` (apache2-utils 2.4).
@@ -259,12 +260,10 @@ Mirror = tuple[Client, Origin]
 
 @pytest.fixture
 def make_mirror(
-    origin: tuple[Origin, TestServer], aiohttp_client: ClientFactory, tmp_path: Path, credentials: tuple[Path, Path]
+    start_mirror: StartMirror, origin_url: str, tmp_path: Path, credentials: tuple[Path, Path]
 ) -> Callable[..., Awaitable[Mirror]]:
     async def make(**access: Any) -> Mirror:
-        state, server = origin
-        config = access_config(tmp_path, str(server.make_url("")).rstrip("/"), *credentials, **access)
-        return await aiohttp_client(create_app(config)), state
+        return await start_mirror(access_config(tmp_path, origin_url, *credentials, **access))
 
     return make
 
@@ -434,26 +433,28 @@ async def test_shared_digest_is_never_served_through_a_repository_the_client_may
         {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(b"{}"), "size": 2},
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(b"{}"), "size": 2
+            },
             "layers": [
-                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(shared_layer),
+                {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha256_digest(shared_layer),
                  "size": len(shared_layer)}
             ],
         }
     ).encode()
     origin.put_manifest("library/public", "1", OCI_MANIFEST, public_manifest)
-    origin.blobs[("library/public", digest_of(shared_layer))] = shared_layer
-    origin.blobs[("library/public", digest_of(b"{}"))] = b"{}"
+    origin.blobs[("library/public", sha256_digest(shared_layer))] = shared_layer
+    origin.blobs[("library/public", sha256_digest(b"{}"))] = b"{}"
     alice = basic("alice", ALICE_PASSWORD)
     assert (await client.get("/v2/acme/private/manifests/1", headers=alice)).status == 200
     for blob in private.blobs:
         response = await client.get(f"/v2/acme/private/blobs/{blob}", headers=alice)
         assert response.status == 200 and await response.read() == private.blobs[blob]
     origin.requests.clear()
-    private_only = digest_of(private.config)
+    private_only = sha256_digest(private.config)
     cases = [
         # (path, headers, status): anonymous, wrong password and the wrong user, every spelling
-        (f"/v2/acme/private/blobs/{digest_of(shared_layer)}", ANON, 401),
+        (f"/v2/acme/private/blobs/{sha256_digest(shared_layer)}", ANON, 401),
         (f"/v2/acme/private/blobs/{private_only}", ANON, 401),
         (f"/v2/acme/private/blobs/{private_only}", basic("alice", "nope"), 401),
         (f"/v2/acme/private/blobs/{private_only}", basic("bob", BOB_PASSWORD), 403),
@@ -462,7 +463,7 @@ async def test_shared_digest_is_never_served_through_a_repository_the_client_may
         (f"/v2/acme/private/manifests/{private.digest}", ANON, 401),
         (f"/v2/library/public/blobs/{private_only}", ANON, 404),  # not in the public repository
         (f"/v2/library/public/manifests/{private.digest}", ANON, 404),
-        (f"/v2/library/public/blobs/{digest_of(shared_layer)}", ANON, 200),  # it is public too
+        (f"/v2/library/public/blobs/{sha256_digest(shared_layer)}", ANON, 200),  # it is public too
     ]
     for path, headers, status in cases:
         for method in ("GET", "HEAD"):
@@ -472,7 +473,7 @@ async def test_shared_digest_is_never_served_through_a_repository_the_client_may
                 assert await response.read() == shared_layer
     # Only the public repository was asked about (to confirm it holds what it was asked for).
     assert {path for (_, path) in origin.requests} <= {
-        f"/v2/library/public/blobs/{digest_of(shared_layer)}",
+        f"/v2/library/public/blobs/{sha256_digest(shared_layer)}",
         f"/v2/library/public/blobs/{private_only}",
         f"/v2/library/public/manifests/{private.digest}",
     }

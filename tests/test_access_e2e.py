@@ -28,7 +28,7 @@ from tests.support.aio import ServerFactory
 from tests.support.certs import write_cert
 from tests.support.containerd import Containerd
 from tests.support.daemon import Daemon
-from tests.support.images import ImageFactory, ImageInfo, OciLayout
+from tests.support.images import ImageFactory, ImageInfo, OciLayout, assert_layout_matches
 from tests.support.polling import eventually
 from tests.support.procs import CommandError, free_port
 from tests.support.registry import Registry
@@ -105,12 +105,6 @@ async def setup(
 
 def basic_header(creds: tuple[str, str]) -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(":".join(creds).encode()).decode()}
-
-
-def assert_layout_matches(copy: Path, image: ImageInfo) -> None:
-    pulled, source = OciLayout(copy), OciLayout(image.layout)
-    for digest in image.all_digests:
-        assert pulled.blob_path(digest).read_bytes() == source.blob_path(digest).read_bytes()
 
 
 async def test_skopeo_access_matrix(setup: Setup, registry: Registry, auth_registry: Registry, tmp_path: Path) -> None:

@@ -27,3 +27,21 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert concurrent["upstream_blob_gets"] == 1
     assert concurrent["ok"] == concurrent["clients"] == 16
     assert result["warm"]["manifest"]["pullgate"]["tag"]["errors"] == 0
+    # The limits measured beside pullgate answered too (ratios need both sides).
+    assert result["warm"]["manifest"]["limit"]["tag"]["rps"] > 0
+    for name in ("nginx_warm", "pullgate_warm"):
+        assert result["concurrent"][name]["ok"] == 16, name
+
+
+@pytest.mark.e2e
+def test_storm_quick(tmp_path: Path) -> None:
+    """The rollout-storm benchmark runs end to end: every client got every verified byte and
+    each blob reached the upstream once."""
+    out = tmp_path / "storm.json"
+    done = run([sys.executable, str(ROOT / "bench" / "bench_storm.py"), "--quick", "--out", str(out)], timeout=200)
+    assert "| storm wall," in done.stdout
+    result = json.loads(out.read_text())
+    assert result["storm"]["ok"] == result["storm"]["clients"] == 20
+    assert result["warm"]["ok"] == 20
+    assert result["upstream_gets_per_blob"] == [1]
+    assert result["manifest_probes"] > 0 and result["manifest_probe_errors"] == 0

@@ -28,7 +28,8 @@ from proxy.oci.reference import ImageReference
 from proxy.ops.metrics import Metrics
 from proxy.registry.manifests import Resolution
 from tests.support.aio import Client, ClientFactory
-from tests.support.origin import Origin, digest_of
+from tests.support.images import sha256_digest
+from tests.support.origin import Origin
 from tests.support.polling import eventually
 
 DATA = Path(__file__).parent / "data"
@@ -64,7 +65,7 @@ async def mirror(
 
 async def cached_blob(client: Client, origin: Origin, size: int) -> tuple[str, Path]:
     image = origin.add_image("library/app", "1", layers=[size])
-    digest = digest_of(image.layers[0])
+    digest = sha256_digest(image.layers[0])
     assert await (await client.get(f"/v2/app/blobs/{digest}")).read() == image.layers[0]
     store = client.app[MIRROR].store
     await eventually(lambda: store.size(Digest.parse(digest)) == size)

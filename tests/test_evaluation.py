@@ -16,11 +16,11 @@ from proxy.policy.document import Policy, parse_policy
 from proxy.policy.evaluation import Evaluator, NoMatch, pin_text
 from proxy.policy.rules.base import ImageContext
 from proxy.policy.sites import ImageSite
-from tests.support.resolver import DictResolver, digest_of
+from tests.support.resolver import DictResolver, text_digest
 
 D = "sha256:" + "a" * 64
 NGINX = "docker.io/library/nginx:1.25"
-PINNED = f"nginx:1.25@{digest_of(NGINX)}"
+PINNED = f"nginx:1.25@{text_digest(NGINX)}"
 
 
 def pol(
@@ -91,7 +91,7 @@ PIN = {"requireDigest": True, "resolveTags": True}
             True,
             ["allow"],
             "",
-            f"docker.io/library/nginx:1.25@{digest_of(NGINX)}",
+            f"docker.io/library/nginx:1.25@{text_digest(NGINX)}",
         ),
         (
             pol(**PIN),
@@ -228,9 +228,9 @@ async def test_resolution_failures_say_why(error: Exception, reason: str) -> Non
 @pytest.mark.parametrize(
     ("image", "new_image"),
     [
-        ("nginx", f"nginx:latest@{digest_of('docker.io/library/nginx:latest')}"),
+        ("nginx", f"nginx:latest@{text_digest('docker.io/library/nginx:latest')}"),
         ("nginx:1.25", PINNED),
-        ("localhost:5000/app:v1", f"localhost:5000/app:v1@{digest_of('localhost:5000/app:v1')}"),
+        ("localhost:5000/app:v1", f"localhost:5000/app:v1@{text_digest('localhost:5000/app:v1')}"),
     ],
 )
 async def test_pin_keeps_the_tag(image: str, new_image: str) -> None:
@@ -245,7 +245,11 @@ async def test_pin_keeps_the_tag(image: str, new_image: str) -> None:
     ("image", "rules", "new_image"),
     [
         ("nginx:1.25", {"rewriteRegistry": "m:5000"}, "m:5000/docker.io/library/nginx:1.25"),
-        ("nginx:1.25", {"rewriteRegistry": "m:5000", **PIN}, f"m:5000/docker.io/library/nginx:1.25@{digest_of(NGINX)}"),
+        (
+            "nginx:1.25",
+            {"rewriteRegistry": "m:5000", **PIN},
+            f"m:5000/docker.io/library/nginx:1.25@{text_digest(NGINX)}",
+        ),
         (f"ghcr.io/a/b@{D}", {"rewriteRegistry": "m:5000"}, f"m:5000/ghcr.io/a/b@{D}"),
         ("localhost:5000/x:1", {"rewriteRegistry": "m:5000"}, None),  # host:port stays
     ],

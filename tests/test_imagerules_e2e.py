@@ -7,7 +7,6 @@ each mode (enforce: deny, warn: warning, audit: audit annotation)."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from proxy.cli import main
 from proxy.config.settings import AdmissionConfig, CacheConfig, Config, UpstreamConfig
 from proxy.http.app import create_app
 from proxy.policy.sites import clip
+from tests.support.admission import pod_review
 from tests.support.aio import ServerFactory
 from tests.support.images import OCI_INDEX, OciLayout, build_image
 from tests.support.procs import free_port
@@ -115,22 +115,6 @@ def policies(directory: Path, repo: str) -> Path:
     return directory
 
 
-def review(image: str, namespace: str, pod: dict[str, Any] | None, container: dict[str, Any] | None) -> Any:
-    doc = copy.deepcopy(json.loads((DATA / "pod-create.json").read_text()))
-    doc["request"]["namespace"] = namespace
-    obj = doc["request"]["object"]
-    obj["metadata"]["namespace"] = namespace
-    spec = obj["spec"]
-    spec["containers"] = [{**spec["containers"][0], "name": "app", "image": image}]
-    for key in ("initContainers", "ephemeralContainers", "volumes"):
-        spec.pop(key, None)
-    if pod is not None:
-        spec["securityContext"] = pod
-    if container is not None:
-        spec["containers"][0]["securityContext"] = container
-    return doc
-
-
 async def start(
     registry_url: str, aiohttp_server: ServerFactory, tmp: Path, repo: str, **admission: Any
 ) -> tuple[web.Application, str]:
@@ -160,7 +144,7 @@ async def validate(
     pod: dict[str, Any] | None = None,
     container: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    body = review(image, namespace, pod, container)
+    body = pod_review(image, namespace=namespace, pod_security=pod, container_security=container)
     async with world.session.post(f"{world.webhook}/validate", json=body) as response:
         assert response.status == 200, await response.text()
         answer: dict[str, Any] = (await response.json())["response"]

@@ -17,19 +17,18 @@ from typing import Any
 
 import pytest
 import structlog
-from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from proxy.admission.webhook import create_webhook_app
 from proxy.config.settings import AdmissionConfig, CacheConfig, Config, LimitsConfig, TimeoutConfig, UpstreamConfig
 from proxy.errors import UpstreamRateLimited
-from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS, MIRROR
 from proxy.oci.digest import Digest
 from proxy.ops.limits import FETCH_CLIENT, FailureWindow, FetchLimiter, client_key
 from proxy.ops.metrics import Metrics
 from tests.support.aio import Client, ClientFactory
-from tests.support.origin import Origin, digest_of
+from tests.support.images import sha256_digest
+from tests.support.origin import Origin, StartMirror
 from tests.support.polling import eventually
 from tests.support.resolver import DictResolver
 
@@ -40,18 +39,17 @@ Mirror = tuple[Client, Origin]
 
 @pytest.fixture
 def make_mirror(
-    origin: tuple[Origin, TestServer], aiohttp_client: ClientFactory, tmp_path: Path
+    start_mirror: StartMirror, origin_url: str, tmp_path: Path
 ) -> Callable[..., Awaitable[Mirror]]:
     async def make(cache: dict[str, Any] | None = None, **limits: Any) -> Mirror:
-        state, server = origin
         config = Config(
             cache=CacheConfig(dir=tmp_path / "cache", **(cache or {})),
-            upstreams=(UpstreamConfig("docker.io", str(server.make_url("")).rstrip("/")),),
+            upstreams=(UpstreamConfig("docker.io", origin_url),),
             default_upstream="docker.io",
             timeouts=TimeoutConfig(connect=2, read=10, manifest=5, retries=0, backoff=0.01),
             limits=LimitsConfig(**limits),
         )
-        return await aiohttp_client(create_app(config)), state
+        return await start_mirror(config)
 
     return make
 
@@ -123,7 +121,7 @@ async def test_cold_fetches_over_the_limit_get_429(
     image = origin.add_image("library/app", "1", layers=[1 << 20, 1 << 20, 1 << 20])
     assert (await client.get("/v2/app/manifests/1")).status == 200  # as clients do: blobs are then known
     origin.chunk_delay = 0.02  # 16 chunks: each download runs ~0.3 s
-    digests = [digest_of(layer) for layer in image.layers]
+    digests = [sha256_digest(layer) for layer in image.layers]
     first = [await client.get(f"/v2/app/blobs/{d}") for d in digests[:2]]
     assert [r.status for r in first] == [200, 200]
     refused = await client.get(f"/v2/app/blobs/{digests[2]}")
@@ -233,7 +231,7 @@ async def test_slow_reader_holds_up_neither_the_cache_fill_nor_other_clients(
 ) -> None:
     client, origin = await make_mirror()
     image = origin.add_image("library/app", "1", layers=[8 << 20])
-    layer, digest = image.layers[0], digest_of(image.layers[0])
+    layer, digest = image.layers[0], sha256_digest(image.layers[0])
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -262,7 +260,7 @@ async def test_slow_reader_holds_up_neither_the_cache_fill_nor_other_clients(
 async def test_stalled_reader_is_cut_off_after_send_timeout(make_mirror: Callable[..., Awaitable[Mirror]]) -> None:
     client, origin = await make_mirror(send_timeout=0.5)
     image = origin.add_image("library/app", "1", layers=[24 << 20])
-    digest = digest_of(image.layers[0])
+    digest = sha256_digest(image.layers[0])
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.setblocking(False)
@@ -299,7 +297,7 @@ async def test_stalled_reader_of_a_cached_blob_is_cut_off_and_its_file_closed(
     send_timeout = 0.5
     client, origin = await make_mirror(send_timeout=send_timeout)
     image = origin.add_image("library/app", "1", layers=[48 << 20])
-    digest = digest_of(image.layers[0])
+    digest = sha256_digest(image.layers[0])
     assert len(await (await client.get(f"/v2/app/blobs/{digest}")).read()) == 48 << 20
     await wait_until_cached(client, [digest])
     path = client.app[MIRROR].store.path(Digest.parse(digest))

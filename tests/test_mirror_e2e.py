@@ -14,7 +14,7 @@ from proxy.http.app import create_app
 from tests.support import skopeo
 from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
-from tests.support.images import ImageFactory, ImageInfo, OciLayout
+from tests.support.images import ImageFactory, OciLayout, assert_layout_matches
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
@@ -40,12 +40,6 @@ def second_registry(tmp_path: Path) -> Iterator[Registry]:
 async def mirror_url(registry: Registry, aiohttp_server: ServerFactory, tmp_path: Path) -> AsyncIterator[str]:
     server = await aiohttp_server(create_app(upstream_config(tmp_path, UpstreamConfig("docker.io", registry.url))))
     yield f"http://{server.host}:{server.port}"
-
-
-def assert_layout_matches(copy: Path, image: ImageInfo) -> None:
-    pulled, source = OciLayout(copy), OciLayout(image.layout)
-    for digest in image.all_digests:
-        assert pulled.blob_path(digest).read_bytes() == source.blob_path(digest).read_bytes()
 
 
 async def test_skopeo_pulls_multi_layer_image_then_from_cache(

@@ -25,6 +25,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from proxy.ops.metrics import Metrics
+from tests.support.admission import pod_review
 from tests.support.daemon import Daemon, OriginThread
 from tests.support.origin import Origin
 from tests.support.procs import free_port, http_status, start_daemon, stop_daemon, wait_until
@@ -380,9 +381,7 @@ spec:
 
 
 def review(webhook: str, endpoint: str, image: str) -> dict[str, Any]:
-    body = json.loads((ROOT / "tests" / "data" / "admission" / "pod-create-dev.json").read_text())
-    for container in body["request"]["object"]["spec"]["containers"]:
-        container["image"] = image
+    body = pod_review(image, fixture="pod-create-dev.json")
     request = urllib.request.Request(
         f"{webhook}/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )

@@ -12,15 +12,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-from aiohttp.test_utils import TestServer
 
 from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS, MIRROR
 from proxy.oci.digest import Digest
-from tests.support.aio import Client, ClientFactory
-from tests.support.origin import OCI_INDEX, OCI_MANIFEST, Origin, digest_of
+from tests.support.aio import Client
+from tests.support.images import sha256_digest
+from tests.support.origin import OCI_INDEX, OCI_MANIFEST, MirrorUnderTest, Origin, StartMirror
 
 MANIFEST_HEADERS = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
 
@@ -40,11 +40,9 @@ MirrorFactory = Callable[..., Awaitable[tuple[Client, Origin]]]
 
 
 @pytest.fixture
-def make_mirror(origin: tuple[Origin, TestServer], aiohttp_client: ClientFactory, tmp_path: Path) -> MirrorFactory:
-    async def make(**cache: Any) -> tuple[Client, Origin]:
-        state, server = origin
-        config = make_config(tmp_path, str(server.make_url("")).rstrip("/"), **cache)
-        return await aiohttp_client(create_app(config)), state
+def make_mirror(start_mirror: StartMirror, origin_url: str, tmp_path: Path) -> MirrorFactory:
+    async def make(**cache: Any) -> MirrorUnderTest:
+        return await start_mirror(make_config(tmp_path, origin_url, **cache))
 
     return make
 
@@ -147,7 +145,7 @@ async def test_blob_miss_then_hit_and_range(mirror: tuple[Client, Origin]) -> No
     image = origin.add_image("library/app", "1.0", layers=[300_000])
     await client.get("/v2/app/manifests/1.0")
     layer = image.layers[0]
-    digest = digest_of(layer)
+    digest = sha256_digest(layer)
     response = await client.get(f"/v2/app/blobs/{digest}")
     assert response.status == 200 and await response.read() == layer
     assert response.headers["Docker-Content-Digest"] == digest
@@ -165,7 +163,7 @@ async def test_blob_miss_then_hit_and_range(mirror: tuple[Client, Origin]) -> No
 async def test_blob_head_uncached_asks_upstream(mirror: tuple[Client, Origin]) -> None:
     client, origin = mirror
     image = origin.add_image("library/app", "1.0")
-    digest = digest_of(image.layers[1])
+    digest = sha256_digest(image.layers[1])
     response = await client.head(f"/v2/app/blobs/{digest}")
     assert response.status == 200 and response.headers["Content-Length"] == str(len(image.layers[1]))
     missing = await client.head("/v2/app/blobs/sha256:" + "0" * 64)
@@ -175,10 +173,10 @@ async def test_blob_head_uncached_asks_upstream(mirror: tuple[Client, Origin]) -
 async def test_corrupt_blob_is_never_served_whole_or_cached(mirror: tuple[Client, Origin]) -> None:
     client, origin = mirror
     image = origin.add_image("library/app", "1.0", layers=[200_000])
-    digest = digest_of(image.layers[0])
+    digest = sha256_digest(image.layers[0])
     origin.corrupt.add(digest)
     got = b""
-    with pytest.raises(Exception):  # noqa: B017 - the client must see a broken transfer
+    with pytest.raises(aiohttp.ClientPayloadError):  # the client must see a broken transfer
         response = await client.get(f"/v2/app/blobs/{digest}")
         got = await response.read()
     assert got != image.layers[0]
@@ -193,9 +191,9 @@ async def test_corrupt_blob_is_never_served_whole_or_cached(mirror: tuple[Client
 async def test_truncated_upstream_transfer(mirror: tuple[Client, Origin]) -> None:
     client, origin = mirror
     image = origin.add_image("library/app", "1.0", layers=[400_000])
-    digest = digest_of(image.layers[0])
+    digest = sha256_digest(image.layers[0])
     origin.truncate.add(digest)
-    with pytest.raises(Exception):  # noqa: B017
+    with pytest.raises(aiohttp.ClientPayloadError):
         response = await client.get(f"/v2/app/blobs/{digest}")
         await response.read()
     assert client.app[MIRROR].store.size(Digest.parse(digest)) is None
@@ -205,7 +203,7 @@ async def test_single_flight_streams_to_every_client(mirror: tuple[Client, Origi
     client, origin = mirror
     image = origin.add_image("library/app", "1.0", layers=[2 << 20])
     await client.get("/v2/app/manifests/1.0")
-    digest = digest_of(image.layers[0])
+    digest = sha256_digest(image.layers[0])
     origin.chunk_delay = 0.01  # 32 chunks: ~0.3 s upstream transfer
     started = time.monotonic()
 
@@ -226,7 +224,7 @@ async def test_disconnecting_client_does_not_cancel_download(mirror: tuple[Clien
     client, origin = mirror
     image = origin.add_image("library/app", "1.0", layers=[1 << 20])
     await client.get("/v2/app/manifests/1.0")
-    digest = digest_of(image.layers[0])
+    digest = sha256_digest(image.layers[0])
     origin.chunk_delay = 0.01
     response = await client.get(f"/v2/app/blobs/{digest}")
     await response.content.read(10)
@@ -303,7 +301,7 @@ async def test_cross_repository_blob_needs_upstream_confirmation(mirror: tuple[C
     client, origin = mirror
     private = origin.add_image("acme/private", "1.0")
     await client.get("/v2/acme/private/manifests/1.0")
-    secret = digest_of(private.layers[0])
+    secret = sha256_digest(private.layers[0])
     assert (await client.get(f"/v2/acme/private/blobs/{secret}")).status == 200
     origin.add_image("library/public", "1.0")
     response = await client.get(f"/v2/library/public/blobs/{secret}")
@@ -384,7 +382,7 @@ async def test_range_on_a_blob_still_downloading(mirror: tuple[Client, Origin]) 
     image = origin.add_image("library/app", "1.0", layers=[1 << 20])
     await client.get("/v2/app/manifests/1.0")
     layer = image.layers[0]
-    digest = digest_of(layer)
+    digest = sha256_digest(layer)
     origin.chunk_delay = 0.01  # 16 chunks: the download is still running below
     first = await client.get(f"/v2/app/blobs/{digest}")
     await first.content.readexactly(1000)

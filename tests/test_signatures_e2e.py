@@ -5,7 +5,6 @@ mirror's cache."""
 from __future__ import annotations
 
 import base64
-import copy
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from proxy.config.settings import AdmissionConfig, CacheConfig, Config, MirrorCo
 from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS
 from tests.signer import Artifact, Rekor, SigningKey, generate_key, sign_bundle, sign_legacy, write_oci_layout
+from tests.support.admission import pod_review
 from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.images import OCI_INDEX, ImageFactory
@@ -92,16 +92,6 @@ spec:
     return directory
 
 
-def review(image: str) -> dict[str, Any]:
-    doc: dict[str, Any] = copy.deepcopy(json.loads((DATA / "pod-create.json").read_text()))
-    spec = doc["request"]["object"]["spec"]
-    spec["containers"] = [{**spec["containers"][0], "name": "app", "image": image}]
-    spec.pop("initContainers", None)
-    spec.pop("ephemeralContainers", None)
-    spec.pop("volumes", None)
-    return doc
-
-
 async def push_artifact(registry: Registry, artifact: Artifact, repo: str, tmp: Path) -> None:
     layout = write_oci_layout(tmp / f"sig-{artifact.tag}", artifact)
     await registry.apush(layout, artifact.tag, f"{repo}:{artifact.tag}")
@@ -125,7 +115,7 @@ async def world(registry: Registry, aiohttp_server: ServerFactory, repo: str, tm
 
 
 async def admit(world: World, image: str, endpoint: str = "mutate") -> dict[str, Any]:
-    async with world.session.post(f"{world.webhook}/{endpoint}", json=review(image)) as response:
+    async with world.session.post(f"{world.webhook}/{endpoint}", json=pod_review(image)) as response:
         assert response.status == 200
         answer: dict[str, Any] = (await response.json())["response"]
         return answer

@@ -33,10 +33,10 @@ from proxy.ops.metrics import Metrics
 from proxy.registry.upstream import netguard
 from proxy.registry.upstream.client import RegistryClient
 from tests.support.aio import Client, ClientFactory, ServerFactory
-from tests.support.origin import digest_of
+from tests.support.images import sha256_digest
 
 BLOB = b"blob-bytes" * 100
-BLOB_DIGEST = digest_of(BLOB)
+BLOB_DIGEST = sha256_digest(BLOB)
 
 
 # --- the safety net and the bait -----------------------------------------------------------

@@ -20,7 +20,8 @@ from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import Backoff, Supervisor
 from proxy.registry.mirror import Mirror
 from proxy.registry.routing import Route
-from tests.support.origin import Origin, digest_of
+from tests.support.images import sha256_digest
+from tests.support.origin import Origin
 from tests.support.polling import eventually
 
 
@@ -146,15 +147,15 @@ async def test_a_failing_eviction_is_restarted_and_close_still_closes_everything
     try:
         await mirror.open()
         await mirror.manifests.get(Route("docker.io", "library/old"), "1")
-        await fetch_blob(mirror, Route("docker.io", "library/old"), digest_of(old.layers[0]))
+        await fetch_blob(mirror, Route("docker.io", "library/old"), sha256_digest(old.layers[0]))
         # The old image's layer cannot be deleted (a directory stands where the file was):
         # eviction fails on it, again and again.
-        path = mirror.store.path(Digest.parse(digest_of(old.layers[0])))
+        path = mirror.store.path(Digest.parse(sha256_digest(old.layers[0])))
         path.unlink()
         (path / "stuck").mkdir(parents=True)
         with structlog.testing.capture_logs() as logs:
             await mirror.manifests.get(Route("docker.io", "library/new"), "1")
-            await fetch_blob(mirror, Route("docker.io", "library/new"), digest_of(new.layers[0]))  # over the quota
+            await fetch_blob(mirror, Route("docker.io", "library/new"), sha256_digest(new.layers[0]))  # over the quota
             await eventually(lambda: failures(metrics, "cache_evict") >= 1, timeout=5)
     finally:
         await mirror.close()

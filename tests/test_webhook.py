@@ -29,7 +29,7 @@ from proxy.http.webhook_listener import run_webhook
 from proxy.ops.metrics import Metrics
 from tests.support.certs import write_cert
 from tests.support.polling import eventually
-from tests.support.resolver import DictResolver, digest_of
+from tests.support.resolver import DictResolver, text_digest
 
 DATA = Path(__file__).parent / "data"
 POLICIES = DATA / "policies" / "webhook"
@@ -45,7 +45,7 @@ Client = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 
 def pinned(image: str, full: str) -> str:
-    return f"{image}@{digest_of(full)}"
+    return f"{image}@{text_digest(full)}"
 
 
 def config(policies: Path | None = POLICIES, **admission: Any) -> Config:

@@ -408,3 +408,11 @@ class ImageFactory:
     def index(self, tag: str = "latest", **options: Any) -> IndexInfo:
         """``build_index`` keyword options (platforms, layers, seed, schema, ...)."""
         return build_index(self._layout(), tag, **options)
+
+
+def assert_layout_matches(copy: Path, image: ImageInfo) -> None:
+    """Every blob of ``image`` (manifests, config, layers) arrived byte for byte in the OCI
+    layout at ``copy`` (what ``skopeo copy ... oci:DIR`` wrote)."""
+    pulled, source = OciLayout(copy), OciLayout(image.layout)
+    for digest in image.all_digests:
+        assert pulled.blob_path(digest).read_bytes() == source.blob_path(digest).read_bytes()

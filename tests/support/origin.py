@@ -6,20 +6,20 @@ real registry will not produce on demand: corrupted or truncated bytes, garbage 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from proxy.config.settings import Config
+from tests.support.aio import Client
+from tests.support.images import sha256_digest
+
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-
-
-def digest_of(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Image:
 
     @property
     def blobs(self) -> dict[str, bytes]:
-        return {digest_of(b): b for b in [self.config, *self.layers]}
+        return {sha256_digest(b): b for b in [self.config, *self.layers]}
 
 
 @dataclass
@@ -58,16 +58,20 @@ class Origin:
                 "mediaType": OCI_MANIFEST,
                 "config": {
                     "mediaType": "application/vnd.oci.image.config.v1+json",
-                    "digest": digest_of(config),
+                    "digest": sha256_digest(config),
                     "size": len(config),
                 },
                 "layers": [
-                    {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest_of(b), "size": len(b)}
+                    {
+                        "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": sha256_digest(b),
+                        "size": len(b),
+                    }
                     for b in layer_bytes
                 ],
             }
         ).encode()
-        image = Image(repository, manifest, digest_of(manifest), config, layer_bytes)
+        image = Image(repository, manifest, sha256_digest(manifest), config, layer_bytes)
         self.put_manifest(repository, tag, OCI_MANIFEST, manifest)
         for digest, data in image.blobs.items():
             self.blobs[(repository, digest)] = data
@@ -90,10 +94,10 @@ class Origin:
             }
         ).encode()
         self.put_manifest(repository, tag, OCI_INDEX, index)
-        return digest_of(index)
+        return sha256_digest(index)
 
     def put_manifest(self, repository: str, tag: str | None, media_type: str, body: bytes) -> None:
-        self.manifests[(repository, digest_of(body))] = (media_type, body)
+        self.manifests[(repository, sha256_digest(body))] = (media_type, body)
         if tag is not None:
             self.manifests[(repository, tag)] = (media_type, body)
 
@@ -120,7 +124,7 @@ class Origin:
         if found is None:
             return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
         media_type, body = found
-        digest = digest_of(b"lie" + body) if self.lie_about_digest else digest_of(body)
+        digest = sha256_digest(b"lie" + body) if self.lie_about_digest else sha256_digest(body)
         return web.Response(body=body, headers={"Content-Type": media_type, "Docker-Content-Digest": digest})
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
@@ -164,3 +168,7 @@ class Origin:
         if len(tags) > n:
             headers["Link"] = f'</v2/{name}/tags/list?last={tags[n - 1]}&n={n}>; rel="next"'
         return web.json_response({"name": name, "tags": tags[:n]}, headers=headers)
+
+
+MirrorUnderTest = tuple[Client, "Origin"]
+StartMirror = Callable[[Config], Awaitable[MirrorUnderTest]]

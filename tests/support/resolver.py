@@ -12,7 +12,7 @@ from proxy.oci.reference import ImageReference
 from proxy.registry.manifests import Resolution
 
 
-def digest_of(text: str) -> Digest:
+def text_digest(text: str) -> Digest:
     return Digest.of(text.encode())
 
 
@@ -42,4 +42,4 @@ class DictResolver:
         value = self.tags[key]
         if isinstance(value, PullgateError):
             raise value
-        return Resolution(value or digest_of(key), self.source)
+        return Resolution(value or text_digest(key), self.source)

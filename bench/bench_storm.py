@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""A rollout storm: every node of a cluster pulls the same cold image through pullgate at once.
+
+Starts in a temp dir, all on 127.0.0.1: one upstream (Debian's ``docker-registry``) holding a
+10-layer image of ~1 GiB, and pullgate (``python3 -m proxy serve``, its own process). Then:
+
+  1. upstream transfer time: the image's blobs fetched once, straight from the upstream
+     (all layers in parallel, one client) — the least time any cache needs to get the bytes;
+  2. the storm: ``clients`` threads at once, each GETs the manifest by tag and then every
+     layer (sequentially, like one node) through a cold pullgate; wall time, every byte
+     counted, a sample of clients hashes what it got; meanwhile a prober GETs the manifest
+     every 20 ms (latency percentiles), pullgate's RSS is sampled, and its
+     ``pullgate_event_loop_lag_seconds`` histogram is read before and after;
+  3. warm fan-out time: the same storm again, now warm — the serving limit of this machine
+     for this fan-out.
+
+Target (issue 16): storm wall <= 1.5 x (upstream transfer + warm fan-out), exactly one upstream
+GET per blob, RSS < 200 MiB, loop lag p99 < 20 ms, manifest p99 < 50 ms during the storm.
+``--quick`` shrinks it to a smoke run of a few seconds. Prints one markdown table and writes
+the raw numbers to bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bench_mirror as bm
+
+from tests.support.images import ImageInfo, build_image
+from tests.support.registry import Registry
+
+MiB = 1 << 20
+REPO, TAG = "library/storm", "1"
+
+
+@dataclass(frozen=True)
+class Plan:
+    layers: int
+    layer_mib: int
+    clients: int
+    sample_every: int  # every Nth client hashes its bytes (hashing all would measure the client)
+    deadline: int
+
+
+FULL = Plan(layers=10, layer_mib=100, clients=200, sample_every=25, deadline=1500)
+QUICK = Plan(layers=10, layer_mib=2, clients=20, sample_every=5, deadline=240)
+
+
+def pull(base: str, image: ImageInfo, verify: bool) -> dict[str, Any]:
+    """One node's pull: manifest by tag, then each layer; (bytes, ok, seconds)."""
+    started = time.monotonic()
+    request = urllib.request.Request(f"{base}/v2/{REPO}/manifests/{TAG}", headers={"Accept": bm.ACCEPT})
+    with bm._OPENER.open(request, timeout=300) as response:
+        manifest = response.read()
+    ok = hashlib.sha256(manifest).hexdigest() == image.manifest_digest.removeprefix("sha256:")
+    got = 0
+    conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=300)
+    buffer = memoryview(bytearray(4 * MiB))
+    try:
+        for digest, size in zip(image.layer_digests, image.layer_sizes, strict=True):
+            conn.request("GET", f"/v2/{REPO}/blobs/{digest}")
+            response = conn.getresponse()
+            hasher = hashlib.sha256() if verify else None
+            n_layer = 0
+            while n := response.readinto(buffer):
+                n_layer += n
+                if hasher is not None:
+                    hasher.update(buffer[:n])
+            ok = ok and response.status == 200 and n_layer == size
+            if hasher is not None:
+                ok = ok and f"sha256:{hasher.hexdigest()}" == digest
+            got += n_layer
+    finally:
+        conn.close()
+    return {"bytes": got, "ok": ok, "seconds": time.monotonic() - started}
+
+
+def storm(base: str, image: ImageInfo, plan: Plan) -> dict[str, Any]:
+    started = time.monotonic()
+    with ThreadPoolExecutor(plan.clients) as pool:
+        results = list(pool.map(lambda i: pull(base, image, i % plan.sample_every == 0), range(plan.clients)))
+    wall = time.monotonic() - started
+    return {"wall_seconds": wall, "clients": plan.clients, "ok": sum(r["ok"] for r in results),
+            "bytes": sum(r["bytes"] for r in results), "client_seconds_p50": statistics.median(
+                r["seconds"] for r in results)}
+
+
+def upstream_transfer(upstream: Registry, image: ImageInfo) -> float:
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(image.layer_digests)) as pool:
+        urls = [f"{upstream.url}/v2/{REPO}/blobs/{d}" for d in image.layer_digests]
+        list(pool.map(lambda pair: bm.timed_get(*pair), zip(urls, image.layer_sizes, strict=True)))
+    return time.monotonic() - started
+
+
+class Prober:
+    """GETs the manifest by tag every ``interval`` seconds on its own connection."""
+
+    def __init__(self, base: str, interval: float = 0.02) -> None:
+        self.url, self.interval, self.latencies = f"{base}/v2/{REPO}/manifests/{TAG}", interval, []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                with bm._OPENER.open(urllib.request.Request(self.url, headers={"Accept": bm.ACCEPT}),
+                                     timeout=30) as response:
+                    response.read()
+                self.latencies.append(time.monotonic() - started)
+            except OSError:
+                self.errors += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> Prober:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def percentile(self, q: float) -> float | None:
+        if not self.latencies:
+            return None
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def lag_buckets(base: str) -> dict[float, float]:
+    """Cumulative bucket counts of pullgate_event_loop_lag_seconds (empty if not exported)."""
+    with bm._OPENER.open(f"{base}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith("pullgate_event_loop_lag_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return buckets
+
+
+def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The upper bound of the bucket holding the q-quantile of what was observed in between."""
+    deltas = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    if not deltas or deltas[-1][1] <= 0:
+        return None
+    target = q * deltas[-1][1]
+    return next(le for le, count in deltas if count >= target)
+
+
+def measure(plan: Plan, work: Path) -> dict[str, Any]:
+    with bm.running(Registry(work / "upstream")) as upstream:
+        image = build_image(work / "layout", TAG, layers=tuple([plan.layer_mib * MiB] * plan.layers))
+        upstream.push(image.layout, TAG, f"{REPO}:{TAG}", all_images=False, timeout=600)
+        bm.log(f"upstream {upstream.url}: {REPO}:{TAG}, {plan.layers} x {plan.layer_mib} MiB")
+        transfer = upstream_transfer(upstream, image)
+        bm.log(f"upstream transfer: {transfer:.2f} s")
+        with bm.running(bm.Pullgate(work / "pg", upstream.url)) as pg:
+            before, mark = lag_buckets(pg.url), upstream.mark()
+            with bm.RssSampler(pg.pid) as rss, Prober(pg.url) as prober:
+                cold = storm(pg.url, image, plan)
+            after = lag_buckets(pg.url)
+            gets = {d: bm.blob_gets(upstream, d, mark) for d in image.layer_digests}
+            bm.log(f"storm: {cold['wall_seconds']:.2f} s, {cold['ok']}/{cold['clients']} ok")
+            warm = storm(pg.url, image, plan)
+            bm.log(f"warm fan-out: {warm['wall_seconds']:.2f} s, {warm['ok']}/{warm['clients']} ok")
+            hwm = bm.proc_status_kib(pg.pid, "VmHWM")
+    return {"upstream_transfer_seconds": transfer, "storm": cold, "warm": warm,
+            "upstream_gets_per_blob": sorted(set(gets.values())), "rss_peak_kib": max(rss.peak, hwm),
+            "loop_lag_p99_seconds": histogram_quantile(before, after, 0.99),
+            "manifest_p50_seconds": prober.percentile(0.5), "manifest_p99_seconds": prober.percentile(0.99),
+            "manifest_probes": len(prober.latencies), "manifest_probe_errors": prober.errors}
+
+
+def verdicts(r: dict[str, Any]) -> dict[str, bool]:
+    bound = 1.5 * (r["upstream_transfer_seconds"] + r["warm"]["wall_seconds"])
+    lag, p99 = r["loop_lag_p99_seconds"], r["manifest_p99_seconds"]
+    return {
+        "wall": r["storm"]["wall_seconds"] <= bound,
+        "one_get_per_blob": r["upstream_gets_per_blob"] == [1],
+        "all_ok": r["storm"]["ok"] == r["storm"]["clients"] and r["warm"]["ok"] == r["warm"]["clients"],
+        "rss": r["rss_peak_kib"] < 200 * 1024,
+        "loop_lag": lag is not None and lag < 0.020,
+        "manifest_p99": p99 is not None and p99 < 0.050,
+    }
+
+
+def table(r: dict[str, Any], plan: Plan) -> str:
+    ok, mark = r["verdicts"], {True: "yes", False: "**NO**"}
+    ms = lambda v: "-" if v is None else f"{v * 1000:.1f}"  # noqa: E731
+    bound = r["upstream_transfer_seconds"] + r["warm"]["wall_seconds"]
+    rows = [
+        (f"storm wall, {plan.clients} clients x {plan.layers} x {plan.layer_mib} MiB, cold (s)",
+         f"{r['storm']['wall_seconds']:.2f}", f"{r['storm']['wall_seconds'] / bound:.2f}x of "
+         f"upstream transfer {r['upstream_transfer_seconds']:.2f} + warm fan-out {r['warm']['wall_seconds']:.2f}",
+         "<= 1.5x", mark[ok["wall"]]),
+        ("complete, verified pulls (cold / warm)", f"{r['storm']['ok']}/{r['warm']['ok']}",
+         f"of {plan.clients} each", "all", mark[ok["all_ok"]]),
+        ("upstream GETs per blob", ",".join(map(str, r["upstream_gets_per_blob"])), "", "1",
+         mark[ok["one_get_per_blob"]]),
+        ("peak RSS (MiB)", f"{r['rss_peak_kib'] / 1024:.0f}", "", "< 200", mark[ok["rss"]]),
+        ("event-loop lag p99 during the storm (ms)", ms(r["loop_lag_p99_seconds"]), "histogram bucket bound",
+         "< 20", mark[ok["loop_lag"]]),
+        ("manifest GET p99 during the storm (ms)", ms(r["manifest_p99_seconds"]),
+         f"p50 {ms(r['manifest_p50_seconds'])}, {r['manifest_probes']} probes", "< 50", mark[ok["manifest_p99"]]),
+    ]
+    head = ("measurement", "pullgate", "context", "target", "met")
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test, a few seconds)")
+    parser.add_argument("--out", type=Path, help="JSON result file (default: bench/results/storm-<time>.json)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, caches) for inspection")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    bm.signal.signal(bm.signal.SIGALRM, bm._alarm)
+    bm.signal.alarm(plan.deadline)
+    work = Path(tempfile.mkdtemp(prefix="pullgate-storm-"))
+    try:
+        result = {"mode": "quick" if args.quick else "full", "plan": plan.__dict__, "env": bm.environment(),
+                  **measure(plan, work)}
+    finally:
+        bm.signal.alarm(0)
+        if args.keep:
+            bm.log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    result["verdicts"] = verdicts(result)
+    out = args.out or bm.ROOT / "bench" / "results" / f"storm-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result, plan))
+    print(f"\n{result['mode']} run, {result['env']['cpus']} CPUs, loopback; JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
