@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,11 @@ from proxy.oci.reference import ImageReference
 from proxy.ops.metrics import Metrics
 from proxy.registry.manifests import Resolution
 from tests.support.aio import Client, ClientFactory
+from tests.support.daemon import Daemon, OriginThread
 from tests.support.images import sha256_digest
 from tests.support.origin import Origin
 from tests.support.polling import eventually
+from tests.support.procs import wait_until
 
 DATA = Path(__file__).parent / "data"
 
@@ -114,13 +118,21 @@ async def test_after_the_headers_the_connection_is_cut_short(mirror: tuple[Clien
     assert sample(registry, "pullgate_http_requests_total", endpoint="after_headers", method="GET", status="200") == 1
 
 
-async def test_a_client_that_leaves_mid_blob_is_not_an_error(mirror: tuple[Client, Origin]) -> None:
+@pytest.mark.parametrize("source", ["cache", "download"])
+async def test_a_client_that_leaves_mid_blob_is_not_an_error(mirror: tuple[Client, Origin], source: str) -> None:
+    """No traceback and no ``unhandled_error``: one ``http_request`` saying CLIENT_GONE,
+    whether the blob came by sendfile from the cache or streamed from a running download."""
     client, origin = mirror
-    digest, _ = await cached_blob(client, origin, 32 << 20)
+    if source == "cache":
+        digest, _ = await cached_blob(client, origin, 32 << 20)
+    else:
+        image = origin.add_image("library/app", "1", layers=[8 << 20])
+        digest = sha256_digest(image.layers[0])
+        origin.chunk_delay = 0.01  # the download is still running when the client leaves
     with structlog.testing.capture_logs() as logs:
         reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
         writer.write(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
-        await reader.readexactly(1 << 16)  # headers and the first bytes: the sendfile is running
+        await reader.readexactly(1 << 16)  # headers and the first bytes: the transfer is running
         writer.transport.abort()
         await eventually(lambda: any(e["event"] == "http_request" for e in logs), timeout=10)
     events = [e for e in logs if e["event"] in ("http_request", "unhandled_error")]
@@ -175,3 +187,27 @@ async def test_webhook_never_answers_a_plain_500(error: BaseException, status: i
     assert sample(metrics.registry, "pullgate_admission_review_duration_seconds_count", endpoint="mutate") == 1
     assert sample(metrics.registry, "pullgate_unhandled_errors_total", listener="admission") == 1
 
+
+
+def test_the_daemon_logs_no_traceback_when_a_client_leaves(tmp_path: Path) -> None:
+    """The real server does not cancel handlers when a client leaves (unlike the test
+    server): the write to the closed connection fails, and that is CLIENT_GONE too."""
+    origin = Origin(chunk_delay=0.01)
+    image = origin.add_image("library/app", "1", layers=[8 << 20])
+    digest = sha256_digest(image.layers[0])
+    with OriginThread(origin) as upstream, Daemon(tmp_path, upstream.url) as daemon:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+            sock.sendall(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: m\r\n\r\n".encode())
+            received = 0
+            while received < 1 << 16:
+                received += len(sock.recv(1 << 16))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+        assert daemon.proc is not None
+        wait_until(
+            lambda: any(e.get("event") == "http_request" and e.get("aborted") for e in daemon.events()),
+            timeout=15, what="the http_request event", proc=daemon.proc, log=daemon.log,
+        )  # fmt: skip
+    requests = [e for e in daemon.events() if e.get("event") == "http_request"]
+    assert [(e["status"], e["aborted"]) for e in requests] == [(200, "CLIENT_GONE")]
+    assert "Traceback" not in daemon.log.read_text()
+    assert not [e for e in daemon.events() if e.get("event") == "unhandled_error"]
