@@ -47,6 +47,7 @@ from proxy.http.appkeys import METRICS
 from tests.support.aio import Client, ClientFactory
 from tests.support.images import sha256_digest
 from tests.support.origin import OCI_MANIFEST, Origin, StartMirror
+from tests.support.polling import eventually
 
 # Written by Apache's `htpasswd -nbB -C 5 alice 'correct horse battery'` (apache2-utils 2.4).
 APACHE_BCRYPT = "$2y$05$yUu3giJw8xQTj8/1Y5xUfO0MfqeaBHkJgXz49OR8laMd.qY9O4RSK"
@@ -543,13 +544,16 @@ async def test_credential_files_are_reloaded_when_they_change(
     new_token = "rotated-" + os.urandom(16).hex()
     htpasswd.write_text(f"bob:{FAST_ARGON2.hash(BOB_PASSWORD)}\n")  # alice removed
     tokens.write_text(f"ci:sha256:{token_digest(new_token)}\n")
-    await asyncio.sleep(1.1)  # files are stat()ed at most once a second
-    assert (await client.get("/v2/acme/private/manifests/1", headers=alice)).status == 401, "cache dropped too"
+    async def alice_refused() -> bool:  # the watcher looks once a second
+        return (await client.get("/v2/acme/private/manifests/1", headers=alice)).status == 401
+
+    await eventually(alice_refused, timeout=5, step=0.1)  # "cache dropped too"
     assert (await client.get("/v2/acme/private/manifests/1", headers=bearer(CI_TOKEN))).status == 401
     assert (await client.get("/v2/acme/private/manifests/1", headers=bearer(new_token))).status == 200
     # A broken edit keeps the previous content.
     tokens.write_text("ci:plain-token\n")
-    await asyncio.sleep(1.1)
+    with structlog.testing.capture_logs() as logs:
+        await eventually(lambda: any(e["event"] == "access_credentials_reload_failed" for e in logs), timeout=5)
     assert (await client.get("/v2/acme/private/manifests/1", headers=bearer(new_token))).status == 200
 
 

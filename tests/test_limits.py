@@ -6,7 +6,9 @@ is cut off, and none of them holds up the download that fills the cache."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +29,7 @@ from proxy.ops.metrics import Metrics
 from tests.support.aio import Client, ClientFactory
 from tests.support.images import sha256_digest
 from tests.support.origin import Origin, StartMirror
+from tests.support.polling import eventually
 from tests.support.resolver import DictResolver
 
 Mirror = tuple[Client, Origin]
@@ -273,3 +276,55 @@ async def test_stalled_reader_is_cut_off_after_send_timeout(make_mirror: Callabl
     aborted = [e for e in logs if e["event"] == "http_request" and e.get("aborted")]
     assert [e["aborted"] for e in aborted] == ["SEND_TIMEOUT"]
     await wait_until_cached(client, [digest])  # the download itself went on
+
+
+def open_files(path: Path) -> int:
+    """How many of this process's descriptors have ``path`` open."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+    return count
+
+
+@pytest.mark.parametrize(("range_header", "status"), [(None, 200), ("bytes=1000-", 206)])
+async def test_stalled_reader_of_a_cached_blob_is_cut_off_and_its_file_closed(
+    make_mirror: Callable[..., Awaitable[Mirror]], range_header: str | None, status: int
+) -> None:
+    """The cached path (sendfile) is bounded like the streaming one: a client that stops
+    reading loses its connection and the blob's file descriptor within send_timeout of the
+    socket buffers filling up."""
+    send_timeout = 0.5
+    client, origin = await make_mirror(send_timeout=send_timeout)
+    image = origin.add_image("library/app", "1", layers=[48 << 20])
+    digest = sha256_digest(image.layers[0])
+    assert len(await (await client.get(f"/v2/app/blobs/{digest}")).read()) == 48 << 20
+    await wait_until_cached(client, [digest])
+    path = client.app[MIRROR].store.path(Digest.parse(digest))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (client.server.host, client.server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    extra = f"Range: {range_header}\r\n" if range_header else ""
+    with structlog.testing.capture_logs() as logs:
+        writer.write(f"GET /v2/app/blobs/{digest} HTTP/1.1\r\nHost: m\r\n{extra}\r\n".encode())
+        started = time.monotonic()
+        await eventually(lambda: open_files(path) == 1, timeout=5)  # the send is under way
+        held = open_files(path)
+        # Never read: the mirror's socket buffers fill, then its send waits.
+        await eventually(lambda: any(e["event"] == "http_request" for e in logs), timeout=15, step=0.05)
+        cut_after = time.monotonic() - started
+        await eventually(lambda: open_files(path) == 0, timeout=2)
+    received = b""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(10):  # the connection is closed: reading ends instead of waiting
+            while chunk := await reader.read(1 << 20):
+                received += chunk
+    writer.close()
+    assert held == 1
+    (event,) = [e for e in logs if e["event"] == "http_request"]
+    assert (event["status"], event["aborted"], event["cache"]) == (status, "SEND_TIMEOUT", "hit")
+    assert event["bytes"] < 48 << 20
+    assert len(received) < 48 << 20
+    assert cut_after < send_timeout + 4.5, f"cut off after {cut_after:.1f}s with send_timeout {send_timeout}s"

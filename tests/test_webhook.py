@@ -457,7 +457,7 @@ async def test_tls_with_rotation(tmp_path: Path, metrics: Metrics) -> None:
     cfg = config(listen=("127.0.0.1", 0), tls_cert=cert, tls_key=key)
     app = create_webhook_app(cfg, DictResolver(dict.fromkeys(TAGS)), metrics, structlog.get_logger())
     with structlog.testing.capture_logs() as logs:
-        async with run_webhook(app, cfg, structlog.get_logger()) as server:
+        async with run_webhook(app, cfg, structlog.get_logger(), metrics) as server:
             assert server.tls is not None
             assert await served_serial(server.port, "localhost") == 1
             assert await served_serial(server.port, None) == 1  # no SNI
@@ -469,12 +469,12 @@ async def test_tls_with_rotation(tmp_path: Path, metrics: Metrics) -> None:
                     assert (await resp.json())["response"]["allowed"] is True
             write_cert(tmp_path, serial=2)
             reloader = server.tls  # its watcher polls every 10 s: reload now instead
-            assert reloader.reload()
+            assert await reloader.reload()
             assert await served_serial(server.port, "localhost") == 2
             assert await served_serial(server.port, None) == 2  # no SNI: the callback runs too
             # a broken rotation keeps the current certificate
             key.write_text("garbage")
-            assert not reloader.reload()
+            assert not await reloader.reload()
             assert await served_serial(server.port, "localhost") == 2
     assert "admission_tls_reload_failed" in [e["event"] for e in logs]
 
@@ -483,7 +483,7 @@ async def test_plain_http_warns(metrics: Metrics) -> None:
     cfg = config(listen=("127.0.0.1", 0))
     app = create_webhook_app(cfg, DictResolver(), metrics, structlog.get_logger())
     with structlog.testing.capture_logs() as logs:
-        async with run_webhook(app, cfg, structlog.get_logger()) as server:
+        async with run_webhook(app, cfg, structlog.get_logger(), metrics) as server:
             assert server.tls is None
             url = f"http://127.0.0.1:{server.port}/healthz"
             async with aiohttp.ClientSession() as session, session.get(url) as resp:

@@ -26,12 +26,14 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import AdmissionConfig, CacheConfig, Config, TimeoutConfig, UpstreamConfig, load_config
 from proxy.errors import ConfigError
 from proxy.http.app import create_app
 from proxy.http.tls import ReloadingTLS
 from proxy.http.webhook_listener import WebhookServer, run_webhook
+from proxy.ops.metrics import Metrics
 from tests.support.aio import ServerFactory
 from tests.support.certs import CertificateAuthority, make_ca, write_cert
 from tests.support.images import ImageFactory
@@ -125,7 +127,7 @@ async def listener(pki: Pki, tmp_path: Path) -> AsyncIterator[Listener]:
         client_ca=pki.apiserver_ca.pem,
     )
     config = Config(cache=CacheConfig(dir=tmp_path / "cache"), admission=admission)
-    async with run_webhook(app, config, structlog.get_logger()) as server:
+    async with run_webhook(app, config, structlog.get_logger(), Metrics(CollectorRegistry())) as server:
         yield Listener(server, reached)
 
 
@@ -193,7 +195,7 @@ async def test_client_ca_is_reloaded_with_the_certificate(listener: Listener, pk
     assert await call(listener.url("/mutate"), old, {}) != REFUSED
     assert await call(listener.url("/mutate"), new, {}) == REFUSED
     os.replace(rotated.pem, pki.apiserver_ca.pem)
-    assert listener.server.tls.reload()
+    assert await listener.server.tls.reload()
     assert await call(listener.url("/mutate"), new, {}) == (200, {"path": "/mutate"})
     assert await call(listener.url("/mutate"), old, {}) == REFUSED
 
@@ -219,7 +221,7 @@ def test_unloadable_client_ca_is_a_startup_error(tmp_path: Path, content: bytes 
     if content is not None:
         ca.write_bytes(content)
     with pytest.raises(ConfigError, match=r"admission\.client_ca: cannot load"):
-        ReloadingTLS(cert, key, structlog.get_logger(), client_ca=ca)
+        ReloadingTLS(cert, key, structlog.get_logger(), Metrics(CollectorRegistry()), client_ca=ca)
 
 
 # --- the attack: a private tag resolved for an anonymous caller ------------------------------

@@ -31,10 +31,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import os
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,9 +52,10 @@ from proxy.oci.globs import GlobSet
 from proxy.ops.filewatch import Stamp, stamp
 from proxy.ops.limits import Attempt, FailureWindow, KeyedSlots, TooManyRequests, client_key
 from proxy.ops.metrics import Metrics
+from proxy.ops.supervisor import supervised
 from proxy.registry.routing import Route
 
-_REFRESH_INTERVAL = 1.0  # how often (at most) the credential files are stat()ed
+_REFRESH_INTERVAL = 1.0  # how often the credential files are stat()ed
 _CACHE_ENTRIES = 10_000
 _VERIFY_SLOTS = 4  # concurrent slow hash verifications (threads); more would starve the pool
 _CHECKS_PER_KEY = 2  # password checks running at once per source address, and per user name
@@ -119,16 +122,19 @@ def _stamp(path: Path | None) -> Stamp | None:
 
 
 class CredentialFiles:
-    """The htpasswd and tokens files: loaded at start (a bad file is a ``ConfigError``) and
-    re-read when they change (a bad edit is logged and the previous content kept)."""
+    """The htpasswd and tokens files: loaded at start (a bad file is a ``ConfigError``) and,
+    while ``watch()`` runs, re-read when they change (a bad edit is logged and the previous
+    content kept). Reading and parsing run in a thread: never on the event loop."""
 
     def __init__(self, htpasswd: Path | None, tokens: Path | None) -> None:
         self._htpasswd, self._tokens_path = htpasswd, tokens
         self._log = structlog.get_logger("pullgate.access")
-        self._stamps = (_stamp(htpasswd), _stamp(tokens))
-        self._checked = time.monotonic()
+        self._stamps = self._stat()
         self.users, self.tokens = self._load()
         self.generation = 0
+
+    def _stat(self) -> tuple[Stamp | None, Stamp | None]:
+        return _stamp(self._htpasswd), _stamp(self._tokens_path)
 
     def _load(self) -> tuple[dict[str, PasswordHash], dict[str, str]]:
         users: dict[str, PasswordHash] = {}
@@ -148,22 +154,26 @@ class CredentialFiles:
                 raise ConfigError(f"{key}: {exc}") from None
         return users, tokens
 
-    def refresh(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < _REFRESH_INTERVAL:
-            return
-        self._checked = now
-        stamps = (_stamp(self._htpasswd), _stamp(self._tokens_path))
+    async def refresh(self) -> bool:
+        """Re-read the files if they changed since the last look; True when they loaded."""
+        stamps = await asyncio.to_thread(self._stat)
         if stamps == self._stamps:
-            return
+            return False
         self._stamps = stamps
         try:
-            self.users, self.tokens = self._load()
+            self.users, self.tokens = await asyncio.to_thread(self._load)
         except ConfigError as exc:
             self._log.error("access_credentials_reload_failed", error=exc.message)
-            return
+            return False
         self.generation += 1
         self._log.info("access_credentials_reloaded", users=len(self.users), tokens=len(self.tokens))
+        return True
+
+    async def watch(self, interval: float = _REFRESH_INTERVAL) -> None:
+        """Look for changes every ``interval`` seconds, forever (a supervised task)."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.refresh()
 
     def decoy(self) -> PasswordHash | None:
         """Some stored hash, verified against for unknown users so that answering them
@@ -193,6 +203,12 @@ class Access:
         self._slots = asyncio.Semaphore(_VERIFY_SLOTS)
         self._log = structlog.get_logger("pullgate.access")
 
+    @contextlib.asynccontextmanager
+    async def running(self, interval: float = _REFRESH_INTERVAL) -> AsyncIterator[Access]:
+        """Watch the credential files (a supervised task) until the context exits."""
+        async with supervised(self._metrics, "credentials_watch", lambda: self.files.watch(interval)):
+            yield self
+
     def challenge(self, realm_url: str, scope: str | None = None) -> dict[str, str]:
         """The ``WWW-Authenticate`` header of a 401 from the registry API: a Bearer
         challenge naming our token endpoint (and the scope, as registries do)."""
@@ -214,7 +230,6 @@ class Access:
             error = TooManyRequests("too many failed logins; retry later", headers={"Retry-After": str(int(wait) + 1)})
             self._rate_limited(remote, error)
             raise error
-        self.files.refresh()
         scheme, _, value = authorization.strip().partition(" ")
         scheme, value = scheme.lower(), value.strip()
         if scheme == "bearer" and AccessTokens.looks_like(value):

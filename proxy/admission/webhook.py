@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from structlog.typing import FilteringBoundLogger
 
 from proxy.admission.review import AdmissionRequest, parse_review, review_response, sites_to_check
@@ -58,10 +59,12 @@ def create_webhook_app(
     *,
     policies: PolicyStore | None = None,
     content: ContentProvider | None = None,
+    middlewares: Sequence[Middleware] = (),
 ) -> web.Application:
     """The webhook application. Without ``policies`` it loads and watches ``config.policies``
-    itself (through ``cleanup_ctx``); pass a ``PolicyStore`` to share one that runs elsewhere."""
-    app = web.Application(client_max_size=config.admission.max_body_size)
+    itself (through ``cleanup_ctx``); pass a ``PolicyStore`` to share one that runs elsewhere.
+    ``middlewares``: the listener's error boundary (``proxy.http.boundary``)."""
+    app = web.Application(client_max_size=config.admission.max_body_size, middlewares=middlewares)
     store = policies or PolicyStore(config.policies, metrics, logger)
     app[WEBHOOK] = Webhook(config, resolver, metrics, logger, store, content)
     if policies is None:

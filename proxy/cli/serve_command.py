@@ -18,9 +18,11 @@ from aiohttp import web
 from proxy.config.settings import Config, load_config
 from proxy.errors import ConfigError
 from proxy.http.app import create_app
-from proxy.http.appkeys import CONFIG, LIFECYCLE, POLICIES
+from proxy.http.appkeys import CONFIG, LIFECYCLE, METRICS, POLICIES
+from proxy.http.listen import ListenFailed, bind, close_all
 from proxy.http.tls import ReloadingTLS
 from proxy.ops.logs import configure_logging
+from proxy.ops.supervisor import Supervisor
 
 EXAMPLE = """\
 examples:
@@ -68,40 +70,48 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(config.log)
     try:
         asyncio.run(serve(config, path, overrides))
-    except ConfigError as exc:  # files the config names (TLS, htpasswd, tokens) are read at start
+    except ConfigError as exc:  # files the config names (TLS, htpasswd, tokens, cache.dir) are opened at start
         print(f"pullgate: config error: {exc.message}", file=sys.stderr)
         return 2
-    except OSError as exc:
-        structlog.get_logger("pullgate").error("listen_failed", error=str(exc))
+    except ListenFailed as exc:
+        structlog.get_logger("pullgate").error("listen_failed", key=exc.key, address=exc.address, error=exc.reason)
         return 1
     return 0
 
 
 async def serve(config: Config, path: Path | None = None, environ: dict[str, str] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT; SIGHUP reloads. Drain order (Kubernetes sends SIGTERM
-    while it removes the pod from Service endpoints): /readyz turns 503, wait
-    ``shutdown_delay``, stop accepting, let in-flight requests finish within
-    ``shutdown_grace``, close the cache (waiting for running downloads)."""
+    """Serve until SIGTERM/SIGINT; SIGHUP reloads. The port is bound first: when it is
+    busy nothing else was opened. Drain order (Kubernetes sends SIGTERM while it removes
+    the pod from Service endpoints): /readyz turns 503, wait ``shutdown_delay``, stop
+    accepting, let in-flight requests finish within ``shutdown_grace``, close the cache
+    (waiting for running downloads). Whatever fails on the way, everything opened is closed."""
     log = structlog.get_logger("pullgate")
-    app = create_app(config)
-    tls = None
-    if config.tls_cert is not None and config.tls_key is not None:
-        tls = ReloadingTLS(config.tls_cert, config.tls_key, log, name="mirror")
-    # Header, URL and idle limits are the app's handler_args (proxy.http.app.handler_args).
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace)
-    await runner.setup()
     host, port = config.listen
-    await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls.context if tls else None).start()
-    log.info(
-        "mirror_listening",
-        address=f"{host}:{port}",
-        tls=tls is not None,
-        access=config.access.enabled,
-        upstreams=[u.name for u in config.upstreams],
-    )
-    async with tls.running() if tls else contextlib.nullcontext():
-        await _until_stopped(app, config, path, environ, tls)
-    await runner.cleanup()
+    sockets = await bind("listen", host, port)
+    try:
+        app = create_app(config)
+        tls = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            tls = ReloadingTLS(config.tls_cert, config.tls_key, log, app[METRICS], name="mirror")
+        # Header, URL and idle limits are the app's handler_args (proxy.http.app.handler_args).
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace)
+        try:
+            await runner.setup()
+            for sock in sockets:
+                await web.SockSite(runner, sock, ssl_context=tls.context if tls else None).start()
+            log.info(
+                "mirror_listening",
+                address=f"{host}:{port}",
+                tls=tls is not None,
+                access=config.access.enabled,
+                upstreams=[u.name for u in config.upstreams],
+            )
+            async with tls.running() if tls else contextlib.nullcontext():
+                await _until_stopped(app, config, path, environ, tls)
+        finally:
+            await runner.cleanup()
+    finally:
+        close_all(sockets)
     log.info("shutdown_complete")
 
 
@@ -113,17 +123,17 @@ async def _until_stopped(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads: set[asyncio.Task[None]] = set()
 
-    def on_hup() -> None:
+    async def on_hup() -> None:
         if tls is not None:
-            tls.reload()  # cert-manager rotated the files: no need to wait for the watcher
-        task = asyncio.create_task(reload(app, path, environ or dict(os.environ)))
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
+            await tls.reload()  # cert-manager rotated the files: no need to wait for the watcher
+        await reload(app, path, environ or dict(os.environ))
 
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    await stop.wait()
+    async with Supervisor(app[METRICS], log) as tasks:
+        # Stays installed while draining (SIGHUP's default would kill the process); once the
+        # supervisor is closed, start() ignores it.
+        loop.add_signal_handler(signal.SIGHUP, lambda: tasks.start("sighup_reload", on_hup, restart=False))
+        await stop.wait()
     app[LIFECYCLE].draining = True
     log.info("shutdown_started", delay_seconds=config.shutdown_delay, grace_seconds=config.shutdown_grace)
     await asyncio.sleep(min(config.shutdown_delay, config.shutdown_grace))
@@ -134,7 +144,7 @@ async def reload(app: web.Application, path: Path | None, environ: dict[str, str
     keys that need a restart are named in the log. A bad file changes nothing."""
     log = structlog.get_logger("pullgate")
     try:
-        new = load_config(path, environ)
+        new = await asyncio.to_thread(load_config, path, environ)  # file reads and parsing: off the loop
     except ConfigError as exc:
         log.error("config_reload_failed", error=exc.message)
         return

@@ -1,20 +1,16 @@
-"""The mirror's aiohttp application: wiring, the error boundary, per-request logs and
-metrics, health and metrics endpoints."""
+"""The mirror's aiohttp application: wiring (the error boundary is ``proxy.http.boundary``),
+health and metrics endpoints."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from proxy.access.control import Access
 from proxy.config.settings import Config, LimitsConfig
-from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
 from proxy.http.appkeys import (
     ACCESS,
     CONFIG,
@@ -26,7 +22,8 @@ from proxy.http.appkeys import (
     PULL_POLICY,
     Lifecycle,
 )
-from proxy.http.pullapi import API_VERSION, add_routes, info
+from proxy.http.boundary import on_prepare, request_middleware
+from proxy.http.pullapi import add_routes
 from proxy.http.webhook_listener import serve_webhook
 from proxy.ops.limits import FetchLimiter
 from proxy.ops.metrics import Metrics
@@ -42,8 +39,10 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry())
+    app.on_response_prepare.append(on_prepare)
     if config.access.enabled:
         app[ACCESS] = Access(config.access, app[METRICS])  # reads the credential files: ConfigError
+        app.cleanup_ctx.append(_access_ctx)
     app[FETCH_LIMITER] = FetchLimiter(
         config.limits.upstream_fetches, config.limits.upstream_fetches_per_client, app[METRICS]
     )
@@ -70,14 +69,20 @@ def handler_args(limits: LimitsConfig) -> dict[str, float]:
 
 
 async def _mirror_ctx(app: web.Application) -> AsyncIterator[None]:
-    mirror = Mirror(app[CONFIG], app[METRICS])
-    await mirror.open()
-    for client in mirror.upstreams.values():
-        # Fetches for mirror clients are limited; the CLI tools' own Mirrors are not.
-        client.limiter = app[FETCH_LIMITER]
-    app[MIRROR] = mirror
-    yield
-    await mirror.close()
+    # Fetches for mirror clients are limited; the CLI tools' own Mirrors are not.
+    mirror = Mirror(app[CONFIG], app[METRICS], limiter=app[FETCH_LIMITER])
+    try:
+        await mirror.open()
+        app[MIRROR] = mirror
+        yield
+    finally:
+        await mirror.close()
+
+
+async def _access_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Watch the credential files for as long as the app runs."""
+    async with app[ACCESS].running():
+        yield
 
 
 async def _policies_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -97,78 +102,6 @@ async def _policies_ctx(app: web.Application) -> AsyncIterator[None]:
             yield
 
 
-@web.middleware
-async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The boundary: every error becomes a spec-shaped JSON body here, and every request
-    leaves one ``http_request`` log event and its metrics."""
-    started = time.monotonic()
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
-    endpoint = "other"
-    try:
-        _check_path(request)
-        if request.match_info.route.name:
-            endpoint = request.match_info.route.name
-        response = await handler(request)
-    except PullgateError as exc:
-        response = _error_response(exc)
-    except web.HTTPException as exc:
-        # Unrouted paths under /v2/ still get spec-shaped error bodies.
-        if not request.path.startswith("/v2/") or exc.status not in (404, 405):
-            raise
-        if request.method in ("GET", "HEAD"):
-            response = _error_response(NameUnknown("no such endpoint"))
-        else:
-            response = _error_response(Unsupported("pullgate is a read-only mirror"))
-    response.headers["X-Request-Id"] = request_id
-    _observe(request, response, endpoint, request_id, time.monotonic() - started)
-    return response
-
-
-def _check_path(request: web.Request) -> None:
-    """Reject encoded separators and dot segments before routing: a repository name must
-    never be able to climb out of its place or smuggle a '/'."""
-    if not request.path.startswith("/v2/"):
-        return
-    raw = request.raw_path.partition("?")[0]
-    too_long = len(request.raw_path) > request.app[CONFIG].limits.max_url_length
-    if too_long or "%" in raw or "/../" in raw + "/" or "/./" in raw or "//" in raw:
-        raise NameInvalid("invalid characters or path segments in the request path")
-
-
-def _error_response(exc: PullgateError) -> web.Response:
-    headers = dict(API_VERSION, **exc.headers)
-    if exc.status == 401:
-        headers.setdefault("WWW-Authenticate", 'Basic realm="pullgate"')
-    return web.json_response(exc.body(), status=exc.status, headers=headers)
-
-
-def _observe(
-    request: web.Request, response: web.StreamResponse, endpoint: str, request_id: str, elapsed: float
-) -> None:
-    metrics = request.app[METRICS]
-    metrics.requests.labels(endpoint, request.method, str(response.status)).inc()
-    metrics.request_seconds.labels(endpoint).observe(elapsed)
-    details = info(request)
-    if endpoint in ("metrics", "healthz", "readyz"):
-        return
-    structlog.get_logger("pullgate.http").info(
-        "http_request",
-        request_id=request_id,
-        method=request.method,
-        endpoint=endpoint,
-        status=response.status,
-        upstream=details.upstream,
-        repository=details.repository,
-        reference=details.reference,
-        cache=details.cache,
-        bytes=details.bytes,
-        duration_ms=round(elapsed * 1000, 2),
-        remote=request.remote,
-        user_agent=request.headers.get("User-Agent", "")[:100],
-        **details.extra,
-    )
-
-
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -178,7 +111,7 @@ async def readyz(request: web.Request) -> web.Response:
     checks = {
         "serving": not request.app[LIFECYCLE].draining,
         "config": True,
-        "cache_writable": bool(mirror and mirror.ready()),
+        "cache_writable": mirror is not None and await mirror.ready(),
         "policies_loaded": bool(policies and policies.ready),
     }
     ready = all(checks.values())

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from aiohttp import web
 
 from proxy.access.control import ANONYMOUS, Identity
-from proxy.errors import NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
+from proxy.errors import BlobUnknown, NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
 from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import INDEX_TYPES, acceptable, parse_accept, parse_manifest, pick_platform
@@ -30,6 +31,7 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 _MAX_PAGE = 10_000
+_PIECE_MIN, _PIECE_MAX = 1 << 20, 16 << 20  # bytes per sendfile call on the cached path
 
 
 @dataclass
@@ -160,15 +162,73 @@ async def blob(request: web.Request) -> web.StreamResponse:
         return response
     found = await mirror.blobs.get(route, digest)
     if isinstance(found, CachedBlob):
-        details = info(request)
-        details.cache = "hit"
-        details.bytes = _served_length(request.headers.get("Range"), found.size)
-        mirror.metrics.bytes_served.labels("cache").inc(details.bytes)
-        # sendfile; FileResponse also implements Range (containerd resumes with bytes=N-).
-        headers["Accept-Ranges"] = "bytes"
-        return web.FileResponse(mirror.store.path(digest), chunk_size=1 << 20, headers=headers)
+        info(request).cache = "hit"
+        return await _send_cached(request, mirror, found, headers)
     info(request).cache = "miss"
     return await _stream(request, found, headers)
+
+
+async def _send_cached(
+    request: web.Request, mirror: Mirror, blob: CachedBlob, headers: dict[str, str]
+) -> web.StreamResponse:
+    """A cached blob by ``sendfile``, honouring a single ``Range`` (containerd resumes with
+    ``bytes=N-``). Sent in pieces, each bounded by ``limits.send_timeout`` like the
+    streaming path's writes: a client that stops reading loses its connection and its
+    file descriptor instead of holding both forever."""
+    start, end, status = 0, blob.size, 200
+    range_header = request.headers.get("Range")
+    if range_header:
+        start, end = _parse_range(range_header, blob.size)
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+    headers["Accept-Ranges"] = "bytes"
+    try:
+        file = await asyncio.to_thread(open, mirror.store.path(blob.digest), "rb")
+    except FileNotFoundError:  # evicted since the lookup
+        raise BlobUnknown(f"blob {blob.digest} is no longer cached; retry") from None
+    try:
+        response = web.StreamResponse(status=status, headers=headers)
+        response.content_length = end - start
+        await response.prepare(request)
+        if await _sendfile(request, file, start, end):
+            await response.write_eof()
+    finally:
+        file.close()
+    return response
+
+
+async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) -> bool:
+    """``loop.sendfile`` in pieces, each bounded by ``limits.send_timeout``; False when the
+    client was cut off. A piece doubles (up to 16 MiB) while the client takes it within a
+    16th of the timeout and halves (down to 1 MiB) past a quarter: a fast client costs a
+    few calls per blob (each call has a price: 1 MiB pieces cost 2.5x the CPU of one call),
+    and only a client that stops, or slows more than 4-16 times within one piece, is cut."""
+    loop = asyncio.get_running_loop()
+    send_timeout = request.app[CONFIG].limits.send_timeout
+    details = info(request)
+    offset, piece = start, _PIECE_MIN
+    while offset < end:
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        count = min(piece, end - offset)
+        began = loop.time()
+        try:
+            async with asyncio.timeout(send_timeout):
+                await loop.sendfile(transport, file, offset, count)
+        except TimeoutError:
+            details.extra["aborted"] = "SEND_TIMEOUT"
+            transport.abort()
+            return False
+        took = loop.time() - began
+        if took < send_timeout / 16:
+            piece = min(piece * 2, _PIECE_MAX)
+        elif took > send_timeout / 4:
+            piece = max(piece // 2, _PIECE_MIN)
+        offset += count
+        details.bytes += count
+        request.app[MIRROR].metrics.bytes_served.labels("cache").inc(count)
+    return True
 
 
 async def _stream(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
@@ -203,17 +263,6 @@ async def _stream(request: web.Request, flight: Flight, headers: dict[str, str])
         return response
     await response.write_eof()
     return response
-
-
-def _served_length(range_header: str | None, size: int) -> int:
-    """Bytes a FileResponse will send (for logs and metrics; it validates Range itself)."""
-    if not range_header:
-        return size
-    try:
-        start, end = _parse_range(range_header, size)
-    except RangeInvalid:
-        return 0
-    return end - start
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:

@@ -28,7 +28,9 @@ from pathlib import Path
 from structlog.typing import FilteringBoundLogger
 
 from proxy.errors import ConfigError
-from proxy.ops.filewatch import Stamp, background, stamps
+from proxy.ops.filewatch import Stamp, stamps
+from proxy.ops.metrics import Metrics
+from proxy.ops.supervisor import supervised
 
 
 class ReloadingTLS:
@@ -39,6 +41,7 @@ class ReloadingTLS:
         cert: Path,
         key: Path,
         logger: FilteringBoundLogger,
+        metrics: Metrics,
         *,
         interval: float = 10.0,
         name: str = "admission",
@@ -49,6 +52,7 @@ class ReloadingTLS:
         ``client_ca``: ask clients for a certificate signed by this CA (PEM)."""
         self.cert, self.key, self.logger, self.interval, self.name = cert, key, logger, interval, name
         self.client_ca = client_ca
+        self._metrics = metrics
         self._stamp = self._files_stamp()
         key_name = "admission.tls_cert" if name == "admission" else "tls_cert"
         if client_ca is not None:
@@ -81,11 +85,12 @@ class ReloadingTLS:
     def _select(self, conn: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
         conn.context = self._current
 
-    def reload(self) -> bool:
-        """Load the files now; keep the current certificate if they do not load."""
-        self._stamp = self._files_stamp()
+    async def reload(self) -> bool:
+        """Load the files now (in a thread: reading and parsing keys is slow); keep the
+        current certificate if they do not load."""
+        self._stamp = await asyncio.to_thread(self._files_stamp)
         try:
-            self._current = self._build()
+            self._current = await asyncio.to_thread(self._build)
         except (OSError, ssl.SSLError) as exc:
             self.logger.error(f"{self.name}_tls_reload_failed", cert=str(self.cert), error=str(exc))
             return False
@@ -95,10 +100,10 @@ class ReloadingTLS:
     async def watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
-            if self._files_stamp() != self._stamp:
-                self.reload()
+            if await asyncio.to_thread(self._files_stamp) != self._stamp:
+                await self.reload()
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ReloadingTLS]:
-        async with background(self.watch(), "tls-watch"):
+        async with supervised(self._metrics, f"{self.name}_tls_watch", self.watch, self.logger):
             yield self

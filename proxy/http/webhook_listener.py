@@ -22,6 +22,8 @@ from structlog.typing import FilteringBoundLogger
 
 from proxy.admission.webhook import create_webhook_app
 from proxy.config.settings import Config
+from proxy.http.boundary import webhook_boundary
+from proxy.http.listen import bind, close_all
 from proxy.http.tls import ReloadingTLS
 from proxy.ops.metrics import Metrics
 from proxy.policy.active import PolicyStore
@@ -37,34 +39,39 @@ class WebhookServer:
 
 @contextlib.asynccontextmanager
 async def run_webhook(
-    app: web.Application, config: Config, logger: FilteringBoundLogger
+    app: web.Application, config: Config, logger: FilteringBoundLogger, metrics: Metrics
 ) -> AsyncIterator[WebhookServer]:
-    """Serve ``app`` on ``admission.listen`` (TLS when cert files are configured) until exit."""
+    """Serve ``app`` on ``admission.listen`` (TLS when cert files are configured) until exit.
+    The address is bound first: ``ListenFailed`` naming ``admission.listen`` when it cannot be."""
     admission = config.admission
     host, port = admission.listen
-    tls = None
-    if admission.tls_cert is not None and admission.tls_key is not None:
-        tls = ReloadingTLS(admission.tls_cert, admission.tls_key, logger, client_ca=admission.client_ca)
-        if admission.client_ca is not None:
-            app.middlewares.append(require_client_certificate)
-    else:
-        logger.warning(
-            "admission_tls_disabled",
-            listen=f"{host}:{port}",
-            detail="serving plain HTTP; the API server requires HTTPS",
-        )
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace)
-    await runner.setup()
+    sockets = await bind("admission.listen", host, port)
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=tls.context if tls else None)
-        await site.start()
-        bound = runner.addresses[0][1]
-        client_ca = tls is not None and tls.client_ca is not None
-        logger.info("admission_listening", listen=f"{host}:{bound}", tls=tls is not None, client_ca=client_ca)
-        async with tls.running() if tls else contextlib.nullcontext():
-            yield WebhookServer(host, bound, tls)
+        tls = None
+        if admission.tls_cert is not None and admission.tls_key is not None:
+            tls = ReloadingTLS(admission.tls_cert, admission.tls_key, logger, metrics, client_ca=admission.client_ca)
+            if admission.client_ca is not None:
+                app.middlewares.append(require_client_certificate)
+        else:
+            logger.warning(
+                "admission_tls_disabled",
+                listen=f"{host}:{port}",
+                detail="serving plain HTTP; the API server requires HTTPS",
+            )
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.shutdown_grace)
+        await runner.setup()
+        try:
+            for sock in sockets:
+                await web.SockSite(runner, sock, ssl_context=tls.context if tls else None).start()
+            bound = sockets[0].getsockname()[1]
+            client_ca = tls is not None and tls.client_ca is not None
+            logger.info("admission_listening", listen=f"{host}:{bound}", tls=tls is not None, client_ca=client_ca)
+            async with tls.running() if tls else contextlib.nullcontext():
+                yield WebhookServer(host, bound, tls)
+        finally:
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
+        close_all(sockets)
 
 
 @contextlib.asynccontextmanager
@@ -77,9 +84,13 @@ async def serve_webhook(
     policies: PolicyStore | None = None,
     content: ContentProvider | None = None,
 ) -> AsyncIterator[WebhookServer]:
-    """``create_webhook_app`` + ``run_webhook``: for the daemon's ``cleanup_ctx``."""
-    app = create_webhook_app(config, resolver, metrics, logger, policies=policies, content=content)
-    async with run_webhook(app, config, logger) as server:
+    """``create_webhook_app`` behind the last-resort handler (``proxy.http.boundary``) +
+    ``run_webhook``: for the daemon's ``cleanup_ctx``."""
+    app = create_webhook_app(
+        config, resolver, metrics, logger, policies=policies, content=content,
+        middlewares=(webhook_boundary(metrics, logger),),
+    )  # fmt: skip
+    async with run_webhook(app, config, logger, metrics) as server:
         yield server
 
 

@@ -2,32 +2,128 @@
 
 Event names are fixed snake_case strings (``http_request``, ``blob_cached``,
 ``digest_mismatch``, ...); context goes in key-value pairs, never in the event name.
+
+Libraries that log through the standard library (aiohttp's ``aiohttp.server``, ``asyncio``)
+go through the same pipeline, as ``library_log`` events (``logger``, ``message``), so every
+line on stderr has one format — and passes the same scrubbing:
+
+- No request header value ever reaches a log. aiohttp's HTTP parser refuses an oversized
+  or malformed request with an exception whose text quotes the offending bytes (the first
+  100 of an 8 KiB ``Authorization`` header: ``user:password``) and logs it with its
+  traceback. Such records become ``http_request_rejected`` with the status and the
+  parser's error class only.
+- As a second line, credentials in any logged text (``Basic …``, ``Bearer …``) are
+  replaced by ``[redacted]``, in tracebacks too.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from proxy.config.settings import LogConfig
 
+# A credential after its scheme; challenge parameters (``Bearer realm="…"``) are left alone.
+_CREDENTIAL = re.compile(r"(?i)\b(basic|bearer)(\s+|%20)(?![A-Za-z_-]+=\")[A-Za-z0-9._~+/-]+=*")
+_REDACTED = r"\1\2[redacted]"
+
 
 def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
-    renderer: structlog.typing.Processor = (
+    renderer: Processor = (
         structlog.processors.JSONRenderer() if config.format == "json" else structlog.dev.ConsoleRenderer(colors=False)
     )
+    level = logging.getLevelName(config.level.upper())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            scrub_credentials,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(config.level.upper())),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
         cache_logger_on_first_use=False,
     )
+    _route_stdlib(renderer, stream, max(level, logging.WARNING))
+
+
+class _Bridge(logging.StreamHandler):  # type: ignore[type-arg]
+    """The root logger's handler: library records, rendered like pullgate's own events.
+    Without a stream it writes to the ``sys.stderr`` of the moment (as ``logging.lastResort``
+    does), so a test harness that swaps stderr still sees the lines."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__(stream)
+        self._fixed = stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = self._fixed or sys.stderr
+        super().emit(record)
+
+
+def _route_stdlib(renderer: Processor, stream: TextIO | None, level: int) -> None:
+    """Replace the previous bridge (configure_logging runs again on SIGHUP); other handlers
+    on the root logger (a test harness's) are left alone. Libraries log WARNING and up."""
+    handler = _Bridge(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            pass_foreign_args=True,
+            foreign_pre_chain=[
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                library_event,
+                structlog.processors.format_exc_info,
+                scrub_credentials,
+            ],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _Bridge)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def library_event(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """A standard-library record as a fixed-name event; the HTTP parser's refusals without
+    the bytes they quote."""
+    record: logging.LogRecord = event["_record"]
+    args = event.pop("positional_args", ())
+    exc_info = event.get("exc_info")
+    exc = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+    if isinstance(exc, HttpProcessingError):
+        # aiohttp: log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        rejected: EventDict = {
+            "event": "http_request_rejected",
+            "level": "warning",  # the client's mistake, not ours
+            "timestamp": event.get("timestamp"),
+            "status": exc.code,
+            "error": type(exc).__name__,
+            "remote": args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else None,
+            "_record": record,
+            "_from_structlog": False,
+        }
+        if isinstance(exc, LineTooLong):
+            rejected["limit"] = exc.args[1]  # (line, limit, actual size): the limit is ours
+        return rejected
+    event["message"] = event["event"]
+    event["event"] = "library_log"
+    event["logger"] = record.name
+    return event
+
+
+def scrub_credentials(logger: WrappedLogger, method: str, event: EventDict) -> EventDict:
+    """Replace ``Basic``/``Bearer`` credentials in every text value of the event."""
+    for key, value in event.items():
+        if isinstance(value, str):
+            event[key] = _CREDENTIAL.sub(_REDACTED, value)
+    return event

@@ -103,6 +103,18 @@ class Metrics:
             registry=registry,
         )
         self.ready = Gauge("pullgate_ready", "1 while /readyz answers ready.", registry=registry)
+        self.background_task_failures = Counter(
+            "pullgate_background_task_failures_total",
+            "Background task failures (each one is logged and the task restarted) by task name.",
+            ["task"],
+            registry=registry,
+        )
+        self.unhandled_errors = Counter(
+            "pullgate_unhandled_errors_total",
+            "Requests that failed with an unexpected exception (a bug), by listener (mirror, admission).",
+            ["listener"],
+            registry=registry,
+        )
         # --- client access and limits ------------------------------------------------------
         self.auth_failures = Counter(
             "pullgate_auth_failures_total",

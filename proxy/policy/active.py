@@ -19,8 +19,9 @@ from structlog.typing import FilteringBoundLogger
 
 from proxy.errors import NameInvalid
 from proxy.oci.reference import ImageReference, normalize_repository, split_host
-from proxy.ops.filewatch import background, stamp
+from proxy.ops.filewatch import stamp
 from proxy.ops.metrics import Metrics
+from proxy.ops.supervisor import supervised
 from proxy.policy.document import Policy, PolicyInvalid, load_file
 
 POLICY_SUFFIXES = (".yaml", ".yml")
@@ -123,7 +124,7 @@ class PolicyStore:
         """Load the files now; on error keep the last good set. True when a set loaded."""
         if self.path is None:
             return True
-        self._signature = signature(self.path)
+        self._signature = await asyncio.to_thread(signature, self.path)
         try:
             loaded = await asyncio.to_thread(load_policies, self.path)
         except PolicyInvalid as exc:
@@ -149,7 +150,7 @@ class PolicyStore:
         assert self.path is not None
         while True:
             await asyncio.sleep(self.interval)
-            if signature(self.path) != self._signature:
+            if await asyncio.to_thread(signature, self.path) != self._signature:
                 await self.reload()
 
     @contextlib.asynccontextmanager
@@ -160,5 +161,5 @@ class PolicyStore:
             yield self
             return
         await self.reload()
-        async with background(self.watch(), "policy-watch"):
+        async with supervised(self.metrics, "policy_watch", self.watch, self.logger):
             yield self

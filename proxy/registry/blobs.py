@@ -42,16 +42,25 @@ class BlobInfo:
 
 class BlobService:
     def __init__(
-        self, store: BlobStore, catalog: Catalog, upstreams: dict[str, RegistryClient], metrics: Metrics
+        self,
+        store: BlobStore,
+        catalog: Catalog,
+        upstreams: dict[str, RegistryClient],
+        metrics: Metrics,
+        *,
+        on_stored: Callable[[], None] = lambda: None,
+        on_full: Callable[[], None] = lambda: None,
     ) -> None:
+        """``on_stored``: something was added to the store; ``on_full``: the disk is full,
+        evict now."""
         self._store = store
         self._catalog = catalog
         self._upstreams = upstreams
         self._metrics = metrics
         self._flights: dict[Digest, Flight] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.on_stored: Callable[[], None] = lambda: None  # something was added to the store
-        self.on_full: Callable[[], None] = lambda: None  # the disk is full: evict now
+        self._on_stored = on_stored
+        self._on_full = on_full
         self._log = structlog.get_logger("pullgate.blobs")
 
     async def get(self, route: Route, digest: Digest) -> CachedBlob | Flight:
@@ -158,13 +167,13 @@ class BlobService:
         if flight.final is None:
             flight.finish()
             log.warning("blob_passed_through", size=flight.written, reason="cache disk full")
-            self.on_full()
+            self._on_full()
             return
         self._catalog.add_blob(flight.digest, flight.written)
         self._catalog.link_blob(route.upstream, route.repository, flight.digest)
         flight.finish()
         log.info("blob_cached", size=flight.written)
-        self.on_stored()
+        self._on_stored()
 
     async def _receive(self, route: Route, flight: Flight, response: aiohttp.ClientResponse) -> None:
         hasher = flight.digest.hasher()
@@ -175,7 +184,7 @@ class BlobService:
                 # New clients must not join a download that keeps only a memory window.
                 del self._flights[flight.digest]
                 self._log.error("cache_disk_full", digest=str(flight.digest), on_disk=flight.disk_bytes)
-                self.on_full()
+                self._on_full()
             if flight.size is not None and flight.written > flight.size:
                 break
         self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written)

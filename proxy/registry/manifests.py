@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import structlog
@@ -31,6 +32,7 @@ from proxy.errors import (
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import MANIFEST_TYPES, UPSTREAM_ACCEPT, ParsedManifest, parse_manifest
 from proxy.ops.metrics import Metrics
+from proxy.ops.supervisor import Supervisor
 from proxy.registry.catalog import Catalog
 from proxy.registry.routing import Route
 from proxy.registry.store import BlobStore
@@ -64,7 +66,11 @@ class ManifestCache:
         upstreams: dict[str, RegistryClient],
         config: CacheConfig,
         metrics: Metrics,
+        *,
+        tasks: Supervisor,
+        on_stored: Callable[[], None] = lambda: None,
     ) -> None:
+        """``tasks`` runs the index prefetches; ``on_stored``: something was added to the store."""
         self._store = store
         self._catalog = catalog
         self._upstreams = upstreams
@@ -75,8 +81,8 @@ class ManifestCache:
         self._negative: dict[tuple[str, str, str], float] = {}
         self._inflight: dict[tuple[str, str, str], asyncio.Task[Manifest]] = {}
         self._log = structlog.get_logger("pullgate.manifests")
-        self.on_stored: Callable[[], None] = lambda: None
-        self._background: set[asyncio.Task[None]] = set()
+        self._on_stored = on_stored
+        self._tasks = tasks
 
     async def get(self, route: Route, reference: str, *, count: bool = True) -> Manifest:
         """The manifest for a tag or digest (``reference`` already validated); ``count``
@@ -201,7 +207,7 @@ class ManifestCache:
             await self._store.put(response.body, digest)
         self._catalog.add_manifest(route.upstream, route.repository, digest, len(response.body), parsed)
         self._remember(digest, response.body)
-        self.on_stored()
+        self._on_stored()
         if parsed.is_index:
             self._prefetch(route, parsed)
         return Manifest(digest, parsed.media_type, response.body, result)
@@ -213,9 +219,7 @@ class ManifestCache:
             if child.media_type in MANIFEST_TYPES and not self._catalog.has_image(
                 route.upstream, route.repository, child.digest
             ):
-                task = asyncio.create_task(self._prefetch_one(route, child.digest))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._tasks.start("manifest_prefetch", partial(self._prefetch_one, route, child.digest), restart=False)
 
     async def _prefetch_one(self, route: Route, digest: Digest) -> None:
         try:
@@ -247,12 +251,6 @@ class ManifestCache:
         while self._memory_bytes > _MEMORY_BYTES:
             _, old = self._memory.popitem(last=False)
             self._memory_bytes -= len(old)
-
-    async def close(self) -> None:
-        for task in self._background:
-            task.cancel()
-        if self._background:
-            await asyncio.wait(set(self._background))
 
     def forget(self, digest: Digest) -> None:
         """Drop a manifest from memory (eviction)."""

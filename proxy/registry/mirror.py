@@ -5,7 +5,9 @@ them, opened and closed as one unit. It is what the HTTP routes, the admission w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -13,12 +15,14 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import Config
-from proxy.errors import UpstreamError
+from proxy.errors import ConfigError, UpstreamError
 from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import OCI_INDEX
 from proxy.oci.reference import ImageReference
+from proxy.ops.limits import FetchLimiter
 from proxy.ops.metrics import Metrics
+from proxy.ops.supervisor import Supervisor
 from proxy.registry.blobs import BlobService
 from proxy.registry.catalog import Catalog
 from proxy.registry.content import MirrorContent
@@ -29,59 +33,87 @@ from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
 
 _FLUSH_INTERVAL = 5.0
+_EVICT = "cache_evict"  # one eviction at a time
 _MAX_LIST_BODY = 4 << 20
 
 
 class Mirror:
-    def __init__(self, config: Config, metrics: Metrics | None = None) -> None:
+    """Built whole here; ``open()`` does the disk work; ``close()`` (idempotent) closes
+    everything in reverse order, whatever failed before."""
+
+    def __init__(self, config: Config, metrics: Metrics | None = None, *, limiter: FetchLimiter | None = None) -> None:
+        """``limiter``: the daemon's bound on upstream fetches for its clients (the CLI
+        tools' own Mirrors have none). Needs a running event loop (the HTTP session)."""
         self.config = config
         self.metrics = metrics or Metrics(CollectorRegistry())
         self.router = Router(config)
         root = config.cache.dir
         self.store = BlobStore(root)
         self.catalog = Catalog(root / "catalog.db")
-        self.upstreams: dict[str, RegistryClient] = {}
-        self._session: aiohttp.ClientSession | None = None
-        self._flusher: asyncio.Task[None] | None = None
-        self._evicting: asyncio.Task[int] | None = None
-        self.manifests: ManifestCache
-        self.blobs: BlobService
         self._log = structlog.get_logger("pullgate.mirror")
-
-    # --- lifecycle ---------------------------------------------------------------------
-    async def open(self) -> None:
-        self.store.open()
-        self.catalog.open()
-        on_disk = await asyncio.to_thread(lambda: list(self.store.scan()))
-        dropped = self.catalog.reconcile(on_disk)
+        self._tasks = Supervisor(self.metrics, self._log)
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector, headers={"User-Agent": "pullgate"}, auto_decompress=False
         )
-        for upstream in self.config.upstreams:
+        self.upstreams: dict[str, RegistryClient] = {}
+        for upstream in config.upstreams:
             self.metrics.declare_upstream(upstream.name)
-            self.upstreams[upstream.name] = RegistryClient(upstream, self._session, self.config.timeouts, self.metrics)
-        self.manifests = ManifestCache(self.store, self.catalog, self.upstreams, self.config.cache, self.metrics)
-        self.blobs = BlobService(self.store, self.catalog, self.upstreams, self.metrics)
-        self.manifests.on_stored = self.blobs.on_stored = self._check_quota
-        self.blobs.on_full = self._disk_full
+            self.upstreams[upstream.name] = RegistryClient(
+                upstream, self._session, config.timeouts, self.metrics, limiter=limiter
+            )
+        self.manifests = ManifestCache(
+            self.store, self.catalog, self.upstreams, config.cache, self.metrics,
+            on_stored=self._check_quota, tasks=self._tasks,
+        )  # fmt: skip
+        self.blobs = BlobService(
+            self.store, self.catalog, self.upstreams, self.metrics, on_stored=self._check_quota, on_full=self._disk_full
+        )
+        self._opened = False
+        # Closed last to first: downloads may finish (and start an eviction) within the
+        # grace, then the background tasks stop, then the session and the catalog close.
+        self._closing = contextlib.AsyncExitStack()
+        self._closing.callback(self.catalog.close)
+        self._closing.push_async_callback(self._session.close)
+        self._closing.push_async_callback(self._tasks.close)
+        self._closing.push_async_callback(self.blobs.close, config.shutdown_grace)
+
+    # --- lifecycle ---------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open the cache; ``ConfigError`` naming ``cache.dir`` when it cannot be written.
+        A failed open has closed everything again (the session the constructor made too)."""
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open(self) -> None:
+        root = self.config.cache.dir
+        try:
+            await asyncio.to_thread(self._open_store)
+        except OSError as exc:
+            reason = (exc.strerror or exc.__class__.__name__).lower()
+            raise ConfigError(f"cache.dir: {root} is not writable ({reason})") from exc
+        self.catalog.open()
+        on_disk = await asyncio.to_thread(lambda: list(self.store.scan()))
+        dropped = self.catalog.reconcile(on_disk)
         self._update_size_metrics()
         self.metrics.cache_max_bytes.set(self.config.cache.max_size)
-        self._flusher = asyncio.create_task(self._flush_loop())
-        self._log.info("cache_opened", dir=str(self.config.cache.dir), reconciled=dropped)
+        self._tasks.start("cache_flush", self._flush_loop)
+        self._opened = True
+        self._log.info("cache_opened", dir=str(root), reconciled=dropped)
+
+    def _open_store(self) -> None:
+        """Create the layout and prove a file can be written there (an existing cache on a
+        read-only mount opens without error until the first write)."""
+        self.store.open()
+        probe = self.store.tmp / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-        if self._evicting is not None:
-            await self._evicting
-        if hasattr(self, "manifests"):
-            await self.manifests.close()
-        if hasattr(self, "blobs"):
-            await self.blobs.close(self.config.shutdown_grace)
-        if self._session is not None:
-            await self._session.close()
-        self.catalog.close()
+        await self._closing.aclose()
 
     async def _flush_loop(self) -> None:
         while True:
@@ -91,15 +123,15 @@ class Mirror:
 
     # --- quota ---------------------------------------------------------------------------
     def _check_quota(self) -> None:
-        if self.catalog.total_bytes > self.config.cache.max_size and (self._evicting is None or self._evicting.done()):
-            self._evicting = asyncio.create_task(self.evict())
+        if self.catalog.total_bytes > self.config.cache.max_size and not self._tasks.active(_EVICT):
+            self._tasks.start(_EVICT, self.evict)
 
     def _disk_full(self) -> None:
         """The disk filled before the quota did: shrink to the low-water mark of what the
         store holds now."""
-        if self._evicting is None or self._evicting.done():
+        if not self._tasks.active(_EVICT):
             target = int(min(self.catalog.total_bytes, self.config.cache.max_size) * self.config.cache.low_water)
-            self._evicting = asyncio.create_task(self.evict(target))
+            self._tasks.start(_EVICT, lambda: self.evict(target))
 
     async def evict(self, target: int | None = None) -> int:
         """Evict least recently pulled images until the store holds at most ``target``
@@ -133,8 +165,9 @@ class Mirror:
         self.metrics.cache_bytes.set(size)
         self.metrics.cache_objects.set(count)
 
-    def ready(self) -> bool:
-        return self._session is not None and self.store.writable()
+    async def ready(self) -> bool:
+        """Opened, and a file can be written in the cache now (the probe runs in a thread)."""
+        return self._opened and await asyncio.to_thread(self.store.writable)
 
     # --- the registry API --------------------------------------------------------------
     async def manifest(self, route: Route, reference: str) -> Manifest:

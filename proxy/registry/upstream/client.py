@@ -75,8 +75,16 @@ class Upstream(Protocol):
 
 class RegistryClient:
     def __init__(
-        self, config: UpstreamConfig, session: aiohttp.ClientSession, timeouts: TimeoutConfig, metrics: Metrics
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        timeouts: TimeoutConfig,
+        metrics: Metrics,
+        *,
+        limiter: FetchLimiter | None = None,
     ) -> None:
+        """``limiter``: the server's bound on fetches for mirror clients (None: unlimited,
+        for the CLI tools)."""
         self.name = config.name
         self.config = config
         self._session = session
@@ -97,11 +105,10 @@ class RegistryClient:
         )
         self._own: tuple[float, frozenset[netguard.IPAddress]] | None = None
         self._log = structlog.get_logger("pullgate.upstream").bind(upstream=self.name)
-        # Set by the server: fetches for mirror clients count against proxy.ops.limits.
-        self.limiter: FetchLimiter | None = None
+        self._limiter = limiter
 
     def _permit(self) -> AbstractContextManager[None]:
-        return self.limiter.permit() if self.limiter is not None else nullcontext()
+        return self._limiter.permit() if self._limiter is not None else nullcontext()
 
     # --- public API ---------------------------------------------------------------------
     async def fetch(

@@ -1,0 +1,195 @@
+"""The error boundary of both listeners: where exceptions become responses.
+
+Mirror (``request_middleware``): a ``PullgateError`` becomes its distribution-spec JSON
+error body; anything else is a bug and becomes ``500 UNKNOWN`` with the request id, one
+``unhandled_error`` event with the traceback and ``pullgate_unhandled_errors_total``. Every
+request, whatever happened, leaves one ``http_request`` event and its request metrics.
+A client that goes away mid-response is not an error: its ``http_request`` event says
+``aborted: CLIENT_GONE`` (status 499 when nothing was sent yet, nginx's convention); a
+handler cancelled at shutdown says ``aborted: CANCELLED``.
+
+Webhook (``webhook_boundary``): the handlers answer their own errors; what escapes them
+becomes a JSON error body (never aiohttp's plain-text 500), counted as an ``error`` outcome,
+so the API server applies the webhook's ``failurePolicy``.
+
+Once a response's headers are out (streamed blobs) no error body can follow: the
+connection is cut short of ``Content-Length`` instead, so the client discards what it got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from functools import partial
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from structlog.typing import FilteringBoundLogger
+
+from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
+from proxy.http.appkeys import CONFIG, METRICS
+from proxy.http.pullapi import API_VERSION, info
+from proxy.ops.metrics import Metrics
+
+REQUEST_ID = web.RequestKey("pullgate_request_id", str)
+PREPARED = web.RequestKey("pullgate_prepared", web.StreamResponse)  # headers are on the wire
+CLIENT_CLOSED = 499  # the client left before any response was sent
+
+
+class InternalError(PullgateError):
+    """An unexpected exception, as the client sees it: no details beyond the request id."""
+
+
+@web.middleware
+async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The mirror's boundary (see the module docstring)."""
+    started = time.monotonic()
+    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
+    request[REQUEST_ID] = request_id
+    endpoint = "other"
+    try:
+        _check_path(request)
+        if request.match_info.route.name:
+            endpoint = request.match_info.route.name
+        response = await handler(request)
+    except PullgateError as exc:
+        response = _sent_or(request, exc.code, partial(error_response, exc))
+    except web.HTTPException as exc:
+        # Unrouted paths under /v2/ still get spec-shaped error bodies.
+        if not request.path.startswith("/v2/") or exc.status not in (404, 405):
+            _observe(request, exc.status, endpoint, request_id, time.monotonic() - started)
+            raise
+        if request.method in ("GET", "HEAD"):
+            response = error_response(NameUnknown("no such endpoint"))
+        else:
+            response = error_response(Unsupported("pullgate is a read-only mirror"))
+    except ConnectionError as exc:
+        gone = _gone(request) or PREPARED in request  # a write to a client that left
+        response = _client_gone(request) if gone else _unhandled(request, exc, endpoint)
+    except asyncio.CancelledError:
+        # The server cancels a handler whose client left (handler_cancellation) or that
+        # outlived the shutdown grace: the request still leaves its event.
+        info(request).extra.setdefault("aborted", "CLIENT_GONE" if _gone(request) else "CANCELLED")
+        status = request[PREPARED].status if PREPARED in request else CLIENT_CLOSED
+        _observe(request, status, endpoint, request_id, time.monotonic() - started)
+        raise
+    except Exception as exc:  # noqa: BLE001 - the last resort: a bug must still answer in the spec's terms
+        response = _unhandled(request, exc, endpoint)
+    response.headers["X-Request-Id"] = request_id
+    status = request[PREPARED].status if PREPARED in request else response.status
+    _observe(request, status, endpoint, request_id, time.monotonic() - started)
+    return response
+
+
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every response carries the request id, and the boundary
+    learns that headers went out."""
+    if REQUEST_ID in request:
+        response.headers["X-Request-Id"] = request[REQUEST_ID]
+    request[PREPARED] = response
+
+
+def _gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+def _sent_or(request: web.Request, reason: str, respond: Callable[[], web.StreamResponse]) -> web.StreamResponse:
+    """The response already on the wire, cut off (``reason`` goes to the log), or a fresh one."""
+    if PREPARED in request:
+        info(request).extra.setdefault("aborted", reason)
+        if request.transport is not None:
+            request.transport.abort()
+        return request[PREPARED]
+    return respond()
+
+
+def _client_gone(request: web.Request) -> web.StreamResponse:
+    info(request).extra.setdefault("aborted", "CLIENT_GONE")
+    return request[PREPARED] if PREPARED in request else web.Response(status=CLIENT_CLOSED)
+
+
+def _unhandled(request: web.Request, exc: BaseException, endpoint: str) -> web.StreamResponse:
+    request_id = request.get(REQUEST_ID, "")
+    request.app[METRICS].unhandled_errors.labels("mirror").inc()
+    structlog.get_logger("pullgate.http").error(
+        "unhandled_error", request_id=request_id, method=request.method, endpoint=endpoint, exc_info=exc
+    )
+    message = f"internal error (request id {request_id}); the mirror's log has the details"
+    return _sent_or(request, "INTERNAL_ERROR", partial(error_response, InternalError(message)))
+
+
+def _check_path(request: web.Request) -> None:
+    """Reject encoded separators and dot segments before routing: a repository name must
+    never be able to climb out of its place or smuggle a '/'."""
+    if not request.path.startswith("/v2/"):
+        return
+    raw = request.raw_path.partition("?")[0]
+    too_long = len(request.raw_path) > request.app[CONFIG].limits.max_url_length
+    if too_long or "%" in raw or "/../" in raw + "/" or "/./" in raw or "//" in raw:
+        raise NameInvalid("invalid characters or path segments in the request path")
+
+
+def error_response(exc: PullgateError) -> web.Response:
+    headers = dict(API_VERSION, **exc.headers)
+    if exc.status == 401:
+        headers.setdefault("WWW-Authenticate", 'Basic realm="pullgate"')
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
+
+
+def _observe(request: web.Request, status: int, endpoint: str, request_id: str, elapsed: float) -> None:
+    metrics = request.app[METRICS]
+    metrics.requests.labels(endpoint, request.method, str(status)).inc()
+    metrics.request_seconds.labels(endpoint).observe(elapsed)
+    details = info(request)
+    if endpoint in ("metrics", "healthz", "readyz"):
+        return
+    structlog.get_logger("pullgate.http").info(
+        "http_request",
+        request_id=request_id,
+        method=request.method,
+        endpoint=endpoint,
+        status=status,
+        upstream=details.upstream,
+        repository=details.repository,
+        reference=details.reference,
+        cache=details.cache,
+        bytes=details.bytes,
+        duration_ms=round(elapsed * 1000, 2),
+        remote=request.remote,
+        user_agent=request.headers.get("User-Agent", "")[:100],
+        **details.extra,
+    )
+
+
+# --- the webhook -------------------------------------------------------------------------
+_REVIEW_ENDPOINTS = frozenset({"validate", "mutate"})
+
+
+def webhook_boundary(metrics: Metrics, logger: FilteringBoundLogger) -> Middleware:
+    """The webhook listener's last resort (see the module docstring)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            return await handler(request)
+        except (web.HTTPException, ConnectionError):
+            raise  # aiohttp's own answers (404, 405), and a caller that left: nothing to say
+        except Exception as exc:  # the last resort: never aiohttp's plain-text 500
+            request_id = uuid.uuid4().hex[:16]
+            endpoint = request.path.strip("/")
+            message = f"internal error (request id {request_id}); the webhook's log has the details"
+            metrics.unhandled_errors.labels("admission").inc()
+            logger.error(
+                "unhandled_error", request_id=request_id, method=request.method, path=request.path, exc_info=exc
+            )
+            if endpoint in _REVIEW_ENDPOINTS:  # what the webhook's own errors leave behind
+                metrics.admission_reviews.labels(endpoint=endpoint, outcome="error").inc()
+                metrics.admission_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+                logger.warning("admission_review_rejected", endpoint=endpoint, status=500, error=message)
+            return web.json_response(InternalError(message).body(), status=500, headers={"X-Request-Id": request_id})
+
+    return middleware

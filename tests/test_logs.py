@@ -1,0 +1,121 @@
+"""Logging (``proxy.ops.logs``): library records rendered like pullgate's own events, and no
+request header value in any log line — the HTTP parser's refusals quote the offending
+bytes, so they are logged without them; credentials anywhere else are redacted.
+
+The attack from the security review is mounted against the real daemon: requests whose
+``Authorization`` (and other) headers pass the 8 KiB limit, then everything the process
+wrote is scanned."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import socket
+from pathlib import Path
+
+import pytest
+import structlog
+
+from proxy.config.settings import LogConfig
+from proxy.ops.logs import configure_logging
+from tests.support.daemon import Daemon
+
+SECRET = "s3cret-pa55word-for-the-log-scan"
+
+
+@pytest.fixture
+def stream() -> io.StringIO:
+    """Logs configured as the daemon does, into a buffer; the previous setup comes back."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    configure_logging(LogConfig(level="info", format="json"), stream=out)
+    yield out
+    structlog.configure(**saved)
+    root.handlers[:], root.level = handlers, level
+
+
+def lines(out: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("text", "logged"),
+    [
+        ("Authorization: Basic dXNlcjpwYXNzd29yZA==", "Authorization: Basic [redacted]"),
+        ("bearer eyJhbGciOiJFUzI1NiJ9.e30.c2ln rest", "bearer [redacted] rest"),
+        ("b'Basic YWxpY2U6c2VjcmV0...'", "b'Basic [redacted]'"),  # the parser's truncated quote
+        ("GET /x?h=Bearer%20abc.def", "GET /x?h=Bearer%20[redacted]"),
+        ('Bearer realm="https://auth.example/token",service="registry"', None),  # a challenge: kept
+        ('WWW-Authenticate: Basic realm="pullgate"', None),
+        ("basically fine", None),
+    ],
+)
+def test_credentials_are_redacted_in_every_text(stream: io.StringIO, text: str, logged: str | None) -> None:
+    structlog.get_logger("pullgate.test").warning("something_happened", detail=text)
+    (event,) = lines(stream)
+    assert event["detail"] == (text if logged is None else logged)
+
+
+def test_library_records_are_events_too(stream: io.StringIO) -> None:
+    logging.getLogger("asyncio").error("Task exception was never retrieved: %s", "Basic dXNlcjpwYXNz")
+    logging.getLogger("aiohttp.server").info("below the library threshold")
+    (event,) = lines(stream)
+    assert event["event"] == "library_log" and event["logger"] == "asyncio" and event["level"] == "error"
+    assert event["message"] == "Task exception was never retrieved: Basic [redacted]"
+
+
+def test_parser_refusals_are_logged_without_the_bytes_they_quote(stream: io.StringIO) -> None:
+    from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, LineTooLong
+
+    for exc in (LineTooLong(b"X-Api-Key: " + SECRET.encode(), 8192), InvalidHeader(SECRET.encode()),
+                BadHttpMessage(f"bad header {SECRET}")):  # fmt: skip
+        try:
+            raise exc
+        except BadHttpMessage:
+            logging.getLogger("aiohttp.server").exception("Error handling request from %s", "192.0.2.7")
+    events = lines(stream)
+    assert SECRET not in stream.getvalue()
+    assert [(e["event"], e["error"], e["status"], e["remote"], e["level"]) for e in events] == [
+        ("http_request_rejected", "LineTooLong", 400, "192.0.2.7", "warning"),
+        ("http_request_rejected", "InvalidHeader", 400, "192.0.2.7", "warning"),
+        ("http_request_rejected", "BadHttpMessage", 400, "192.0.2.7", "warning"),
+    ]
+    assert events[0]["limit"] == 8192
+
+
+def oversized(name: str, value: str) -> bytes:
+    return f"GET /v2/ HTTP/1.1\r\nHost: m\r\n{name}: {value}\r\n\r\n".encode()
+
+
+ATTACKS = [
+    oversized("Authorization", "Basic " + base64.b64encode(f"alice:{SECRET}".encode() + b"x" * 9000).decode()),
+    oversized("Authorization", f"Bearer {SECRET}" + "y" * 9000),
+    oversized("Proxy-Authorization", f"Basic {SECRET}" + "z" * 9000),
+    oversized("Cookie", f"session={SECRET}" + "c" * 9000),
+    oversized("X-Api-Key", SECRET + "k" * 9000),
+    f"GET /v2/ HTTP/1.1\r\nHost: m\r\nAuthorization: Basic {SECRET}\x00\r\n\r\n".encode(),  # a NUL in the value
+    f"GET /v2/ HTTP/1.1\r\nHost: m\r\nAuthori zation: {SECRET}\r\n\r\n".encode(),  # a space in the name
+    f"GET /v2/ HTTP/1.1\r\nHost: m\r\n{SECRET}\r\n\r\n".encode(),  # no colon at all
+]
+
+
+def test_no_header_value_reaches_the_daemons_log(tmp_path: Path) -> None:
+    with Daemon(tmp_path, "http://127.0.0.1:9", access={"enabled": False}) as daemon:
+        answers = []
+        for request in ATTACKS:
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
+                sock.sendall(request)
+                answers.append(sock.recv(200).split(b" ", 2)[1])
+        http_status_ok = [a for a in answers if a != b"400"]
+    log = daemon.log.read_text()
+    assert not http_status_ok, f"every attack is refused by the parser: {answers}"
+    assert SECRET not in log
+    assert "Traceback" not in log
+    events = [e for e in daemon.events() if e.get("event") == "http_request_rejected"]
+    assert len(events) == len(ATTACKS)
+    assert {e["status"] for e in events} == {400}
+    assert {e["remote"] for e in events} == {"127.0.0.1"}

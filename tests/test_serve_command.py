@@ -1,0 +1,106 @@
+"""``pullgate serve`` failing to start, as a user sees it: one clear line naming the config
+key, the right exit status, and nothing else (no ``RuntimeError: generator didn't stop
+after athrow()``, no ``Unclosed client session``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.support.procs import Completed, free_port, run
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_config(tmp_path: Path, **settings: object) -> Path:
+    config = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "cache": {"dir": str(tmp_path / "cache")},
+        "upstreams": [{"name": "docker.io", "url": "http://127.0.0.1:9"}],
+        "log": {"level": "info", "format": "json"},
+        "shutdown_delay": "0s",
+        **settings,
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def serve(config: Path, *, wrap: list[str] | None = None) -> Completed:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return run([*(wrap or []), sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+               timeout=30, check=False, env=env)  # fmt: skip
+
+
+def events(stderr: str) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stderr.splitlines()]
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("key", "before"),
+    [
+        ("listen", []),  # bound first: nothing was opened
+        ("admission.listen", ["cache_opened"]),  # the webhook's port, after the cache opened
+    ],
+)
+def test_busy_port_is_one_clear_line_and_exit_1(tmp_path: Path, busy_port: int, key: str, before: list[str]) -> None:
+    if key == "listen":
+        config = write_config(tmp_path, listen=f"127.0.0.1:{busy_port}")
+    else:
+        config = write_config(tmp_path, admission={"enabled": True, "listen": f"127.0.0.1:{busy_port}"})
+    result = serve(config)
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == ""
+    logged = events(result.stderr)  # every line is a JSON event: no traceback, no warning text
+    assert [e["event"] for e in logged] == [*before, "listen_failed"]
+    failed = logged[-1]
+    assert {k: failed[k] for k in ("key", "address", "error", "level")} == {
+        "key": key,
+        "address": f"127.0.0.1:{busy_port}",
+        "error": "address already in use",
+        "level": "error",
+    }
+
+
+def test_impossible_cache_dir_names_the_key_and_the_path(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    cache = tmp_path / "file" / "cache"
+    result = serve(write_config(tmp_path, cache={"dir": str(cache)}))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"pullgate: config error: cache.dir: {cache} is not writable (not a directory)\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="mounting needs root and unshare")
+@pytest.mark.parametrize("existing", [False, True], ids=["new-cache", "existing-cache"])
+def test_read_only_cache_dir_names_the_key_and_the_path(tmp_path: Path, existing: bool) -> None:
+    """A read-only volume (in a private mount namespace: the machine's mounts stay as they
+    are). An existing cache on it opens without error until the first write: the start
+    probes for that."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    cache = mount / "cache"
+    setup = ""
+    if existing:
+        # Build a cache on a writable tmpfs, then remount it read-only.
+        setup = f"mkdir -p {cache}/blobs {cache}/tmp && : > {cache}/catalog.db && mount -o remount,ro {mount} && "
+    options = "size=1m" if existing else "ro,size=1m"
+    wrap = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o {options} none {mount} && {setup}exec "$0" "$@"']
+    result = serve(write_config(tmp_path, cache={"dir": str(cache)}), wrap=wrap)
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    assert result.stderr == f"pullgate: config error: cache.dir: {cache} is not writable (read-only file system)\n"
