@@ -73,7 +73,7 @@ def register(commands: Parsers) -> None:
     common.add_argument(
         "--config",
         type=Path,
-        default=os.environ.get("PULLGATE_CONFIG"),
+        default=os.environ.get("PULLGATE_CONFIG") or None,
         help="YAML config file (default: $PULLGATE_CONFIG, else embedded defaults)",
     )
     common.add_argument("--cache-dir", type=Path, help="override cache.dir")

@@ -78,12 +78,14 @@ def _check(result: Completed, check: bool) -> Completed:
 
 
 def run(args: Sequence[str], *, timeout: float, check: bool = True,
-        env: Mapping[str, str] | None = None) -> Completed:
+        env: Mapping[str, str] | None = None, cwd: Path | None = None,
+        stdin: bytes | None = None) -> Completed:
     """Run a command to completion; its whole process group is killed on timeout."""
     proc = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, env=_env(env), start_new_session=True)
+                            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                            env=_env(env), start_new_session=True, cwd=cwd)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         out, err = proc.communicate()
