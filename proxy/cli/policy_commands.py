@@ -141,7 +141,8 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
                 print(f"SKIP   {label}  {result.site.describe()}: {text}", file=out)
                 continue
             counts[decision.outcome] += 1
-            print(_line(label, result, decision) + (f" ({', '.join(parts)} not evaluated)" if parts else ""), file=out)
+            offline = f"; not evaluated offline: {', '.join(parts)}" if parts else ""
+            print(_line(label, result, decision) + offline, file=out)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
     if unevaluated:
         summary += f", {unevaluated} not evaluated offline ({ONLINE_HINT})"

@@ -31,7 +31,8 @@ _DOCKER_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io"}
 
 def validate_repository(name: str) -> str:
     if len(name) > MAX_NAME_LENGTH or not _REPOSITORY_RE.match(name):
-        raise NameInvalid(f"invalid repository name {name[:300]!r}")
+        lowercase = " (repository names are lowercase)" if name != name.lower() else ""
+        raise NameInvalid(f"invalid repository name {name[:300]!r}{lowercase}")
     return name
 
 

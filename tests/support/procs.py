@@ -132,14 +132,16 @@ def _die_with_parent() -> None:
 
 
 def start_daemon(args: Sequence[str], *, stdout: Path, stderr: Path,
-                 cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a long-running server in its own session, output appended to files.
+                 cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-running server in its own session, output appended to files
+    (``env``: the whole environment, when given).
 
     Call from the main thread: the daemon is killed when the starting thread exits.
     """
     with stdout.open("ab") as out, stderr.open("ab") as err:
         return subprocess.Popen(list(args), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+                                cwd=cwd, env=None if env is None else dict(env),
+                                start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def stop_daemon(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
