@@ -35,6 +35,8 @@ def test_verify_through_a_cold_mirror_is_right_the_first_time(
             assert result.returncode == 0, f"{attempt}: {result.stderr}\n{daemon.events_text()}"
             assert "1 of 1 required signatures verified" in result.stderr
             assert image.manifest_digest.split(":")[1] in json.dumps(json.loads(result.stdout))
+        # verify reads every body to its end: the mirror never writes to a closed connection.
+        assert "Traceback" not in daemon.events_text()
 
 
 @pytest.fixture
