@@ -17,9 +17,8 @@ from pathlib import Path
 import yaml
 
 from proxy.cli.preflight import preflight
-from proxy.config.settings import LogConfig, load_config
+from proxy.config.settings import load_config
 from proxy.errors import ConfigError
-from proxy.ops.logs import configure_logging
 
 DESCRIPTION = """\
 Check a config file the way 'pullgate serve' loads it, and show the effective configuration
@@ -76,7 +75,6 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def _check(args: argparse.Namespace) -> int:
-    configure_logging(LogConfig(level="error", format="console"))
     try:
         config = load_config(args.file, use_environment=not args.no_env)
     except ConfigError as exc:

@@ -25,13 +25,12 @@ from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-import structlog
 import yaml
 
 from proxy.admission.review import POD_SPEC_PATHS, ReviewInvalid, extract_sites
-from proxy.config.settings import LogConfig, load_config
+from proxy.cli import logs_to_stderr
+from proxy.config.settings import load_config
 from proxy.errors import PullgateError
-from proxy.ops.logs import configure_logging
 from proxy.policy.active import PolicySet, load_policies, policy_files
 from proxy.policy.document import PolicyInvalid, load_file
 from proxy.policy.evaluation import Decision, Evaluator, ImageResult, NoMatch
@@ -197,24 +196,12 @@ async def _evaluator(args: argparse.Namespace, policies: PolicySet) -> AsyncIter
     if args.cache_dir is not None:
         overrides["PULLGATE_CACHE__DIR"] = str(args.cache_dir)
     mirror = Mirror(load_config(args.config, overrides))
-    with _logs_to_stderr():
+    with logs_to_stderr():
         await mirror.open()
         try:
             yield Evaluator(policies, no_match, mirror, mirror.metrics, mirror)
         finally:
             await mirror.close()
-
-
-@contextlib.contextmanager
-def _logs_to_stderr() -> Iterator[None]:
-    """The mirror's warnings go to stderr while it is open: stdout is the report. The
-    previous logging setup comes back afterwards (the command may run in-process)."""
-    saved = structlog.get_config()
-    configure_logging(LogConfig(level="warning", format="console"))
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 async def _check(

@@ -15,12 +15,12 @@ from typing import Any
 
 import aiohttp
 
-from proxy.config.settings import LogConfig, load_config
+from proxy.cli import logs_to_stderr
+from proxy.config.settings import load_config
 from proxy.errors import PullgateError
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import UPSTREAM_ACCEPT
 from proxy.oci.reference import ImageReference
-from proxy.ops.logs import configure_logging
 from proxy.registry.mirror import Mirror
 from proxy.trust import cosign
 from proxy.trust.keys import load_public_key
@@ -67,12 +67,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    # Logs (the cache's, the upstream client's) go to stderr: stdout is the JSON alone.
-    configure_logging(LogConfig(level="warning", format="console"))
     try:
         ref = ImageReference.parse(args.image)
         policy = _policy(args)
-        return asyncio.run(_verify(args, ref, policy))
+        with logs_to_stderr():  # stdout is the JSON alone
+            return asyncio.run(_verify(args, ref, policy))
     except (PullgateError, OSError) as exc:
         print(f"pullgate verify: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
