@@ -149,3 +149,8 @@ def test_warm_and_ls_say_which_size_is_which(registry: Registry, image: ImageInf
     assert entry["size"] == result["size"] + len(image.manifest_bytes), "ls counts the manifests too"
     help_text = run([sys.executable, "-m", "proxy", "cache", "--help"], timeout=30).stdout
     assert "SIZE is everything cached for the image: manifests, configs and layers" in " ".join(help_text.split())
+
+
+def test_uppercase_repository_names_say_names_are_lowercase(config: Path) -> None:
+    failed = pullgate(config, "warm", "library/Hello:1", expect=1)
+    assert "invalid repository name 'library/Hello' (repository names are lowercase)" in failed.stderr
