@@ -220,8 +220,8 @@ def bad_size(files: Files, info: Any) -> Files:
         (cut(lambda m: m[-1].offset + 100), "end-of-archive"),
         (cut(lambda m: m[-1].offset_data + -(-m[-1].size // 512) * 512), "end-of-archive"),
         (cut(lambda m: 1024), "oci-layout or index.json missing|end-of-archive"),
-        (lambda data: b"", "corrupt or truncated"),
-        (lambda data: os.urandom(4096), "corrupt or truncated"),
+        (lambda data: b"", "is not a tar archive"),
+        (lambda data: os.urandom(4096), "is not a tar archive"),
     ],
 )
 async def test_damaged_archives_are_rejected_with_nothing_imported(
@@ -264,9 +264,10 @@ async def test_ill_formed_layouts_are_rejected(
         ({REF_NAME: "docker.io/library/app:1"}, None, ("docker.io", "library/app", "1")),
         ({REF_NAME: "app:1"}, None, ("docker.io", "library/app", "1")),
         ({REF_NAME: "ghcr.io/acme/app:2"}, None, ("ghcr.io", "acme/app", "2")),
-        ({REF_NAME: "docker.io/library/app:1"}, "ghcr.io/x/y", ("docker.io", "library/app", "1")),
+        # An --image that cannot apply is refused, never silently ignored (issue 15, item 18).
+        ({REF_NAME: "docker.io/library/app:1"}, "ghcr.io/x/y", "--image ghcr.io/x/y does not apply"),
         ({REF_NAME: "1.25"}, "docker.io/acme/app", ("docker.io", "acme/app", "1.25")),
-        ({REF_NAME: "1.25"}, "acme/app:9", ("docker.io", "acme/app", "1.25")),
+        ({REF_NAME: "1.25"}, "acme/app:9", "its tag :9 can only name a lone unnamed entry"),
         ({REF_NAME: "1.25", CONTAINERD_NAME: "ghcr.io/acme/app:1.25"}, None, ("ghcr.io", "acme/app", "1.25")),
         ({}, "acme/app:3", ("docker.io", "acme/app", "3")),
         ({}, "acme/app", ("docker.io", "acme/app", None)),  # by digest only

@@ -172,7 +172,7 @@ async def test_damaged_archive_is_rejected_with_nothing_imported(
         (["export", "nothere:1", "-o", "OUT"], 1, "image not cached: nothere:1"),
         (["cache", "inspect", "nothere:1"], 1, "image not cached"),
         (["export", "quay.io/a/b:1", "-o", "OUT"], 1, "not mirrored"),
-        (["import", "MISSING"], 1, "cannot read archive"),
+        (["import", "MISSING"], 1, "no.tar: No such file or directory"),
         (["warm"], 2, "no images given"),
         (["warm", "nothere:1"], 1, "unknown upstream"),
         (["cache", "prune", "--older-than", "soon"], 2, "not a duration"),

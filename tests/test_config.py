@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config.settings import load_config
+from proxy.config.settings import changed_keys, load_config
 from proxy.errors import ConfigError
 
 DATA = Path(__file__).parent / "data" / "config"
@@ -61,9 +61,11 @@ def test_environment_overrides(env: dict[str, str], expected: tuple[str, object]
         ("listen: 5000", "listen: expected HOST:PORT"),
         ("upstreams: [{name: a, url: 'ftp://x'}]\ndefault_upstream: a", "upstreams[0].url: expected an http"),
         ("upstreams: [{name: a, url: 'https://u:p@x'}]\ndefault_upstream: a", "upstreams[0].url: the URL must not"),
-        ("upstreams: [{name: a}]", "upstreams[0]"),
+        ("upstreams: [{name: a}]", "upstreams[0].url: required"),
+        ("upstreams: [{url: 'https://a'}]", "upstreams[0].name: required"),
         ("upstreams: [{name: a, url: 'https://x', password: p}]", "upstreams[0].password: unknown key"),
         ("default_upstream: quay.io", "default_upstream: 'quay.io' is not an upstream"),
+        ("access: {rules: [{users: [a]}]}", "access.rules[0].repositories: required"),
         ("upstreams: []", "upstreams: at least one"),
         ("log: {level: loud}", "log.level: must be one of"),
         ("mirror: {enforce_policies: 'yes please'}", "mirror.enforce_policies: expected true or false"),
@@ -84,9 +86,130 @@ def test_unreadable_file(tmp_path: Path) -> None:
         load_config(tmp_path / "missing.yaml", {})
 
 
-def test_environment_variables_that_are_not_config_keys_are_left_alone() -> None:
-    # Secrets the config names by variable (token_secret_env) may share the prefix.
-    config = load_config(DATA / "full.yaml", {"PULLGATE_TOKEN_KEY": "s3cret", "PULLGATE_CONFIG": "/x.yaml"})
-    assert config.cache.tag_ttl == 300
-    with pytest.raises(ConfigError, match=r"cache\.tag_tl: unknown key"):
-        load_config(DATA / "full.yaml", {"PULLGATE_CACHE__TAG_TL": "1m"})
+@pytest.mark.parametrize(
+    ("variable", "error"),
+    [
+        ("PULLGATE_LISTN", "PULLGATE_LISTN: not a config key (did you mean PULLGATE_LISTEN?)"),
+        ("PULLGATE_CACHEE__DIR", "PULLGATE_CACHEE__DIR: not a config key (did you mean PULLGATE_CACHE__DIR?)"),
+        ("PULLGATE_CACHE_TAG_TTL", "(did you mean PULLGATE_CACHE__TAG_TTL?)"),
+        ("PULLGATE_CACHE__TAG_TL", "(did you mean PULLGATE_CACHE__TAG_TTL?)"),
+        ("PULLGATE_UPSTREAMS__1__UR", "(did you mean PULLGATE_UPSTREAMS__1__URL?)"),
+        ("PULLGATE_FOO__BAR", "PULLGATE_FOO__BAR: not a config key; overrides are"),
+        ("PULLGATE_TOKEN_KEY", "PULLGATE_TOKEN_KEY: not a config key"),  # no config names it
+        ("PULLGATE_CONFIG", None),
+        ("PULLGATE_SERVICE_HOST", None),  # Kubernetes service links for a Service "pullgate"
+        ("PULLGATE_PORT", None),
+        ("PULLGATE_PORT_5000_TCP_ADDR", None),
+        ("PULLGATE_WEBHOOK_SERVICE_PORT_HTTPS", None),
+        ("GHCR_TOKEN", None),
+    ],
+)
+def test_pullgate_variables_that_are_no_config_key_are_an_error(variable: str, error: str | None) -> None:
+    env = {variable: "10m"}
+    if error is None:
+        assert load_config(DATA / "full.yaml", env).cache.tag_ttl == 300
+        return
+    with pytest.raises(ConfigError) as raised:
+        load_config(DATA / "full.yaml", env)
+    assert error in raised.value.message
+
+
+def test_variables_the_config_names_as_secrets_are_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "upstreams: [{name: a, url: 'https://a', username: u, password_env: PULLGATE_A_PASSWORD}]\n"
+        "access: {enabled: true, token_secret_env: PULLGATE_TOKEN_KEY,"
+        " rules: [{repositories: ['a/**'], anonymous: true}]}\n"
+    )
+    config = load_config(path, {"PULLGATE_TOKEN_KEY": "k" * 40, "PULLGATE_A_PASSWORD": "p"})
+    assert config.access.token_secret_env == "PULLGATE_TOKEN_KEY"
+    # A secret variable named through an override counts too.
+    env = {"PULLGATE_ACCESS__TOKEN_SECRET_ENV": "PULLGATE_OTHER_KEY", "PULLGATE_OTHER_KEY": "k" * 40}
+    assert load_config(path, env).access.token_secret_env == "PULLGATE_OTHER_KEY"
+
+
+@pytest.mark.parametrize(
+    ("file", "env", "expected", "error"),
+    [
+        # List items count from 0 in the file's list, or the embedded defaults' list.
+        (None, {"PULLGATE_UPSTREAMS__0__URL": "http://127.0.0.1:5001"}, [("docker.io", "http://127.0.0.1:5001")], None),
+        (
+            None,
+            {"PULLGATE_UPSTREAMS__1__NAME": "ghcr.io", "PULLGATE_UPSTREAMS__1__URL": "https://ghcr.io"},
+            [("docker.io", "https://registry-1.docker.io"), ("ghcr.io", "https://ghcr.io")],
+            None,
+        ),
+        (
+            None,
+            {"PULLGATE_UPSTREAMS__1__URL": "https://ghcr.io"},
+            None,
+            "upstreams[1].name: required (environment PULLGATE_UPSTREAMS__1__URL adds upstreams[1])",
+        ),
+        (
+            None,
+            {"PULLGATE_UPSTREAMS__3__URL": "https://x"},
+            None,
+            "upstreams has 1 item(s); the next new item is index 1",
+        ),
+        (
+            "full.yaml",
+            {"PULLGATE_UPSTREAMS__1__URL": "http://127.0.0.1:5001"},
+            [("docker.io", "https://registry-1.docker.io"), ("ghcr.io", "http://127.0.0.1:5001")],
+            None,
+        ),
+    ],
+)
+def test_list_items_by_index(
+    file: str | None, env: dict[str, str], expected: list[tuple[str, str]] | None, error: str | None
+) -> None:
+    path = DATA / file if file else None
+    if error is not None:
+        with pytest.raises(ConfigError) as raised:
+            load_config(path, env)
+        assert error in raised.value.message
+        return
+    assert [(u.name, u.url) for u in load_config(path, env).upstreams] == expected
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "default", "error"),
+    [
+        ("upstreams: [{name: ghcr.io, url: 'https://ghcr.io'}]", "ghcr.io", None),
+        ("upstreams: [{name: a, url: 'https://a'}, {name: docker.io, url: 'https://d'}]", "docker.io", None),
+        ("upstreams: [{name: a, url: 'https://a'}, {name: b, url: 'https://b'}]\ndefault_upstream: b", "b", None),
+        ("upstreams: [{name: a, url: 'https://a'}, {name: b, url: 'https://b'}]\ndefault_upstream: null", None, None),
+        (
+            "upstreams: [{name: a, url: 'https://a'}, {name: b, url: 'https://b'}]",
+            None,
+            "default_upstream: required with several upstreams (a, b)",
+        ),
+        (
+            "upstreams: [{name: a, url: 'https://a'}]\ndefault_upstream: docker.io",
+            None,
+            "'docker.io' is not an upstream",
+        ),
+    ],
+)
+def test_default_upstream(tmp_path: Path, yaml_text: str, default: str | None, error: str | None) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml_text)
+    if error is not None:
+        with pytest.raises(ConfigError) as raised:
+            load_config(path, {})
+        assert error in raised.value.message
+        return
+    assert load_config(path, {}).default_upstream == default
+
+
+@pytest.mark.parametrize(
+    ("env", "keys"),
+    [
+        ({"PULLGATE_CACHE__TAG_TTL": "1m"}, ["cache.tag_ttl"]),
+        ({"PULLGATE_LOG__LEVEL": "debug", "PULLGATE_LISTEN": "127.0.0.1:6000"}, ["listen", "log.level"]),
+        ({"PULLGATE_UPSTREAMS__1__URL": "https://other"}, ["upstreams[1].url"]),
+        ({"PULLGATE_UPSTREAMS__2__NAME": "q", "PULLGATE_UPSTREAMS__2__URL": "https://q"}, ["upstreams"]),
+        ({}, []),
+    ],
+)
+def test_changed_keys_name_the_leaf(env: dict[str, str], keys: list[str]) -> None:
+    assert changed_keys(load_config(DATA / "full.yaml", {}), load_config(DATA / "full.yaml", env)) == keys

@@ -327,15 +327,17 @@ def test_policy_check_judges_content_through_the_cache(
 
     assert main(base) == 0  # offline: not judged, and says so
     out = capsys.readouterr().out.splitlines()
-    assert f"NOTE   {label}  {where} image rules not evaluated offline (use --config or --cache-dir)" in out
-    assert out[-1] == "1 images, 1 decisions: 1 allow, 0 warn, 0 audit, 0 deny; 1 notes"
+    assert f"SKIP   {label}  {where} not evaluated offline: image rules (use --config or --cache-dir)" in out
+    assert out[-1] == (
+        "1 image, 1 decision: 0 allow, 0 warn, 0 audit, 0 deny, 1 not evaluated offline (use --config or --cache-dir)"
+    )
 
     assert main([*base[:2], "--config", str(tmp_path / "config.yaml"), *base[2:]]) == 1
     out = capsys.readouterr().out.splitlines()
     assert (
         f"DENY   {label}  {where} image.denyRootUser: runs as root (image sets no user) [hygiene-enforce/image]" in out
     )
-    assert out[-1] == "1 images, 1 decisions: 0 allow, 0 warn, 0 audit, 1 deny"
+    assert out[-1] == "1 image, 1 decision: 0 allow, 0 warn, 0 audit, 1 deny"
 
     # The cache now holds the image: --cache-dir alone (default upstreams) judges it from there.
     assert main([*base[:2], "--cache-dir", str(tmp_path / "cache"), *base[2:]]) == 1

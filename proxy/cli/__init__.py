@@ -7,11 +7,16 @@ Each tool module exposes ``register(subparsers)`` that adds its sub-command and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from importlib import import_module
 
+import structlog
+
 from proxy import __version__
+from proxy.config.settings import LogConfig
+from proxy.ops.logs import configure_logging
 
 # Modules that contribute sub-commands, in the order ``--help`` lists them.
 COMMAND_MODULES = (
@@ -23,6 +28,18 @@ COMMAND_MODULES = (
 )
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+@contextlib.contextmanager
+def logs_to_stderr() -> Iterator[None]:
+    """Warnings of the mirror a tool opens go to stderr while it runs (stdout is the tool's
+    report); the previous logging setup comes back afterwards (a command may run in-process)."""
+    saved = structlog.get_config()
+    configure_logging(LogConfig(level="warning", format="console"))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
 
 
 def build_parser() -> argparse.ArgumentParser:

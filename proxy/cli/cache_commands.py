@@ -29,7 +29,7 @@ from proxy.errors import ConfigError, PullgateError
 from proxy.inventory import listing
 from proxy.inventory.export import ExportPlan, export_to_file, plan_export, write_archive
 from proxy.inventory.images import PINNED, Inventory
-from proxy.inventory.imports import commit, plan_import, stage
+from proxy.inventory.imports import Target, commit, plan_import, stage
 from proxy.inventory.warm import Warmer, open_mirror, read_list
 from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
@@ -74,7 +74,7 @@ def register(commands: Parsers) -> None:
     common.add_argument(
         "--config",
         type=Path,
-        default=os.environ.get("PULLGATE_CONFIG"),
+        default=os.environ.get("PULLGATE_CONFIG") or None,
         help="YAML config file (default: $PULLGATE_CONFIG, else embedded defaults)",
     )
     common.add_argument("--cache-dir", type=Path, help="override cache.dir")
@@ -139,7 +139,12 @@ def _cache_parsers(commands: Parsers, common: argparse.ArgumentParser) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tools = cache.add_subparsers(title="tools", dest="tool", metavar="TOOL", required=True)
-    ls = tools.add_parser("ls", parents=[common], help="images in the cache (like docker images)")
+    ls = tools.add_parser(
+        "ls",
+        parents=[common],
+        help="images in the cache (like docker images); SIZE is everything cached for the image: "
+        "manifests, configs and layers",
+    )
     ls.add_argument("--repository", action="append", default=[], metavar="GLOB", help="only matching repositories")
     ls.add_argument("--all", action="store_true", help="also list signatures, attestations and referrers")
     ls.set_defaults(func=_command(_ls))
@@ -153,13 +158,23 @@ def _cache_parsers(commands: Parsers, common: argparse.ArgumentParser) -> None:
     du = tools.add_parser("du", parents=[common], help="disk usage per repository and layer-sharing savings")
     du.set_defaults(func=_command(_du))
     prune = tools.add_parser("prune", parents=[common], help="remove images and objects nothing needs")
-    prune.add_argument("--older-than", type=_duration, metavar="AGE", help="images not pulled for AGE (30d, 12h)")
+    prune.add_argument(
+        "--older-than", type=_age, metavar="AGE", help="images not pulled for AGE, with a unit: 30d, 12h, 90m"
+    )
     prune.add_argument("--repository", action="append", default=[], metavar="GLOB", help="only these repositories")
     prune.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
+    prune.add_argument(
+        "--include-pinned", action="store_true", help="also remove images pinned by import (kept otherwise)"
+    )
     prune.set_defaults(func=_command(_prune))
 
 
-def _duration(text: str) -> float:
+def _age(text: str) -> float:
+    """A duration with its unit: ``--older-than 30`` is ambiguous (30 seconds? days?)."""
+    if text.strip().replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no unit: write e.g. {text.strip()}d, {text.strip()}h or {text.strip()}m"
+        )
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -294,8 +309,8 @@ def _write_export(store: BlobStore, plan: ExportPlan, output: str) -> None:
             sys.stdout.buffer.flush()
         else:
             export_to_file(store, plan, Path(output), task)
-    except PullgateError as exc:
-        task.fail(exc.message)
+    except PullgateError:
+        task.fail("")  # the error itself is printed once, as the last line
         raise
     task.finish(f"{len(plan.entries)} image(s), {len(plan.blobs)} objects")
 
@@ -332,27 +347,43 @@ async def _import_archive(
         try:
             registries = {u.name: registry_name(u) for u in config.upstreams}
             targets = plan_import(staged, store, Router(config), registries, args.image)
-            checked = time.time() if args.no_pin else PINNED
             results = []
             for target in targets:
-                written = await commit(target, staged, store, catalog, checked)
-                results.append(target.to_json() | {"new_bytes": written, "pinned": not args.no_pin})
+                result = target.to_json()
+                unpinned = args.no_pin and target.tag is not None and _pinned(catalog, target)
+                if unpinned:
+                    result["notes"].append("was pinned by an earlier import: --no-pin un-pins it")
+                written = await commit(target, staged, store, catalog, time.time() if args.no_pin else PINNED)
+                pinned = None if target.tag is None else not args.no_pin
+                results.append(result | {"new_bytes": written, "pinned": pinned, "unpinned": unpinned})
         finally:
             staged.discard()
-    except PullgateError as exc:
-        task.fail(exc.message)
+    except PullgateError:
+        task.fail("")  # the error itself is printed once, as the last line
         raise
     task.finish(f"{len(results)} image(s)")
     return results, task.done, time.monotonic() - started
 
 
+def _pinned(catalog: Catalog, target: Target) -> bool:
+    assert target.tag is not None
+    entry = catalog.tag(target.upstream, target.repository, target.tag)
+    return entry is not None and entry.checked >= PINNED
+
+
 def _import_lines(results: list[dict[str, Any]], size: int, seconds: float) -> Iterator[str]:
     for r in results:
         stored = f"{r['objects']} objects, {format_size(r['size'])}, {format_size(r['new_bytes'])} new"
-        yield f"imported {r['reference']}  {r['digest']}  ({stored})"
+        if r["pinned"] is None:
+            state = "by digest only (no tag)"
+        elif r["pinned"]:
+            state = "pinned: served without asking an upstream"
+        else:
+            state = "not pinned: revalidated upstream after cache.tag_ttl"
+        yield f"imported {r['reference']}  {r['digest']}  ({stored}; {state})"
         yield from (f"  note: {note}" for note in r["notes"])
-    rate = size / max(seconds, 1e-6) / 1e6
-    yield f"{len(results)} image(s), {format_size(size)} read in {seconds:.1f}s ({rate:.0f} MB/s)"
+    rate = format_size(size / max(seconds, 1e-6))
+    yield f"{len(results)} image(s), {format_size(size)} read in {seconds:.1f}s ({rate}/s)"
 
 
 # --- cache ls, inspect, du, prune -------------------------------------------------------------------
@@ -396,7 +427,9 @@ def _du(config: Config, args: argparse.Namespace) -> int:
 def _prune(config: Config, args: argparse.Namespace) -> int:
     with _cache(config) as (store, catalog):
         inventory = _inventory(config, store, catalog)
-        plan = inventory.plan_prune(args.older_than, GlobSet.compile(args.repository))
+        plan = inventory.plan_prune(
+            args.older_than, GlobSet.compile(args.repository), include_pinned=args.include_pinned
+        )
         freed = plan.bytes if args.dry_run else inventory.prune(plan)
     data = plan.to_json() | {"dry_run": args.dry_run, "freed": freed}
     _emit(args, data, lambda: listing.prune_lines(plan, freed, args.dry_run))

@@ -4,12 +4,13 @@
 policy set, the way ``/mutate`` would. It prints one line per image and policy; exit 1 on any
 deny, 2 on bad input.
 
-Offline (the default) nothing is fetched: tags that a ``resolveTags`` policy would pin count
-as pinned, and ``image`` rules (what is inside the image) are not evaluated — each policy
-that has them prints a NOTE line instead of a verdict, so an offline run never denies for
-content it could not see. With ``--config FILE`` and/or ``--cache-dir DIR`` it opens the
-mirror's cache (and its upstreams) as the webhook does: tags resolve, and content rules are
-judged on the cached manifests and configs.
+Offline (the default) nothing is fetched, so three things cannot be judged: whether a tag
+that a ``resolveTags`` policy pins resolves, ``signatures``, and ``image`` rules (what is
+inside the image). A policy that passes everything else but has one of those prints a SKIP
+line saying what was not evaluated, never "passed", and an offline run never denies for
+what it could not see. With ``--config FILE`` and/or ``--cache-dir DIR`` it opens the
+mirror's cache (and its upstreams) as the webhook does: tags resolve, signatures verify, and
+content rules are judged on the cached manifests and configs.
 """
 
 from __future__ import annotations
@@ -20,20 +21,19 @@ import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-import structlog
-
 from proxy.admission.workloads import group_kind, read_objects, sites_of
-from proxy.config.settings import LogConfig, load_config
+from proxy.cli import logs_to_stderr
+from proxy.config.settings import load_config
 from proxy.errors import PullgateError
-from proxy.ops.logs import configure_logging
 from proxy.policy.active import PolicySet, load_policies, policy_files
 from proxy.policy.document import PolicyInvalid, load_file
 from proxy.policy.evaluation import Decision, Evaluator, ImageResult, NoMatch
 from proxy.policy.rules import image as imagerules
+from proxy.policy.rules.signature import Signatures
 from proxy.registry.mirror import Mirror
 
 EXAMPLES = """\
@@ -43,7 +43,11 @@ examples:
   kubectl get deploy -A -o yaml | pullgate policy check --policies policies/ -
   pullgate policy check --config /etc/pullgate/config.yaml --policies policies/ deploy/web.yaml
 """
-OFFLINE_NOTE = "image rules not evaluated offline (use --config or --cache-dir)"
+ONLINE_HINT = "use --config or --cache-dir"
+
+
+# What an offline run cannot judge, by the name its SKIP lines use.
+_OFFLINE_RULES: dict[str, type] = {"signatures": Signatures, "image rules": imagerules.ImageRules}
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -82,7 +86,8 @@ def run_lint(args: argparse.Namespace, out: TextIO | None = None) -> int:
             print(f"error: {error}", file=out)
         if not errors:
             policies = load_policies(path)
-            count = f"{len(policies.policies)} policies in {len(policies.files)} file(s)"
+            n, files = len(policies.policies), len(policies.files)
+            count = f"{n} {'policy' if n == 1 else 'policies'} in {_count(files, 'file')}"
             print(f"ok: {path}: {count}", file=out)
         failed = failed or bool(errors)
     return 1 if failed else 0
@@ -114,38 +119,67 @@ def run_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     try:
         policies = load_policies(args.policies)
         objects = [obj for name in args.files for obj in read_objects(name)]
-        skipped = set() if online else {p.name for p in policies.policies if _has_image_rules(p.rules)}
+        skipped = {} if online else _offline_parts(policies)
         if skipped:
-            policies = _without_image_rules(policies)
+            policies = _without_offline_rules(policies)
         results = asyncio.run(_check(args, policies, objects))
     except PullgateError as exc:
         print(f"pullgate policy check: {exc.message}", file=sys.stderr)
         return 2
     pinning = {p.name for p in policies.policies if p.resolve_tags}
     counts = {"allow": 0, "warn": 0, "audit": 0, "deny": 0}
-    notes = 0
+    unevaluated = 0
     for label, result in results:
         for decision in result.decisions:
+            parts = _not_evaluated(decision, result, skipped, pinning)
+            if parts and decision.outcome == "allow":
+                unevaluated += 1
+                text = f"policy {decision.policy} not evaluated offline: {', '.join(parts)} ({ONLINE_HINT})"
+                print(f"SKIP   {label}  {result.site.describe()}: {text}", file=out)
+                continue
             counts[decision.outcome] += 1
-            print(_line(label, result, decision, decision.policy in pinning), file=out)
-        for policy in dict.fromkeys(d.policy for d in result.decisions if d.policy in skipped):
-            notes += 1
-            print(f"NOTE   {label}  {result.site.describe()}: policy {policy} {OFFLINE_NOTE}", file=out)
+            offline = f"; not evaluated offline: {', '.join(parts)}" if parts else ""
+            print(_line(label, result, decision) + offline, file=out)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items())
-    noted = f"; {notes} notes" if notes else ""
-    print(f"{len(results)} images, {sum(counts.values())} decisions: {summary}{noted}", file=out)
+    if unevaluated:
+        summary += f", {unevaluated} not evaluated offline ({ONLINE_HINT})"
+    print(
+        f"{_count(len(results), 'image')}, {_count(sum(counts.values()) + unevaluated, 'decision')}: {summary}",
+        file=out,
+    )
     return 1 if counts["deny"] else 0
 
 
-def _has_image_rules(rules: tuple[Any, ...]) -> bool:
-    return any(isinstance(rule, imagerules.ImageRules) for rule in rules)
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _without_image_rules(policies: PolicySet) -> PolicySet:
-    """The policy set minus ``image`` rules, which need the image's content."""
+def _offline_parts(policies: PolicySet) -> dict[str, list[str]]:
+    """Per policy, the rules an offline run cannot judge (they need the image or its signatures)."""
+    parts: dict[str, list[str]] = {}
+    for policy in policies.policies:
+        found = [name for name, kind in _OFFLINE_RULES.items() if any(isinstance(r, kind) for r in policy.rules)]
+        if found:
+            parts[policy.name] = found
+    return parts
+
+
+def _not_evaluated(
+    decision: Decision, result: ImageResult, skipped: Mapping[str, list[str]], pinning: set[str]
+) -> list[str]:
+    if decision.policy is None:
+        return []
+    parts = list(skipped.get(decision.policy, ()))
+    if decision.policy in pinning and result.resolution == "offline":
+        parts.insert(0, "tag resolution (resolveTags)")
+    return parts
+
+
+def _without_offline_rules(policies: PolicySet) -> PolicySet:
+    """The policy set minus the rules that need the image's content or signatures."""
+    kinds = tuple(_OFFLINE_RULES.values())
     kept = tuple(
-        dataclasses.replace(p, rules=tuple(r for r in p.rules if not isinstance(r, imagerules.ImageRules)))
-        for p in policies.policies
+        dataclasses.replace(p, rules=tuple(r for r in p.rules if not isinstance(r, kinds))) for p in policies.policies
     )
     return PolicySet.of(kept, policies.files)
 
@@ -160,24 +194,12 @@ async def _evaluator(args: argparse.Namespace, policies: PolicySet) -> AsyncIter
     if args.cache_dir is not None:
         overrides["PULLGATE_CACHE__DIR"] = str(args.cache_dir)
     mirror = Mirror(load_config(args.config, overrides))
-    with _logs_to_stderr():
+    with logs_to_stderr():
         await mirror.open()
         try:
             yield Evaluator(policies, no_match, mirror, mirror.metrics, mirror)
         finally:
             await mirror.close()
-
-
-@contextlib.contextmanager
-def _logs_to_stderr() -> Iterator[None]:
-    """The mirror's warnings go to stderr while it is open: stdout is the report. The
-    previous logging setup comes back afterwards (the command may run in-process)."""
-    saved = structlog.get_config()
-    configure_logging(LogConfig(level="warning", format="console"))
-    try:
-        yield
-    finally:
-        structlog.configure(**saved)
 
 
 async def _check(
@@ -202,14 +224,12 @@ async def _evaluate(
     return results
 
 
-def _line(label: str, result: ImageResult, d: Decision, pins: bool) -> str:
+def _line(label: str, result: ImageResult, d: Decision) -> str:
     if d.message:
         text = d.message
     elif d.policy is None:
         text = f"{result.site.describe()}: no policy matches (allowed by default)"
     else:
         text = f"{result.site.describe()}: policy {d.policy} passed"
-        if pins and result.resolution == "offline":
-            text += " (tag pinned by resolveTags at admission)"
     rule = f" [{d.policy or '-'}/{d.rule}]" if d.rule else ""
     return f"{d.outcome.upper():<5}  {label}  {text}{rule}"

@@ -15,7 +15,8 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from proxy.config.settings import Config, load_config
+from proxy.cli.preflight import preflight
+from proxy.config.settings import Config, changed_keys, load_config
 from proxy.errors import ConfigError
 from proxy.http.app import create_app
 from proxy.http.appkeys import CONFIG, LIFECYCLE, METRICS, POLICIES
@@ -66,6 +67,11 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(path, overrides)
     except ConfigError as exc:
         print(f"pullgate: config error: {exc.message}", file=sys.stderr)
+        return 2
+    problems = preflight(config)  # the same checks as 'pullgate config check'
+    for problem in problems:
+        print(f"pullgate: config error: {problem}", file=sys.stderr)
+    if problems:
         return 2
     configure_logging(config.log)
     try:
@@ -154,7 +160,7 @@ async def reload(app: web.Application, path: Path | None, environ: dict[str, str
     policies = app.get(POLICIES)
     if policies is not None and new.policies == old.policies:
         await policies.reload()
-    restart = sorted(k for k, v in new.redacted().items() if k != "log" and v != old.redacted()[k])
+    restart = [k for k in changed_keys(old, new) if k.partition(".")[0] != "log"]
     if restart:
         log.warning("config_reload_needs_restart", keys=restart)
     log.info("config_reloaded", policies_reloaded=policies is not None)

@@ -2,8 +2,9 @@
 environment overrides. Unknown keys and bad values raise ``ConfigError`` naming the key.
 
 Environment overrides use ``__`` for nesting and numbers for list items, e.g.
-``PULLGATE_CACHE__TAG_TTL=10m`` or ``PULLGATE_UPSTREAMS__0__URL=http://127.0.0.1:5001``.
-Values are parsed as YAML scalars, so ``PULLGATE_MIRROR__ENFORCE_POLICIES=true`` works.
+``PULLGATE_CACHE__TAG_TTL=10m`` or ``PULLGATE_UPSTREAMS__0__URL=http://127.0.0.1:5001``
+(``proxy.config.environment``). Values are parsed as YAML scalars, so
+``PULLGATE_MIRROR__ENFORCE_POLICIES=true`` works.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -21,10 +22,11 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.config import environment
 from proxy.config.units import parse_duration, parse_size
 from proxy.errors import ConfigError
 
-ENV_PREFIX = "PULLGATE_"
+DEFAULT_UPSTREAM = "docker.io"  # the default_upstream when several upstreams include it
 
 
 def _duration(default: str) -> Any:
@@ -228,8 +230,11 @@ class Config:
         return typing.cast(dict[str, Any], _plain(self))
 
 
-def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Load the config file (or the embedded defaults) and apply ``PULLGATE_*`` overrides."""
+def load_config(
+    path: Path | None = None, environ: Mapping[str, str] | None = None, *, use_environment: bool = True
+) -> Config:
+    """Load the config file (or the embedded defaults) and apply ``PULLGATE_*`` overrides
+    (``use_environment=False``: the file alone, e.g. checking it for another machine)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -239,38 +244,41 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path}: top level must be a mapping")
         data = loaded or {}
-    _apply_env(data, os.environ if environ is None else environ)
-    config = typing.cast(Config, build(Config, data, ""))
+    env = (os.environ if environ is None else environ) if use_environment else {}
+    overrides, others = environment.split(env, Config)
+    added = environment.apply(data, overrides, _DEFAULTS)
+    try:
+        config = typing.cast(Config, build(Config, data, ""))
+    except ConfigError as exc:
+        raise _blame_added_item(exc, added) from None
+    if "default_upstream" not in data:
+        config = dataclasses.replace(config, default_upstream=_implied_default(config))
     _check(config)
+    environment.refuse_unknown(others, set(environment.named_variables(_plain(config))), Config)
     return config
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for name, raw in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
-            continue
-        keys = name[len(ENV_PREFIX) :].lower().split("__")
-        if keys[0] not in _TOP_LEVEL:
-            # Not a config key: a secret the config names (token_secret_env: PULLGATE_TOKEN_KEY)
-            # or a variable the platform injects. Typos below a known key still fail.
-            continue
-        node: Any = data
-        for i, key in enumerate(keys):
-            last = i == len(keys) - 1
-            value: Any = yaml.safe_load(raw) if last else {}
-            if isinstance(node, list) and key.isdigit():
-                index = int(key)
-                while len(node) <= index:
-                    node.append({})
-                node[index] = value if last else node[index]
-                node = node[index]
-            elif isinstance(node, dict):
-                if last:
-                    node[key] = value
-                else:
-                    node = node.setdefault(key, [] if keys[i + 1].isdigit() else {})
-            else:
-                raise ConfigError(f"environment {name}: {'.'.join(keys[:i])} is not a mapping")
+def _blame_added_item(exc: ConfigError, added: Mapping[str, environment.Override]) -> ConfigError:
+    """``upstreams[1].name: required`` when ``PULLGATE_UPSTREAMS__1__URL`` added that item:
+    say which variable added it, and how many the list had."""
+    for path, override in added.items():
+        if exc.message.startswith(path + "."):
+            return ConfigError(f"{exc.message} (environment {override.variable} adds {path})")
+    return exc
+
+
+def _implied_default(config: Config) -> str | None:
+    """An unset ``default_upstream``: the only upstream, else docker.io when configured (Docker
+    Hub's short names, ``nginx`` = ``docker.io/library/nginx``); else it must be set."""
+    names = [u.name for u in config.upstreams]
+    if len(names) == 1:
+        return names[0]
+    if DEFAULT_UPSTREAM in names or not names:
+        return DEFAULT_UPSTREAM
+    raise ConfigError(
+        f"default_upstream: required with several upstreams ({', '.join(names)}): the upstream for "
+        "image names without a registry, or null to require one in every name"
+    )
 
 
 def build(cls: type[Any], data: Any, path: str) -> Any:
@@ -282,6 +290,14 @@ def build(cls: type[Any], data: Any, path: str) -> Any:
     if unknown:
         key = f"{path}.{unknown[0]}" if path else str(unknown[0])
         raise ConfigError(f"{key}: unknown key (allowed: {', '.join(sorted(fields))})")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        key = f"{path}.{missing[0]}" if path else missing[0]
+        raise ConfigError(f"{key}: required")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
@@ -426,4 +442,21 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_TOP_LEVEL = frozenset(f.name for f in dataclasses.fields(Config))
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The key paths whose values differ (``cache.tag_ttl``, ``upstreams[1].url``, or
+    ``upstreams`` when items were added or removed), e.g. for a reload to name."""
+    return sorted(_diff(old.redacted(), new.redacted(), ""))
+
+
+def _diff(old: Any, new: Any, path: str) -> Iterator[str]:
+    if isinstance(old, dict) and isinstance(new, dict) and old.keys() == new.keys():
+        for key in old:
+            yield from _diff(old[key], new[key], f"{path}.{key}" if path else str(key))
+    elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            yield from _diff(a, b, f"{path}[{i}]")
+    elif old != new:
+        yield path
+
+
+_DEFAULTS = {f.name: _plain(getattr(Config(), f.name)) for f in dataclasses.fields(Config)}

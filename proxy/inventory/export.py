@@ -44,6 +44,12 @@ class ArchiveInvalid(PullgateError):
     code, status = "MANIFEST_INVALID", 400
 
 
+class ExportFailed(PullgateError):
+    """The archive could not be written (no such directory, disk full, permissions)."""
+
+    code, status = "UNKNOWN", 500
+
+
 class CacheCorrupt(PullgateError):
     """A cached object that no longer matches its digest or vanished while being read."""
 
@@ -203,7 +209,10 @@ class _TarWriter:
 
 
 def export_to_file(store: BlobStore, plan: ExportPlan, target: Path, task: Task | None = None) -> None:
-    """Write the archive next to ``target`` and rename it into place once complete."""
+    """Write the archive next to ``target`` and rename it into place once complete. Errors
+    name ``target`` (the user's path), never the hidden temp file."""
+    if target.is_dir():
+        raise ExportFailed(f"cannot write {target}: it is a directory")
     temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         with temp.open("wb") as out:
@@ -211,5 +220,13 @@ def export_to_file(store: BlobStore, plan: ExportPlan, target: Path, task: Task 
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, target)
+    except OSError as exc:
+        raise ExportFailed(f"cannot write {target}: {_why(exc, target)}") from exc
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _why(exc: OSError, target: Path) -> str:
+    if isinstance(exc, FileNotFoundError) and not target.parent.is_dir():
+        return f"no directory {target.parent}"
+    return exc.strerror or str(exc)

@@ -88,6 +88,7 @@ class Snapshot:
     children: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     rows: dict[RowKey, dict[str, tuple[float, int]]] = field(default_factory=lambda: defaultdict(dict))
     tags: dict[RowKey, dict[str, list[str]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    pinned: set[tuple[str, str, str]] = field(default_factory=set)  # (upstream, repository, digest) tagged by import
 
     @classmethod
     def read(cls, catalog: Catalog) -> Snapshot:
@@ -104,8 +105,12 @@ class Snapshot:
         images = db.execute("SELECT upstream, repository, digest, last_pulled, pull_count FROM images")
         for u, r, d, last, count in images:
             snap.rows[(u, r)][d] = (last, count)
-        for u, r, tag, d in db.execute("SELECT upstream, repository, tag, digest FROM tags ORDER BY tag"):
+        for u, r, tag, d, checked in db.execute(
+            "SELECT upstream, repository, tag, digest, checked FROM tags ORDER BY tag"
+        ):
             snap.tags[(u, r)][d].append(tag)
+            if checked >= PINNED:
+                snap.pinned.add((u, r, d))
         return snap
 
     def closure(self, roots: set[str] | list[str]) -> set[str]:
@@ -285,15 +290,29 @@ class Inventory:
         }
 
     # --- pruning -------------------------------------------------------------------------------
-    def plan_prune(self, older_than: float | None, repositories: GlobSet | None, now: float | None = None) -> PrunePlan:
+    def plan_prune(
+        self,
+        older_than: float | None,
+        repositories: GlobSet | None,
+        now: float | None = None,
+        *,
+        include_pinned: bool = False,
+    ) -> PrunePlan:
         """What ``prune`` removes: images not pulled for ``older_than`` seconds and/or in
         ``repositories`` (nothing if neither is given), their attachments, then every object no
-        kept manifest references (unreferenced ones only once older than ``ORPHAN_GRACE``)."""
+        kept manifest references (unreferenced ones only once older than ``ORPHAN_GRACE``).
+        Images tagged by ``import`` (pinned: an air-gapped site has no upstream to pull them
+        from again) are kept, and listed as kept, unless ``include_pinned``."""
         now = time.time() if now is None else now
         chosen: list[Image] = []
+        kept_pinned: list[Image] = []
         rows: set[tuple[str, str, str]] = set()
         for key in sorted(self.snap.rows):
             picked = self._select(key, older_than, repositories, now)
+            if not include_pinned:
+                pinned = {i.digest for i in picked if self._pinned(key, i)}
+                kept_pinned.extend(i for i in picked if i.digest in pinned and i.subject is None)
+                picked = [i for i in picked if i.digest not in pinned and not self._held_by(key, i, pinned)]
             chosen.extend(picked)
             rows |= self._rows_of(key, picked)
         kept = [d for key, members in self.snap.rows.items() for d in members if (*key, d) not in rows]
@@ -304,7 +323,16 @@ class Inventory:
             for d in self.snap.sizes
             if d not in reachable and (d in released or self.snap.added.get(d, now) < now - ORPHAN_GRACE)
         )
-        return PrunePlan(tuple(chosen), tuple(sorted(rows)), tuple(blobs), self.snap.size_of(set(blobs)))
+        return PrunePlan(
+            tuple(chosen), tuple(sorted(rows)), tuple(blobs), self.snap.size_of(set(blobs)), tuple(kept_pinned)
+        )
+
+    def _pinned(self, key: RowKey, image: Image) -> bool:
+        return any((*key, d) in self.snap.pinned for d in self.snap.closure([image.digest]))
+
+    def _held_by(self, key: RowKey, image: Image, pinned: set[str]) -> bool:
+        """An attachment (signature) of a pinned image stays with it."""
+        return image.subject is not None and any(image.subject in self.snap.closure([d]) for d in pinned)
 
     def _select(self, key: RowKey, older_than: float | None, globs: GlobSet | None, now: float) -> list[Image]:
         if (older_than is None and not globs) or (globs and not self._matches(globs, key)):
@@ -366,10 +394,12 @@ class PrunePlan:
     rows: tuple[tuple[str, str, str], ...]  # (upstream, repository, manifest digest) rows removed
     blobs: tuple[str, ...]  # stored objects deleted
     bytes: int
+    kept_pinned: tuple[Image, ...] = ()  # selected, but kept: pinned by import
 
     def to_json(self) -> dict[str, Any]:
         return {
             "images": [i.to_json() for i in self.images],
+            "kept_pinned": [i.to_json() for i in self.kept_pinned],
             "objects": len(self.blobs),
             "bytes": self.bytes,
         }

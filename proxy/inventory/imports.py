@@ -65,7 +65,15 @@ def stage(source: Path | BinaryIO, store: BlobStore, task: Task | None = None) -
     """Read a whole archive (a file, or a pipe for ``-``), verifying every blob."""
     staged = Staged()
     try:
-        with _open_tar(source) as tar:
+        tar = _open_tar(source)
+    except (tarfile.ReadError, EOFError, zlib.error) as exc:
+        raise ArchiveInvalid(
+            f"{_name(source)} is not a tar archive (plain, or compressed with gzip, bzip2 or xz)"
+        ) from exc
+    except OSError as exc:
+        raise ArchiveInvalid(f"cannot read {_name(source)}: {exc.strerror or exc}") from exc
+    try:
+        with tar:
             for member in tar:
                 _stage_member(tar, member, staged, store, task)
             _check_end(tar)
@@ -74,7 +82,7 @@ def stage(source: Path | BinaryIO, store: BlobStore, task: Task | None = None) -
         raise ArchiveInvalid(f"archive is corrupt or truncated: {exc}") from exc
     except OSError as exc:
         staged.discard()
-        raise ArchiveInvalid(f"cannot read archive or stage its blobs: {exc}") from exc
+        raise ArchiveInvalid(f"cannot read archive or stage its blobs: {exc.strerror or exc}") from exc
     except BaseException:
         staged.discard()
         raise
@@ -82,6 +90,10 @@ def stage(source: Path | BinaryIO, store: BlobStore, task: Task | None = None) -
         staged.discard()
         raise ArchiveInvalid("not a complete OCI image layout: oci-layout or index.json missing (truncated?)")
     return staged
+
+
+def _name(source: Path | BinaryIO) -> str:
+    return str(source) if isinstance(source, Path) else "the archive (stdin)"
 
 
 def _open_tar(source: Path | BinaryIO) -> tarfile.TarFile:
@@ -196,6 +208,8 @@ def plan_import(
     default = ImageReference.parse(image) if image else None
     explicit_tag = default.tag if default and image and ":" in image.rpartition("/")[2].partition("@")[0] else None
     unnamed = sum(1 for e in entries if isinstance(e, dict) and not (e.get("annotations") or {}).get(REF_NAME))
+    if image:
+        _check_image_option(image, entries, unnamed, explicit_tag)
     targets: dict[str, Target] = {}
     for entry in entries:
         target = _target(entry, staged, store, router, registries, default, explicit_tag if unnamed == 1 else None)
@@ -203,6 +217,26 @@ def plan_import(
             raise ArchiveInvalid(f"the archive names {target.reference} for two different images")
         targets[target.reference] = target
     return list(targets.values())
+
+
+def _check_image_option(image: str, entries: list[Any], unnamed: int, tag: str | None) -> None:
+    """``--image`` must apply to something, and its tag to exactly one entry: an option that
+    would be silently ignored is refused, saying why."""
+    names = [str((e.get("annotations") or {}).get(REF_NAME) or "") for e in entries if isinstance(e, dict)]
+    full = [n for n in names if n and not _BARE_TAG.match(n)]
+    if full and len(full) == len(names):
+        raise ArchiveInvalid(
+            f"--image {image} does not apply: the archive names every image itself ({', '.join(full[:3])}"
+            f"{', ...' if len(full) > 3 else ''}); import without --image"
+        )
+    if tag is not None and unnamed != 1:
+        tagged = [n for n in names if n and _BARE_TAG.match(n)]
+        why = (
+            f"{unnamed} entries have no name" if unnamed else f"the archive tags its entries ({', '.join(tagged[:3])})"
+        )
+        raise ArchiveInvalid(
+            f"--image {image}: its tag :{tag} can only name a lone unnamed entry, and {why}; give --image without a tag"
+        )
 
 
 def _target(

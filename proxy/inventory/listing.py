@@ -167,6 +167,9 @@ def prune_lines(plan: PrunePlan, freed: int, dry_run: bool) -> Iterator[str]:
     verb = "would remove" if dry_run else "removed"
     for image in plan.images:
         yield f"{verb} {image.reference()}  {image.digest}  (last pulled {_ago(image.last_pulled)})"
+    kept = "would keep" if dry_run else "kept"
+    for image in plan.kept_pinned:
+        yield f"{kept} {image.reference()}  {image.digest}  (pinned by import; --include-pinned removes it)"
     yield f"{verb} {len(plan.blobs)} objects, {format_size(freed)}" + (" (dry run)" if dry_run else "")
 
 

@@ -50,7 +50,7 @@ class WarmResult:
     reference: str
     digest: str | None = None
     platforms: list[str] = field(default_factory=list)
-    size: int = 0  # bytes of the image's blobs
+    size: int = 0  # bytes of the image's layers and configs (cache ls adds the manifests)
     fetched: int = 0  # of which downloaded now (the rest was cached)
     seconds: float = 0.0
     attachments: list[str] = field(default_factory=list)  # signature tags warmed too
@@ -114,9 +114,12 @@ class Warmer:
             result.error = "timed out waiting for the upstream"
             task.fail(result.error)
         else:
+            # result.size counts layers and configs (what warm downloads), not manifests:
+            # 'cache ls' shows everything cached for the image, so its SIZE is larger.
             fetched, cached = format_size(result.fetched), format_size(result.size - result.fetched)
             task.finish(
-                f"{result.digest}  ({_platforms(result.platforms)}; {fetched} fetched, {cached} already cached)"
+                f"{result.digest}  ({_platforms(result.platforms)}; layers and configs: "
+                f"{fetched} fetched, {cached} already cached)"
             )
         result.seconds = time.monotonic() - started
         return result

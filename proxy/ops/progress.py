@@ -66,7 +66,7 @@ class Task:
         rate = self.done / elapsed
         if self.outcome == "failed":  # ended lines stay on screen whole: a terminal wraps them
             spent = f" after {format_size(self.done)} in {elapsed:.1f}s" if self.done else ""
-            return f"{self.label}: failed{spent}: {self.note}"
+            return f"{self.label}: failed{spent}" + (f": {self.note}" if self.note else "")
         if self.outcome:
             text = f"done {format_size(self.done)} in {elapsed:.1f}s ({format_size(rate)}/s)"
             return f"{self.label}: {text}{'  ' + self.note if self.note else ''}"

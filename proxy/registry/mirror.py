@@ -143,6 +143,7 @@ class Mirror:
         freed = 0
         for victim in victims:
             removed = digests(victim)
+            names = self._image_names(victim.root)  # before the catalog forgets them
             for digest in removed:
                 freed += self.store.remove(digest)
                 self.manifests.forget(digest)
@@ -151,6 +152,7 @@ class Mirror:
             self.metrics.evicted_bytes.inc(victim.size)
             self._log.info(
                 "cache_evicted",
+                images=names,
                 root=victim.root,
                 objects=len(victim.members),
                 bytes=victim.size,
@@ -158,6 +160,15 @@ class Mirror:
             )
         self._update_size_metrics()
         return freed
+
+    def _image_names(self, root: str) -> list[str]:
+        """``upstream/repository:tag`` (``@digest`` when untagged) of the images ``root`` is."""
+        rows = self.catalog.db.execute(
+            "SELECT i.upstream, i.repository, t.tag FROM images i LEFT JOIN tags t ON t.upstream = i.upstream"
+            " AND t.repository = i.repository AND t.digest = i.digest WHERE i.digest = ?",
+            (root,),
+        )
+        return sorted(f"{u}/{r}:{t}" if t else f"{u}/{r}@{root}" for u, r, t in rows)
 
     def _update_size_metrics(self) -> None:
         size, count = self.catalog.totals()

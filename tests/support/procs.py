@@ -78,12 +78,14 @@ def _check(result: Completed, check: bool) -> Completed:
 
 
 def run(args: Sequence[str], *, timeout: float, check: bool = True,
-        env: Mapping[str, str] | None = None) -> Completed:
+        env: Mapping[str, str] | None = None, cwd: Path | None = None,
+        stdin: bytes | None = None) -> Completed:
     """Run a command to completion; its whole process group is killed on timeout."""
     proc = subprocess.Popen(list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, env=_env(env), start_new_session=True)
+                            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+                            env=_env(env), start_new_session=True, cwd=cwd)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(stdin, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc.pid)
         out, err = proc.communicate()
@@ -130,14 +132,16 @@ def _die_with_parent() -> None:
 
 
 def start_daemon(args: Sequence[str], *, stdout: Path, stderr: Path,
-                 cwd: Path | None = None) -> subprocess.Popen[bytes]:
-    """Start a long-running server in its own session, output appended to files.
+                 cwd: Path | None = None, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """Start a long-running server in its own session, output appended to files
+    (``env``: the whole environment, when given).
 
     Call from the main thread: the daemon is killed when the starting thread exits.
     """
     with stdout.open("ab") as out, stderr.open("ab") as err:
         return subprocess.Popen(list(args), stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+                                cwd=cwd, env=None if env is None else dict(env),
+                                start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def stop_daemon(proc: subprocess.Popen[bytes], *, grace: float = 5.0) -> None:
