@@ -23,7 +23,7 @@ import pytest
 from proxy.config.storage import StorageConfig
 from proxy.errors import BlobUnknown, DigestMismatch, PullgateError, RangeInvalid
 from proxy.oci.digest import Digest
-from proxy.registry.objectstore import ObjectStore
+from proxy.registry.objectstore import CHUNK, ObjectStore
 from proxy.registry.s3client import StorageUnavailable
 from tests.conftest import S3_BUCKET
 from tests.support import s3uploader
@@ -220,6 +220,32 @@ async def test_killed_uploader_leaves_no_object_and_reconcile_aborts_its_upload(
         assert await store.abort_stale_uploads(older_than=3600) == 0  # a running upload looks the same
         assert await store.abort_stale_uploads(older_than=0) == 1
         assert await leftovers(store) == ([], [])
+
+
+@pytest.mark.parametrize("size", [1000, 3 * CHUNK + 17], ids=["one-chunk", "many-chunks"])
+async def test_verified_read_of_a_planted_object_never_yields_the_last_byte(s3_engine: S3Engine, key_prefix: str,
+                                                                             size: int) -> None:
+    """An attacker holding the bucket's keys writes other bytes under a digest key."""
+    data, digest = blob(size, seed=11)
+    async with open_store(s3_engine, key_prefix) as store:
+        planted = data[:-1] + bytes([data[-1] ^ 0xFF])
+        s3_engine.client().put_object(Bucket=S3_BUCKET, Key=store.key(digest), Body=planted)
+        received = bytearray()
+        with pytest.raises(DigestMismatch):
+            async with store.read(digest, verify=True) as reader:
+                async for chunk in reader.chunks():
+                    received += chunk
+        assert len(received) < size
+        assert bytes(received) == planted[: len(received)]
+        await store.delete(digest)
+        assert await store.size(digest) is None
+        await store.delete(digest)  # idempotent
+        await put(store, data, digest)
+        async with store.read(digest, verify=True) as reader:  # the genuine blob passes
+            assert b"".join([c async for c in reader.chunks()]) == data
+        with pytest.raises(ValueError, match="whole blob"):
+            async with store.read(digest, 1, verify=True):
+                pass
 
 
 # --- presigned URLs -----------------------------------------------------------------------

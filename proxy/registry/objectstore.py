@@ -19,7 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from proxy.config.storage import StorageConfig
-from proxy.errors import BlobUnknown, DigestInvalid, RangeInvalid
+from proxy.errors import BlobUnknown, DigestInvalid, DigestMismatch, RangeInvalid
 from proxy.oci.digest import Digest
 from proxy.registry.objectupload import ObjectUpload
 from proxy.registry.s3client import StorageRefused, StorageUnavailable, call, is_missing, open_client
@@ -46,26 +46,40 @@ class PendingUpload:
 
 
 class ObjectReader:
-    """Bytes ``[start, end)`` of one object as they arrive, each read within the timeout."""
+    """Bytes ``[start, end)`` of one object as they arrive, each read within the timeout.
 
-    def __init__(self, body: Any, *, size: int, start: int, end: int, timeout: float) -> None:
+    With ``verify`` (whole objects only) the bytes are hashed on the way and the last chunk
+    is handed out only after the digest matched, as for downloads from upstream: a reader
+    of a tampered object gets a truncated stream and ``DigestMismatch``, never wrong bytes.
+    """
+
+    def __init__(
+        self, body: Any, *, size: int, start: int, end: int, timeout: float, verify: Digest | None = None
+    ) -> None:
         self._body = body
         self.size = size  # the whole object
         self.start = start
         self.end = end
         self._timeout = timeout
+        self._verify = verify
 
     @property
     def length(self) -> int:
         return self.end - self.start
 
     async def chunks(self, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        digest = self._verify
+        hasher = digest.hasher() if digest is not None else None
         received = 0
         while received < self.length:
             data: bytes = await call("GetObject read", lambda: self._body.read(chunk_size), self._timeout)
             if not data:
                 raise StorageUnavailable(f"object store sent {received} of {self.length} bytes")
             received += len(data)
+            if digest is not None and hasher is not None:
+                hasher.update(data)
+                if received >= self.length and not digest.matches(hasher.hexdigest()):
+                    raise DigestMismatch(f"object store content for {digest} does not match its digest")
             yield data
 
     def close(self) -> None:
@@ -134,11 +148,17 @@ class ObjectStore:
         return int(head["ContentLength"])
 
     @asynccontextmanager
-    async def read(self, digest: Digest, start: int = 0, end: int | None = None) -> AsyncIterator[ObjectReader]:
-        """Stream bytes ``[start, end)`` (to the end when ``end`` is None)."""
+    async def read(
+        self, digest: Digest, start: int = 0, end: int | None = None, *, verify: bool = False
+    ) -> AsyncIterator[ObjectReader]:
+        """Stream bytes ``[start, end)`` (to the end when ``end`` is None). ``verify`` (whole
+        blob only) re-checks the digest on the way: for callers that do not trust the bucket
+        as far as their own writes (someone else holding its keys)."""
         if start < 0 or (end is not None and end <= start):
             raise RangeInvalid(f"invalid range {start}-{end}")
         ranged = start > 0 or end is not None
+        if verify and ranged:
+            raise ValueError("only a whole blob can be verified")
         byte_range = f"bytes={start}-{'' if end is None else end - 1}"
         try:
             answer = await call(
@@ -158,7 +178,10 @@ class ObjectStore:
             raise
         length = int(answer["ContentLength"])
         size = _total_size(answer.get("ContentRange"), length)
-        reader = ObjectReader(answer["Body"], size=size, start=start, end=start + length, timeout=self.timeout)
+        reader = ObjectReader(
+            answer["Body"], size=size, start=start, end=start + length, timeout=self.timeout,
+            verify=digest if verify else None,
+        )  # fmt: skip
         try:
             yield reader
         finally:
