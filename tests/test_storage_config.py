@@ -3,11 +3,12 @@ bad key — including the ways a secret could slip into the config or a key into
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from proxy.config.settings import build
+from proxy.config.settings import build, load_config
 from proxy.config.storage import CoordinationConfig, StorageConfig, check_coordination, check_storage
 from proxy.errors import ConfigError
 
@@ -135,3 +136,29 @@ def test_redis_password_comes_from_the_environment() -> None:
     with pytest.raises(ConfigError, match=r"coordination\.password_env: environment variable REDIS_PASSWORD"):
         config.password({})
     assert coordination({"type": "redis", "url": "redis://r:6379"}).password({}) is None
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "environ", "error"),
+    [
+        ("", {}, None),
+        ("storage: {type: filesystem}\ncoordination: {type: local}\n", {}, None),
+        ("storage: {type: s3}\n", {}, "storage.bucket: required for type s3"),
+        ("storage: {type: s3, bucket: pullgate}\n", {}, "storage.type: s3 is not served by this version yet"),
+        ("", {"PULLGATE_COORDINATION__TYPE": "redis"}, "coordination.url: required for type redis"),
+        ("coordination: {type: redis, url: 'redis://r:6379'}\n", {},
+         "coordination.type: redis is not served by this version yet"),
+        ("storage: {type: filesystem, bucket: x}\n", {}, "storage.bucket: only for type s3"),
+    ],
+)
+def test_blocks_in_the_config_file(tmp_path: Path, yaml_text: str, environ: dict[str, str], error: str | None) -> None:
+    path = tmp_path / "pullgate.yaml"
+    path.write_text(yaml_text)
+    if error is not None:
+        with pytest.raises(ConfigError) as info:
+            load_config(path, environ)
+        assert str(info.value).startswith(error)
+        return
+    config = load_config(path, environ)
+    assert (config.storage, config.coordination) == (StorageConfig(), CoordinationConfig())
+    assert config.redacted()["storage"]["type"] == "filesystem"
