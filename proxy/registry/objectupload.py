@@ -73,7 +73,8 @@ class ObjectUpload:
         self._buffer = bytearray()
         self.size = 0
         self._upload_id: str | None = None
-        self._parts: list[CompletedPartTypeDef] = []
+        self._parts: list[CompletedPartTypeDef] = []  # uploaded, in any order
+        self._sent: list[int] = []  # size of each part handed to the store, by part number - 1
         self._inflight: list[asyncio.Task[None]] = []
         self._finished = False  # committed or aborted: no more writes
 
@@ -105,7 +106,8 @@ class ObjectUpload:
             self._upload_id = created["UploadId"]
         while len(self._inflight) >= MAX_INFLIGHT:
             await self._inflight.pop(0)  # raises that part's error
-        number = len(self._parts) + len(self._inflight) + 1
+        self._sent.append(len(part))
+        number = len(self._sent)
         if number > MAX_PARTS:
             raise DigestMismatch(f"{self.digest}: larger than {MAX_PARTS} parts of {self._part_size} bytes")
         self._inflight.append(asyncio.create_task(self._upload_part(self._upload_id, number, part)))
@@ -161,11 +163,19 @@ class ObjectUpload:
             raise
         return True
 
+    def _check_parts(self) -> list[CompletedPartTypeDef]:
+        """The parts in order, checked to assemble exactly the verified stream: numbers 1..N
+        each once (S3 concatenates by number), sizes adding up to what was hashed."""
+        parts = sorted(self._parts, key=lambda p: p["PartNumber"])
+        if [p["PartNumber"] for p in parts] != list(range(1, len(self._sent) + 1)) or sum(self._sent) != self.size:
+            raise StorageUnavailable(f"multipart bookkeeping for {self.digest} is inconsistent: not completing")
+        return parts
+
     async def _complete(self, upload_id: str) -> bool:
+        parts = self._check_parts()
         if await self._exists():
             await self.abort()
             return False
-        parts = sorted(self._parts, key=lambda p: p["PartNumber"])
         try:
             await call(
                 "CompleteMultipartUpload",
