@@ -2,11 +2,12 @@
 """The S3 client decision, reproducible: pullgate's ``ObjectStore`` (aiobotocore) against
 obstore, on real SeaweedFS and Ceph RGW started here (tests/support), all on 127.0.0.1.
 
-Per engine and client, ``--rounds`` times: one blob of ``--size`` MiB written as a stream of
-1 MiB chunks (``ObjectStore.upload``: digest check, 8 MiB parts with Content-MD5, at most two
-in flight, conditional complete; obstore: ``put_async`` of an async iterator, 8 MiB chunks,
-one in flight, as a streamed download would feed it) and read back whole. Reports MiB/s,
-this process's CPU seconds, and the longest event-loop stall seen by a 5 ms ticker.
+Per engine and client, ``--rounds`` times, one blob of ``--size`` MiB written and read back
+whole: the clients alone (aiobotocore: multipart, 8 MiB parts one after the other; obstore:
+``put_async`` of an async iterator, 8 MiB chunks, one in flight), and pullgate's
+``ObjectStore`` on aiobotocore as the mirror will use it (1 MiB writes hashed for the digest
+check, parts with Content-MD5, two in flight, conditional complete). Reports MiB/s, this
+process's CPU seconds, and the longest event-loop stall seen by a 5 ms ticker.
 
 obstore is not a pullgate dependency: ``pip install obstore`` to include it. Numbers of one
 run are in proxy/registry/s3client.py's docstring; loopback on a small machine is noisy.
@@ -72,6 +73,32 @@ async def pullgate_round(engine: S3Engine, data: bytes, digest: Digest, key: str
         return put, time.perf_counter() - began
 
 
+async def aiobotocore_round(engine: S3Engine, data: bytes, digest: Digest, key: str) -> tuple[float, float]:
+    """The client alone, as obstore is measured: sequential parts, no digest, no Content-MD5."""
+    from proxy.registry.s3client import open_client
+
+    config = StorageConfig(type="s3", endpoint=engine.endpoint, bucket=BUCKET, access_key_env="A", secret_key_env="S")
+    async with open_client(config, {"A": engine.keys.access_key, "S": engine.keys.secret_key}) as client:
+        name = f"{key}/{digest.hex}"
+        began = time.perf_counter()
+        upload = await client.create_multipart_upload(Bucket=BUCKET, Key=name)
+        parts = []
+        for number, offset in enumerate(range(0, len(data), PART), start=1):
+            answer = await client.upload_part(Bucket=BUCKET, Key=name, UploadId=upload["UploadId"],
+                                              PartNumber=number, Body=data[offset : offset + PART])
+            parts.append({"PartNumber": number, "ETag": answer["ETag"]})
+        await client.complete_multipart_upload(Bucket=BUCKET, Key=name, UploadId=upload["UploadId"],
+                                               MultipartUpload={"Parts": parts})
+        put = time.perf_counter() - began
+        began = time.perf_counter()
+        answer = await client.get_object(Bucket=BUCKET, Key=name)
+        received = 0
+        async for chunk in answer["Body"].iter_chunks(MIB):
+            received += len(chunk)
+        assert received == len(data)
+        return put, time.perf_counter() - began
+
+
 async def obstore_round(engine: S3Engine, data: bytes, digest: Digest, key: str) -> tuple[float, float]:
     import obstore
     from obstore.store import S3Store
@@ -113,7 +140,10 @@ async def measure(name: str, round_: Callable[..., Awaitable[tuple[float, float]
 
 
 def clients() -> dict[str, Callable[..., Awaitable[tuple[float, float]]]]:
-    chosen: dict[str, Callable[..., Awaitable[tuple[float, float]]]] = {"pullgate (aiobotocore)": pullgate_round}
+    chosen: dict[str, Callable[..., Awaitable[tuple[float, float]]]] = {
+        "aiobotocore": aiobotocore_round,
+        "ObjectStore (aiobotocore + digest + MD5)": pullgate_round,
+    }
     try:
         import obstore  # noqa: F401
     except ImportError:

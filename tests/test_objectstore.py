@@ -19,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 
 from proxy.config.storage import StorageConfig
 from proxy.errors import BlobUnknown, DigestMismatch, PullgateError, RangeInvalid
@@ -248,6 +249,28 @@ async def test_verified_read_of_a_planted_object_never_yields_the_last_byte(s3_e
         with pytest.raises(ValueError, match="whole blob"):
             async with store.read(digest, 1, verify=True):
                 pass
+
+
+async def test_hung_store_times_out_and_leaves_nothing_visible(s3_engine: S3Engine, key_prefix: str) -> None:
+    data, digest = blob(3 * PART, seed=4)
+    async with open_store(s3_engine, key_prefix, timeout=1.0) as store:
+        began = time.monotonic()
+        try:
+            with pytest.raises(StorageUnavailable, match="timed out"), structlog.testing.capture_logs() as logs:
+                async with store.upload(digest, len(data)) as upload:
+                    await upload.write(data[:PART])  # the multipart upload exists, part 1 is on its way
+                    s3_engine.pause()
+                    await upload.write(data[PART:])
+                    await upload.commit()
+            # The abort on the way out hit the same hung store and gave up after its deadline.
+            assert time.monotonic() - began < 4 * store.timeout + 3
+            assert [e["key"] for e in logs if e["event"] == "object_upload_abort_failed"] == [store.key(digest)]
+        finally:
+            s3_engine.resume()
+        assert await store.size(digest) is None
+        assert (await leftovers(store))[0] == []
+        await store.abort_stale_uploads(older_than=0)  # reconcile removes what the failed abort left
+        assert await leftovers(store) == ([], [])
 
 
 # --- presigned URLs -----------------------------------------------------------------------

@@ -4,7 +4,9 @@ what a test left behind. The engines themselves: ``seaweedfs.py``, ``radosgw.py`
 
 from __future__ import annotations
 
+import os
 import secrets
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +63,13 @@ class S3Engine:
 
     def create_bucket(self, bucket: str) -> None:
         self.client().create_bucket(Bucket=bucket)
+
+    def pause(self) -> None:
+        """SIGSTOP the S3 gateway (started last): connections hang, nothing is refused."""
+        os.killpg(self._procs[-1].pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self._procs[-1].pid, signal.SIGCONT)
 
     def stop(self) -> None:
         for proc in reversed(self._procs):
