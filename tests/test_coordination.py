@@ -114,6 +114,15 @@ async def test_tags_expire_and_can_be_forgotten(config: CoordinationConfig) -> N
 
 
 @pytest.mark.parametrize(
+    ("repository", "tag"), [("library/alpine:3", "latest"), ("library/alpine", "3:x")]
+)
+async def test_tag_keys_cannot_alias(config: CoordinationConfig, repository: str, tag: str) -> None:
+    async with replicas(config, 1) as (node,):
+        with pytest.raises(ValueError, match="cannot contain ':'"):
+            await node.set_tag("docker.io", repository, tag, DIGEST, ttl=60)
+
+
+@pytest.mark.parametrize(
     ("value", "expected"),
     [
         ("7|replica-1|http://10.0.0.1:5000", LeaseHolder(7, "replica-1", "http://10.0.0.1:5000")),

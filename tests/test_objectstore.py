@@ -24,7 +24,7 @@ import structlog
 from proxy.config.storage import StorageConfig
 from proxy.errors import BlobUnknown, DigestMismatch, PullgateError, RangeInvalid
 from proxy.oci.digest import Digest
-from proxy.registry.objectstore import CHUNK, ObjectStore
+from proxy.registry.objectstore import CHUNK, ObjectStore, _content_range
 from proxy.registry.s3client import StorageUnavailable
 from tests.conftest import S3_BUCKET
 from tests.support import s3uploader
@@ -225,20 +225,24 @@ async def test_killed_uploader_leaves_no_object_and_reconcile_aborts_its_upload(
         assert await leftovers(store) == ([], [])
 
 
-@pytest.mark.parametrize("size", [1000, 3 * CHUNK + 17], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize(
+    ("size", "plant"),
+    [(1000, "flip the last byte"), (3 * CHUNK + 17, "flip the last byte"), (1000, "empty object")],
+    ids=["one-chunk", "many-chunks", "empty"],
+)
 async def test_verified_read_of_a_planted_object_never_yields_the_last_byte(s3_engine: S3Engine, key_prefix: str,
-                                                                             size: int) -> None:
+                                                                             size: int, plant: str) -> None:
     """An attacker holding the bucket's keys writes other bytes under a digest key."""
     data, digest = blob(size, seed=11)
     async with open_store(s3_engine, key_prefix) as store:
-        planted = data[:-1] + bytes([data[-1] ^ 0xFF])
+        planted = b"" if plant == "empty object" else data[:-1] + bytes([data[-1] ^ 0xFF])
         s3_engine.client().put_object(Bucket=S3_BUCKET, Key=store.key(digest), Body=planted)
         received = bytearray()
         with pytest.raises(DigestMismatch):
             async with store.read(digest, verify=True) as reader:
                 async for chunk in reader.chunks():
                     received += chunk
-        assert len(received) < size
+        assert len(received) < max(len(planted), 1)
         assert bytes(received) == planted[: len(received)]
         await store.delete(digest)
         assert await store.size(digest) is None
@@ -310,6 +314,26 @@ async def test_wrong_keys_are_refused(s3_engine: S3Engine, key_prefix: str) -> N
     async with ObjectStore.open(storage_config(s3_engine, key_prefix), env) as store:
         with pytest.raises(StorageUnavailable, match="refused"):
             await store.check()
+
+
+@pytest.mark.parametrize(
+    ("content_range", "length", "expected"),
+    [
+        (None, 10, (0, 10)),
+        ("bytes 0-9/10", 10, (0, 10)),
+        ("bytes 5-9/100", 5, (5, 100)),
+        ("bytes 5-9/100", 6, None),  # length disagrees
+        ("bytes 5-100/100", 96, None),  # past the end
+        ("bytes */100", 0, None),  # the 416 form
+        ("items 0-9/10", 10, None),
+    ],
+)
+def test_content_range_is_checked(content_range: str | None, length: int, expected: tuple[int, int] | None) -> None:
+    if expected is None:
+        with pytest.raises(StorageUnavailable):
+            _content_range(content_range, length)
+    else:
+        assert _content_range(content_range, length) == expected
 
 
 def test_keys_and_digests_round_trip() -> None:

@@ -267,7 +267,10 @@ class Coordinator:
 
     # --- tags -------------------------------------------------------------------------------
     def _tag_key(self, upstream: str, repository: str, tag: str) -> str:
-        # Repositories and tags cannot contain ':' (distribution spec), so the key is unambiguous.
+        # Repositories and tags cannot contain ':' (distribution spec), so the key is
+        # unambiguous; refuse rather than let one (upstream, repository, tag) alias another.
+        if ":" in repository or ":" in tag:
+            raise ValueError(f"repository and tag cannot contain ':': {repository!r} {tag!r}")
         return f"{self.prefix}tag:{upstream}:{repository}:{tag}"
 
     async def set_tag(

@@ -11,6 +11,7 @@ out time-limited GET URLs for ``redirect: true``; ``scan`` and ``pending_uploads
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3.client import S3Client
 
 CHUNK = 1 << 18
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _LIST_PAGE = 1000
 
 
@@ -71,15 +73,19 @@ class ObjectReader:
         digest = self._verify
         hasher = digest.hasher() if digest is not None else None
         received = 0
-        while received < self.length:
-            data: bytes = await call("GetObject read", lambda: self._body.read(chunk_size), self._timeout)
-            if not data:
-                raise StorageUnavailable(f"object store sent {received} of {self.length} bytes")
-            received += len(data)
+        while True:
+            data = b""
+            if received < self.length:
+                data = await call("GetObject read", lambda: self._body.read(chunk_size), self._timeout)
+                if not data:
+                    raise StorageUnavailable(f"object store sent {received} of {self.length} bytes")
+                received += len(data)
             if digest is not None and hasher is not None:
                 hasher.update(data)
                 if received >= self.length and not digest.matches(hasher.hexdigest()):
                     raise DigestMismatch(f"object store content for {digest} does not match its digest")
+            if not data:
+                return
             yield data
 
     def close(self) -> None:
@@ -177,7 +183,10 @@ class ObjectStore:
                 raise RangeInvalid(f"range {start}-{end} is outside blob {digest}") from exc
             raise
         length = int(answer["ContentLength"])
-        size = _total_size(answer.get("ContentRange"), length)
+        first, size = _content_range(answer.get("ContentRange"), length)
+        if first != start:
+            # A store that ignored Range would hand us bytes from offset 0: never serve them as [start...).
+            raise StorageUnavailable(f"object store answered bytes from {first} for a read from {start}")
         reader = ObjectReader(
             answer["Body"], size=size, start=start, end=start + length, timeout=self.timeout,
             verify=digest if verify else None,
@@ -264,10 +273,15 @@ class ObjectStore:
         return len(stale)
 
 
-def _total_size(content_range: str | None, length: int) -> int:
-    """The object's size from ``Content-Range: bytes a-b/size`` (RFC 9110 14.4), else ``length``."""
-    if content_range and "/" in content_range:
-        total = content_range.rpartition("/")[2]
-        if total.isdigit():
-            return int(total)
-    return length
+def _content_range(content_range: str | None, length: int) -> tuple[int, int]:
+    """(first byte, object size) from ``Content-Range: bytes a-b/size`` (RFC 9110 14.4);
+    ``(0, length)`` for a whole-object answer. Raises StorageUnavailable when malformed."""
+    if not content_range:
+        return 0, length
+    match = _CONTENT_RANGE.match(content_range)
+    if match is None:
+        raise StorageUnavailable(f"object store sent a malformed Content-Range {content_range[:60]!r}")
+    first, last, size = (int(g) for g in match.groups())
+    if last - first + 1 != length or last >= size:
+        raise StorageUnavailable(f"object store sent Content-Range {content_range!r} for {length} bytes")
+    return first, size
