@@ -1,8 +1,10 @@
-"""Shared fixtures: real upstream registries, a token issuer, containerd, image builders.
+"""Shared fixtures: real upstream registries, a token issuer, containerd, image builders,
+and the scale-out engines (Redis, SeaweedFS, Ceph RGW).
 
-Real components are session-scoped (each starts in well under a second) and tests keep
-out of each other's way with a unique repository name (``repo`` fixture). Any test that
-uses one of them is marked ``e2e`` automatically: ``pytest -m "not e2e"`` runs the rest.
+Real components are session-scoped (most start in well under a second; SeaweedFS ~3 s and
+Ceph RGW ~2 s, once per session) and tests keep out of each other's way with a unique
+repository name (``repo`` fixture) or key prefix (``key_prefix``). Any test that uses one
+of them is marked ``e2e`` automatically: ``pytest -m "not e2e"`` runs the rest.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ from tests.support.seaweedfs import missing as seaweedfs_missing
 from tests.support.tokenserver import TokenServer
 
 DATA_DIR = Path(__file__).parent / "data"
-E2E_FIXTURES = frozenset({"registry", "auth_registry", "token_server", "containerd", "redis_server", "s3_engine"})
+E2E_FIXTURES = frozenset({
+    "registry", "auth_registry", "token_server", "containerd",
+    "redis_server", "s3_engine", "seaweedfs_engine", "radosgw_engine",
+})  # fmt: skip
 S3_ENGINES = ("seaweedfs", "radosgw")
 S3_BUCKET = "pullgate-test"
 
