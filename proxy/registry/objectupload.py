@@ -92,7 +92,8 @@ class ObjectUpload:
             raise DigestMismatch(f"{self.digest}: more than the announced {self.expected_size} bytes")
         self._buffer += data
         while len(self._buffer) >= self._part_size:
-            part = bytes(self._buffer[: self._part_size])
+            with memoryview(self._buffer) as view:  # one copy of the part, not two
+                part = bytes(view[: self._part_size])
             del self._buffer[: self._part_size]
             await self._send(part)
 

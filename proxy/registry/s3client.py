@@ -1,26 +1,32 @@
 """The S3 client: an aiobotocore client opened from ``StorageConfig``, and ``call``, which
 gives every request a deadline and turns failures into ``StorageUnavailable``.
 
-Why aiobotocore (and not obstore): both were measured against SeaweedFS 4.48 and Ceph RGW
-16.2 on loopback (2 cores, one 64 MiB object in 8 MiB parts, three rounds each, MiB/s):
+Why aiobotocore (and not obstore): ``bench/bench_s3_clients.py`` on SeaweedFS 4.48 and Ceph
+RGW 16.2, loopback, 2 shared cores (load 3-4), one 64 MiB object written in 8 MiB parts and
+read back, three rounds, MiB/s; CPU for the three rounds; worst event-loop stall seen:
 
-=============  ==================  ==================  =========================
-client         SeaweedFS put/get   RGW put/get         CPU for 3 x (put + get)
-=============  ==================  ==================  =========================
-aiobotocore    111-125 / 895-1064  80-109 / 303-488    0.45-0.58 s, loop stall <= 18 ms
-obstore 0.12   121-131 / 867-1231  71-106 / 295-501    0.35-0.39 s, loop stall <= 15 ms
-=============  ==================  ==================  =========================
+===========================  ================  ================  ======  ========
+client                       SeaweedFS put/get RGW put/get       CPU     stall
+===========================  ================  ================  ======  ========
+aiobotocore 3.10             54-105 / 578-910  91-152 / 516-657  0.26 s  <= 45 ms
+obstore 0.12                 115-123 / 747-903 114-132 / 507-685 0.35 s  <= 43 ms
+ObjectStore on aiobotocore   83-96 / 797-961   77-112 / 501-618  0.85 s  <= 59 ms
+===========================  ================  ================  ======  ========
 
-Throughput is the engines' (equal within noise); obstore spends ~30% less CPU. The choice
-is aiobotocore because the upload protocol needs the whole multipart API, which obstore
-does not expose: complete *after* our digest check with ``If-None-Match``, abort on
-failure, and list/abort incomplete uploads a killed replica left (obstore's ``put`` is
-create-only for single-part bodies, completes multipart itself, and cannot list uploads).
-aiobotocore also runs on aiohttp, the stack pullgate already uses.
+(ObjectStore adds what the mirror needs whatever the client: SHA-256 of every byte for the
+digest check, MD5 of every part, two parts in flight.) Reads are equal; obstore writes
+faster on SeaweedFS; CPU is equal. The choice is aiobotocore because the upload protocol
+needs the whole multipart API, which obstore does not expose: complete *after* our digest
+check with ``If-None-Match``, abort on failure, and list/abort the incomplete uploads a
+killed replica left (obstore's ``put`` is create-only for single-part bodies, completes
+multipart uploads itself, and cannot list them). aiobotocore also runs on aiohttp, the
+stack pullgate already uses. Making a client reads botocore's JSON models (~0.3 s): open
+the store once, before serving (``warm_up_loader_caches`` moves most of it to a thread).
 
 Settings that matter: path-style addressing when an endpoint is given (RGW, SeaweedFS,
-MinIO default to it); checksums only where required (RGW 16 refuses the aws-chunked
-trailers that botocore >= 1.36 sends by default); payload signing off, because botocore
+MinIO default to it); checksums only where required (botocore >= 1.36 otherwise sends
+aws-chunked CRC trailers, which Ceph RGW 16 needs turned off over HTTPS, as the team's field
+notes record); payload signing off, because botocore
 would SHA-256 each part on the event loop over plain HTTP: callers send ``Content-MD5``
 computed in a thread instead, which every engine checks (``BadDigest``).
 """
@@ -73,6 +79,8 @@ def client_config(config: StorageConfig) -> AioConfig:
         s3={"addressing_style": "path" if config.endpoint else "auto", "payload_signing_enabled": False},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        # botocore reads its JSON service models when a client is made (~0.2 s): in a thread.
+        warm_up_loader_caches=True,
     )
 
 
