@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.config import environment
+from proxy.config.storage import CoordinationConfig, StorageConfig, check_coordination, check_storage
 from proxy.config.units import parse_duration, parse_size
 from proxy.errors import ConfigError
 
@@ -218,6 +219,8 @@ class Config:
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)  # proxy/config/storage.py
+    coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
     shutdown_grace: float = _duration("30s")  # how long in-flight pulls may finish after SIGTERM
     shutdown_delay: float = _duration("3s")  # unready before closing, so load balancers stop routing
 
@@ -376,6 +379,20 @@ def _check(config: Config) -> None:
             raise ConfigError(f"upstreams[{i}].password_env: needs a username")
     _check_limits(config.limits)
     _check_access(config.access, names)
+    check_storage(config.storage)
+    check_coordination(config.coordination)
+    _check_scale_out_served(config)
+
+
+def _check_scale_out_served(config: Config) -> None:
+    # The S3 blob store and Redis coordination exist (proxy.registry.objectstore,
+    # proxy.registry.coordination) but the mirror does not use them yet (issue 17): refuse
+    # rather than accept a config that would silently keep blobs on local disk.
+    # Remove together with the wiring.
+    if config.storage.type != "filesystem":
+        raise ConfigError("storage.type: s3 is not served by this version yet (issue 17); use filesystem")
+    if config.coordination.type != "local":
+        raise ConfigError("coordination.type: redis is not served by this version yet (issue 17); use local")
 
 
 def _check_limits(limits: LimitsConfig) -> None:
