@@ -37,7 +37,7 @@ from proxy.ops.logs import configure_logging
 from proxy.ops.progress import Progress
 from proxy.policy.active import PolicySet, load_policies
 from proxy.policy.findings import image_findings
-from proxy.registry.catalog import Catalog
+from proxy.registry.catalog import CatalogDatabase
 from proxy.registry.routing import Router
 from proxy.registry.store import BlobStore
 
@@ -204,7 +204,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 @contextmanager
-def _cache(config: Config, *, create: bool = False) -> Iterator[tuple[BlobStore, Catalog]]:
+def _cache(config: Config, *, create: bool = False) -> Iterator[tuple[BlobStore, CatalogDatabase]]:
     root = config.cache.dir
     if not create and not (root / "catalog.db").is_file():
         raise CacheMissing(f"no cache at {root} (use --cache-dir or cache.dir in --config)")
@@ -212,15 +212,14 @@ def _cache(config: Config, *, create: bool = False) -> Iterator[tuple[BlobStore,
     if create:  # never BlobStore.open(): it sweeps tmp/, where a running daemon downloads
         store.blobs.mkdir(parents=True, exist_ok=True)
         store.tmp.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog(root / "catalog.db")
-    catalog.open()
+    catalog = CatalogDatabase(root / "catalog.db").open()
     try:
         yield store, catalog
     finally:
         catalog.close()
 
 
-def _inventory(config: Config, store: BlobStore, catalog: Catalog) -> Inventory:
+def _inventory(config: Config, store: BlobStore, catalog: CatalogDatabase) -> Inventory:
     return Inventory(store, catalog, Router(config), config.upstreams).load()
 
 
@@ -321,7 +320,7 @@ async def _import_archive(
     args: argparse.Namespace,
     archive: tuple[Path | BinaryIO, int | None],
     store: BlobStore,
-    catalog: Catalog,
+    catalog: CatalogDatabase,
 ) -> tuple[list[dict[str, Any]], int, float]:
     source, size = archive
     progress, started = Progress(sys.stderr), time.monotonic()

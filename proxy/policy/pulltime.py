@@ -74,7 +74,7 @@ class PullPolicy:
         metrics.verification_cache.labels("hit" if cached else "miss").inc()
         if cached is not None:
             return cached
-        candidates = (digest, *self._mirror.catalog.parents(route.upstream, route.repository, digest))
+        candidates = (digest, *await self._mirror.catalog.parents(route.upstream, route.repository, digest))
         source = self._mirror.content_of(route.upstream)
         try:
             async with asyncio.timeout(self._timeout):

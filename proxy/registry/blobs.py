@@ -1,9 +1,9 @@
 """Blobs: served from the store when present, else fetched from upstream once (single
 flight) while every waiting client streams the bytes as they arrive.
 
-A blob is served for repository R only if a cached manifest of R references it or the
-upstream confirmed R holds it (distribution spec: blobs are scoped to repositories; the
-store is shared, and must not let one repository's digests leak through another's name).
+A stored blob is served for a repository only with a proof that the repository holds it
+(``proxy.registry.provenance``): blobs are scoped to repositories (distribution spec), the
+store is shared, and one repository's digests must not leak through another's name.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from proxy.oci.digest import Digest
 from proxy.ops.metrics import Metrics
 from proxy.registry.catalog import Catalog
 from proxy.registry.download import CHUNK, Flight, State
+from proxy.registry.provenance import Provenance
 from proxy.registry.routing import Route
 from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, describe_error
@@ -42,13 +43,20 @@ class BlobInfo:
 
 class BlobService:
     def __init__(
-        self, store: BlobStore, catalog: Catalog, upstreams: dict[str, RegistryClient], metrics: Metrics
+        self,
+        store: BlobStore,
+        catalog: Catalog,
+        provenance: Provenance,
+        upstreams: dict[str, RegistryClient],
+        metrics: Metrics,
     ) -> None:
         self._store = store
         self._catalog = catalog
+        self._provenance = provenance
         self._upstreams = upstreams
         self._metrics = metrics
         self._flights: dict[Digest, Flight] = {}
+        self._sources: dict[Digest, Route] = {}  # whose request started each download
         self._tasks: set[asyncio.Task[None]] = set()
         self.on_stored: Callable[[], None] = lambda: None  # something was added to the store
         self.on_full: Callable[[], None] = lambda: None  # the disk is full: evict now
@@ -63,7 +71,8 @@ class BlobService:
             return CachedBlob(digest, size)
         flight = self._flights.get(digest)
         if flight is not None:
-            await self._authorize(route, digest)
+            if self._sources.get(digest) != route:  # a GET from this very repository is on its way
+                await self._authorize(route, digest)
             self._metrics.cache_results.labels("blob", "coalesced").inc()
             self._metrics.coalesced.labels("blob").inc()
         else:
@@ -78,28 +87,24 @@ class BlobService:
             await self._authorize(route, digest)
             return BlobInfo(digest, size)
         flight = self._flights.get(digest)
-        if (
-            flight is not None
-            and flight.size is not None
-            and self._catalog.blob_allowed(route.upstream, route.repository, digest)
-        ):
+        if flight is not None and flight.size is not None and self._sources.get(digest) == route:
             return BlobInfo(digest, flight.size)
         # Not cached: ask upstream rather than answer 404 (the client will GET it next).
-        return BlobInfo(digest, await self._confirm(route, digest))
+        length = await self._head(route, digest)
+        await self._provenance.record(route, digest)
+        return BlobInfo(digest, length)
 
     async def _authorize(self, route: Route, digest: Digest) -> None:
-        if not self._catalog.blob_allowed(route.upstream, route.repository, digest):
-            await self._confirm(route, digest)
+        await self._provenance.establish(route, digest, lambda: self._head(route, digest))
 
-    async def _confirm(self, route: Route, digest: Digest) -> int | None:
-        """HEAD the blob upstream under this repository; remember the answer."""
+    async def _head(self, route: Route, digest: Digest) -> int | None:
+        """HEAD the blob upstream under this repository: its length, or BlobUnknown."""
         client = self._upstreams[route.upstream]
         response = await client.fetch("HEAD", route.repository, f"blobs/{digest}", max_size=0)
         if response.status == 404:
             raise BlobUnknown(f"blob {digest} is unknown to repository {route.repository}")
         if response.status != 200:
             raise UpstreamError(f"upstream answered {response.status} for blob HEAD")
-        self._catalog.link_blob(route.upstream, route.repository, digest)
         length = response.headers.get("Content-Length")
         return int(length) if length and length.isdigit() else None
 
@@ -107,6 +112,7 @@ class BlobService:
     def _start(self, route: Route, digest: Digest) -> Flight:
         flight = Flight(digest, self._store.temp_path())
         self._flights[digest] = flight
+        self._sources[digest] = route
         # The download is its own task: a client that disconnects must not cancel it.
         task = asyncio.create_task(self._download(route, flight))
         self._tasks.add(task)
@@ -118,6 +124,7 @@ class BlobService:
         log = self._log.bind(upstream=route.upstream, repository=route.repository, digest=str(flight.digest))
         self._metrics.inflight_fetches.inc()
         try:
+            await flight.create()
             async with client.open("GET", route.repository, f"blobs/{flight.digest}") as response:
                 if response.status == 404:
                     raise BlobUnknown(f"blob {flight.digest} is unknown to repository {route.repository}")
@@ -142,9 +149,10 @@ class BlobService:
             self._metrics.inflight_fetches.dec()
             if self._flights.get(flight.digest) is flight:
                 del self._flights[flight.digest]
-            if flight.final is None:
-                flight.temp.unlink(missing_ok=True)
+                del self._sources[flight.digest]
             flight.writer_closed()
+            if flight.final is None:
+                await asyncio.to_thread(flight.temp.unlink, missing_ok=True)
 
     async def _keep(self, route: Route, flight: Flight) -> None:
         """Commit a verified download to the store — unless the disk filled, in which case
@@ -160,8 +168,8 @@ class BlobService:
             log.warning("blob_passed_through", size=flight.written, reason="cache disk full")
             self.on_full()
             return
-        self._catalog.add_blob(flight.digest, flight.written)
-        self._catalog.link_blob(route.upstream, route.repository, flight.digest)
+        await self._catalog.add_blob(flight.digest, flight.written)
+        await self._provenance.record(route, flight.digest)  # fetched from this repository
         flight.finish()
         log.info("blob_cached", size=flight.written)
         self.on_stored()
@@ -170,10 +178,11 @@ class BlobService:
         hasher = flight.digest.hasher()
         async for chunk in response.content.iter_chunked(CHUNK):
             hasher.update(chunk)
-            flight.write(chunk)
+            await flight.write(chunk)
             if flight.spilled and self._flights.get(flight.digest) is flight:
                 # New clients must not join a download that keeps only a memory window.
                 del self._flights[flight.digest]
+                del self._sources[flight.digest]
                 self._log.error("cache_disk_full", digest=str(flight.digest), on_disk=flight.disk_bytes)
                 self.on_full()
             if flight.size is not None and flight.written > flight.size:

@@ -8,6 +8,9 @@ Nobody receives a blob's last byte before its digest is verified: a reader may r
 ``written - 1`` while the download runs. If verification fails, every reader's connection
 is cut short of ``Content-Length`` — clients see a truncated transfer, never wrong bytes.
 
+Every ``pwrite``/``pread`` and ``open`` runs in a worker thread: a disk that stalls must
+stall only the transfers that touch it, never the event loop.
+
 When the disk fills (ENOSPC, EDQUOT, EFBIG) the download goes on in *pass-through* mode:
 later bytes are kept in a bounded memory window for the readers already attached, and the
 blob is not cached. A reader that falls behind the window is cut off rather than let memory
@@ -49,7 +52,7 @@ class Flight:
         self.started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self.final: Path | None = None  # where the verified blob lives once committed
         self.disk_bytes: int | None = None  # set when the disk filled: bytes [0, n) are on disk
-        self._fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = -1  # the temp file, opened by the writer (``create``) before ``begin``
         self._changed = asyncio.Event()
         self._readers: dict[int, int] = {}  # reader id -> next offset it needs
         self._next_reader = 0
@@ -66,23 +69,23 @@ class Flight:
         return self.disk_bytes is not None
 
     # --- writer side ----------------------------------------------------------------------
+    async def create(self) -> None:
+        """Create the temp file (before ``begin``: readers wait for ``started``)."""
+        self._fd = await asyncio.to_thread(os.open, self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
     def begin(self, size: int | None) -> None:
         self.size = size
         if not self.started.done():
             self.started.set_result(size)
 
-    def write(self, data: bytes) -> None:
+    async def write(self, data: bytes) -> None:
         view = memoryview(data)
-        while view and self.disk_bytes is None:
-            try:
-                n = os.pwrite(self._fd, view, self.written)
-            except OSError as exc:
-                if exc.errno not in _DISK_FULL:
-                    raise
-                self.disk_bytes = self.written
-                break
+        if self.disk_bytes is None:
+            n, full = await asyncio.to_thread(_pwrite_all, self._fd, view, self.written)
             self.written += n
             view = view[n:]
+            if full:
+                self.disk_bytes = self.written
         if view:
             self._spill.append((self.written, bytes(view)))
             self._spill_bytes += len(view)
@@ -132,14 +135,14 @@ class Flight:
                 # Joined just as the download finished and closed its descriptor.
                 if self.state is not State.DONE or self.final is None:
                     raise self.error or PullgateError("download failed")
-                fd = own_fd = os.open(self.final, os.O_RDONLY)
+                fd = own_fd = await asyncio.to_thread(os.open, self.final, os.O_RDONLY)
             offset = start
             while end is None or offset < end:
                 limit = self.written if self.state is State.DONE else max(self.written - 1, 0)
                 if end is not None:
                     limit = min(limit, end)
                 if offset < limit:
-                    data = self._chunk(fd, offset, limit)
+                    data = await self._chunk(fd, offset, limit)
                     offset += len(data)
                     self._readers[reader] = offset
                     yield data
@@ -155,16 +158,30 @@ class Flight:
             del self._readers[reader]
             self._maybe_close()
 
-    def _chunk(self, fd: int, offset: int, limit: int) -> bytes:
+    async def _chunk(self, fd: int, offset: int, limit: int) -> bytes:
         if self.disk_bytes is None or offset < self.disk_bytes:
             stop = limit if self.disk_bytes is None else min(limit, self.disk_bytes)
-            return os.pread(fd, min(stop - offset, CHUNK), offset)
+            return await asyncio.to_thread(os.pread, fd, min(stop - offset, CHUNK), offset)
         for chunk_offset, data in self._spill:
             if chunk_offset <= offset < chunk_offset + len(data):
                 return data[offset - chunk_offset : min(limit - chunk_offset, offset - chunk_offset + CHUNK)]
         raise UpstreamUnavailable("client fell behind a pass-through download (cache disk full)")
 
     def _maybe_close(self) -> None:
+        # Runs when the last user is done: no pread/pwrite on this descriptor is in flight.
         if self._writer_done and not self._readers and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> tuple[int, bool]:
+    """Write ``view`` at ``offset``; returns (bytes written, whether the disk filled)."""
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            return done, True
+    return done, False

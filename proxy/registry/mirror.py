@@ -14,16 +14,18 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import Config
-from proxy.errors import NameUnknown, UpstreamError
+from proxy.errors import CatalogUnavailable, NameUnknown, UpstreamError
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import OCI_INDEX
 from proxy.oci.reference import ImageReference
+from proxy.ops.looplag import watch_loop_lag
 from proxy.ops.metrics import Metrics
 from proxy.registry.blobs import BlobService
-from proxy.registry.catalog import Catalog
+from proxy.registry.catalog import Catalog, LocalCatalog
 from proxy.registry.content import MirrorContent
 from proxy.registry.eviction import digests, plan_eviction
 from proxy.registry.manifests import Manifest, ManifestCache, Resolution
+from proxy.registry.provenance import Provenance
 from proxy.registry.routing import Route, Router
 from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
@@ -39,10 +41,12 @@ class Mirror:
         self.router = Router(config)
         root = config.cache.dir
         self.store = BlobStore(root)
-        self.catalog = Catalog(root / "catalog.db")
+        self.catalog: Catalog = LocalCatalog(root / "catalog.db")
+        self.provenance = Provenance(self.catalog)
         self.upstreams: dict[str, RegistryClient] = {}
         self._session: aiohttp.ClientSession | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._lag_monitor: asyncio.Task[None] | None = None
         self._evicting: asyncio.Task[int] | None = None
         self.manifests: ManifestCache
         self.blobs: BlobService
@@ -50,10 +54,9 @@ class Mirror:
 
     # --- lifecycle ---------------------------------------------------------------------
     async def open(self) -> None:
-        self.store.open()
-        self.catalog.open()
-        on_disk = await asyncio.to_thread(lambda: list(self.store.scan()))
-        dropped = self.catalog.reconcile(on_disk)
+        await self.store.open()
+        await self.catalog.open()
+        dropped = await self.catalog.reconcile(await self.store.scan())
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector, headers={"User-Agent": "pullgate"}, auto_decompress=False
@@ -61,13 +64,16 @@ class Mirror:
         for upstream in self.config.upstreams:
             self.metrics.declare_upstream(upstream.name)
             self.upstreams[upstream.name] = RegistryClient(upstream, self._session, self.config.timeouts, self.metrics)
-        self.manifests = ManifestCache(self.store, self.catalog, self.upstreams, self.config.cache, self.metrics)
-        self.blobs = BlobService(self.store, self.catalog, self.upstreams, self.metrics)
+        self.manifests = ManifestCache(
+            self.store, self.catalog, self.provenance, self.upstreams, self.config.cache, self.metrics
+        )
+        self.blobs = BlobService(self.store, self.catalog, self.provenance, self.upstreams, self.metrics)
         self.manifests.on_stored = self.blobs.on_stored = self._check_quota
         self.blobs.on_full = self._disk_full
-        self._update_size_metrics()
+        await self._update_size_metrics()
         self.metrics.cache_max_bytes.set(self.config.cache.max_size)
         self._flusher = asyncio.create_task(self._flush_loop())
+        self._lag_monitor = asyncio.create_task(watch_loop_lag(self.metrics.loop_lag))
         self._log.info("cache_opened", dir=str(self.config.cache.dir), reconciled=dropped)
 
     async def close(self) -> None:
@@ -81,13 +87,15 @@ class Mirror:
             await self.blobs.close(self.config.shutdown_grace)
         if self._session is not None:
             await self._session.close()
-        self.catalog.close()
+        await self.catalog.close()
+        if self._lag_monitor is not None:
+            self._lag_monitor.cancel()
 
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(_FLUSH_INTERVAL)
-            self.catalog.flush()
-            self._update_size_metrics()
+            await self.catalog.flush()
+            await self._update_size_metrics()
 
     # --- quota ---------------------------------------------------------------------------
     def _check_quota(self) -> None:
@@ -107,14 +115,18 @@ class Mirror:
         if target is None:
             target = int(self.config.cache.max_size * self.config.cache.low_water)
         busy = frozenset(str(d) for d in self.blobs.in_flight())
-        victims = plan_eviction(self.catalog.snapshot(), target, busy)
+        try:
+            snapshot = await self.catalog.snapshot()
+        except CatalogUnavailable as exc:
+            self._log.warning("eviction_postponed", error=exc.message)
+            return 0
         freed = 0
-        for victim in victims:
+        for victim in plan_eviction(snapshot, target, busy):
             removed = digests(victim)
+            await self.catalog.forget(removed)  # rows first: none may point at deleted bytes
             for digest in removed:
-                freed += self.store.remove(digest)
+                freed += await self.store.remove(digest)
                 self.manifests.forget(digest)
-            self.catalog.forget(removed)
             self.metrics.evictions.inc()
             self.metrics.evicted_bytes.inc(victim.size)
             self._log.info(
@@ -124,12 +136,15 @@ class Mirror:
                 bytes=victim.size,
                 last_used=round(victim.last_used),
             )
-        self._update_size_metrics()
+        await self._update_size_metrics()
         return freed
 
-    def _update_size_metrics(self) -> None:
-        size, count = self.catalog.totals()
-        self.catalog.total_bytes = size  # also counts what other processes (CLI import) added
+    async def _update_size_metrics(self) -> None:
+        try:
+            size, count = await self.catalog.totals()  # also counts what ``import`` added
+        except CatalogUnavailable as exc:
+            self._log.warning("cache_size_unknown", error=exc.message)
+            return
         self.metrics.cache_bytes.set(size)
         self.metrics.cache_objects.set(count)
 
@@ -139,6 +154,10 @@ class Mirror:
     # --- the registry API --------------------------------------------------------------
     async def manifest(self, route: Route, reference: str) -> Manifest:
         return await self.manifests.get(route, reference)
+
+    def record_pull(self, route: Route, digest: Digest) -> None:
+        """A client GET a manifest: that is a pull (HEADs and the mirror's own reads are not)."""
+        self.manifests.pulled(route, digest)
 
     async def tags_list(self, route: Route, query: dict[str, str]) -> UpstreamResponse:
         path = "tags/list"
