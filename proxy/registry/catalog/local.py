@@ -73,9 +73,17 @@ T = TypeVar("T")
 
 
 class LocalCatalog:
-    def __init__(self, path: Path, *, lock_wait: float = LOCK_WAIT, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        lock_wait: float = LOCK_WAIT,
+        clock: Callable[[], float] = time.time,
+        sync_interval: float = _SYNC_INTERVAL,
+    ) -> None:
         self.path = path
         self._lock_wait = lock_wait
+        self._sync_interval = sync_interval
         self._clock = clock
         self._writer = CatalogDatabase(path, busy_timeout=_ATTEMPT)
         self._reader = CatalogDatabase(path, busy_timeout=lock_wait)
@@ -170,7 +178,7 @@ class LocalCatalog:
 
     def _maybe_sync(self) -> None:
         now = time.monotonic()
-        if now - self._synced < _SYNC_INTERVAL or self._syncing is not None or not self._open:
+        if now - self._synced < self._sync_interval or self._syncing is not None or not self._open:
             return
         self._synced = now
         self._syncing = asyncio.create_task(self._sync())
