@@ -53,11 +53,14 @@ async def test_cache_ls_counts_each_pull_once_promptly_and_never_for_imports(
         await pullgate(config, "import", str(archive))
         ref = f"docker.io/{repo}:1"
         for _ in range(2):
-            assert await containerd.apull(ref, daemon.url(""), namespace=containerd.new_namespace()) == pulled.index_digest
+            digest = await containerd.apull(ref, daemon.url(""), namespace=containerd.new_namespace())
+            assert digest == pulled.index_digest
         pulled_at = time.monotonic()
-        async with aiohttp.ClientSession() as session:  # a HEAD is a resolve, not a pull
-            async with session.head(daemon.url(f"/v2/{repo}/manifests/1")) as response:
-                assert response.status == 200
+        async with (  # a HEAD is a resolve, not a pull
+            aiohttp.ClientSession() as session,
+            session.head(daemon.url(f"/v2/{repo}/manifests/1")) as response,
+        ):
+            assert response.status == 200
 
         seen: dict[str, Any] = {}
         while time.monotonic() - pulled_at < VISIBLE_WITHIN:
