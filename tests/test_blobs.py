@@ -141,22 +141,36 @@ async def test_without_any_proof_an_unreachable_upstream_is_an_error(
         await fetch(parts, OTHER, layer)
 
 
-@pytest.mark.parametrize(("joiner", "heads"), [(APP, 0), (OTHER, 1)])
+@pytest.mark.parametrize(
+    ("joiner", "heads", "expected_error"),
+    [
+        (APP, 0, None),  # the download is this repository's own GET
+        (OTHER, 1, None),  # another repository that the upstream says holds it
+        (LEAK, 1, BlobUnknown),  # one that does not: never joins someone else's download
+    ],
+)
 async def test_clients_join_one_download(
-    parts: Parts, origin: tuple[Origin, TestServer], image: Image, joiner: str, heads: int
-) -> None:
+    parts: Parts, origin: tuple[Origin, TestServer], image: Image, joiner: str, heads: int,
+    expected_error: type[Exception] | None,
+) -> None:  # fmt: skip
     upstream = origin[0]
     layer = digest_of(image.layers[0])
     upstream.blobs[(OTHER, layer)] = image.layers[0]
     upstream.chunk_delay = 0.05  # a download long enough to join
     first = await parts.blobs.get(parts.route(APP), Digest.parse(layer))
     assert isinstance(first, Flight)
-    second = await parts.blobs.get(parts.route(joiner), Digest.parse(layer))
-    assert second is first
-    results = await asyncio.gather(fetch(parts, APP, layer), fetch(parts, joiner, layer))
-    assert results == [image.layers[0]] * 2
+    if expected_error is not None:
+        for attempt in (parts.blobs.get, parts.blobs.head):
+            with pytest.raises(expected_error):
+                await attempt(parts.route(joiner), Digest.parse(layer))
+        assert await fetch(parts, APP, layer) == image.layers[0]
+    else:
+        second = await parts.blobs.get(parts.route(joiner), Digest.parse(layer))
+        assert second is first
+        results = await asyncio.gather(fetch(parts, APP, layer), fetch(parts, joiner, layer))
+        assert results == [image.layers[0]] * 2
     assert upstream.count("GET", "/blobs/") == 1
-    assert upstream.count("HEAD", f"/{joiner}/blobs/") == heads
+    assert upstream.count("HEAD", f"/{joiner}/blobs/") == heads * (2 if expected_error else 1)
 
 
 async def test_bytes_that_do_not_match_their_digest_are_neither_served_whole_nor_kept(

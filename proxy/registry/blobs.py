@@ -64,12 +64,14 @@ class BlobService:
 
     async def get(self, route: Route, digest: Digest) -> CachedBlob | Flight:
         """The cached blob, or the download to stream from (joined or started)."""
-        size = self._store.size(digest)
+        # A download is looked up first: while it commits, its file appears in the store
+        # before its proof is recorded.
+        flight = self._flights.get(digest)
+        size = self._store.size(digest) if flight is None else None
         if size is not None:
             await self._authorize(route, digest)
             self._metrics.cache_results.labels("blob", "hit").inc()
             return CachedBlob(digest, size)
-        flight = self._flights.get(digest)
         if flight is not None:
             if self._sources.get(digest) != route:  # a GET from this very repository is on its way
                 await self._authorize(route, digest)
@@ -82,13 +84,13 @@ class BlobService:
         return flight
 
     async def head(self, route: Route, digest: Digest) -> BlobInfo:
+        flight = self._flights.get(digest)
+        if flight is not None and flight.size is not None and self._sources.get(digest) == route:
+            return BlobInfo(digest, flight.size)
         size = self._store.size(digest)
         if size is not None:
             await self._authorize(route, digest)
             return BlobInfo(digest, size)
-        flight = self._flights.get(digest)
-        if flight is not None and flight.size is not None and self._sources.get(digest) == route:
-            return BlobInfo(digest, flight.size)
         # Not cached: ask upstream rather than answer 404 (the client will GET it next).
         length = await self._head(route, digest)
         await self._provenance.record(route, digest)
