@@ -14,7 +14,7 @@ import pytest
 
 from proxy.errors import DigestMismatch, PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
-from proxy.registry.download import CHUNK, Flight, State
+from proxy.registry.download import CHUNK, RECENT, Flight, State
 from tests.support.polling import eventually
 
 DATA = os.urandom(3 * CHUNK + 1234)
@@ -105,3 +105,27 @@ async def test_a_full_disk_passes_the_bytes_through_memory(flight: Flight) -> No
     assert (flight.spilled, flight.disk_bytes, flight.written) == (True, 0, len(DATA))
     flight.finish()
     assert await asyncio.wait_for(reader, 5) == DATA
+
+
+@pytest.mark.parametrize(("reader", "from_memory"), [("keeping up", True), ("late", False)])
+async def test_readers_keeping_up_take_their_bytes_from_memory(tmp_path: Path, reader: str, from_memory: bool) -> None:
+    data = os.urandom(RECENT + 3 * CHUNK)
+    flight = Flight(Digest.of(data), tmp_path / "blob.part")
+    await flight.create()
+    flight.begin(len(data))
+    got = bytearray()
+    early = asyncio.create_task(collect(flight, got)) if reader == "keeping up" else None
+    for offset in range(0, len(data), CHUNK):
+        await flight.write(data[offset : offset + CHUNK])
+    unreadable = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(unreadable, flight.fd)  # from here on, any read of the file fails (EBADF)
+    finally:
+        os.close(unreadable)
+    flight.finish()
+    if early is not None:
+        assert await early == data
+    else:
+        with pytest.raises(OSError):
+            await collect(flight, bytearray())
+    flight.writer_closed()

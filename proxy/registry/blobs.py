@@ -27,6 +27,7 @@ from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, describe_error
 
 _START_TIMEOUT = 60.0
+_WRITE_BEHIND = 4 << 20  # bytes received while a write runs before the download waits for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,17 +179,29 @@ class BlobService:
 
     async def _receive(self, route: Route, flight: Flight, response: aiohttp.ClientResponse) -> None:
         hasher = flight.digest.hasher()
-        async for chunk in response.content.iter_chunked(CHUNK):
-            hasher.update(chunk)
-            await flight.write(chunk)
-            if flight.spilled and self._flights.get(flight.digest) is flight:
-                # New clients must not join a download that keeps only a memory window.
-                del self._flights[flight.digest]
-                del self._sources[flight.digest]
-                self._log.error("cache_disk_full", digest=str(flight.digest), on_disk=flight.disk_bytes)
-                self.on_full()
-            if flight.size is not None and flight.written > flight.size:
-                break
+        # Bytes are written (and hashed) in a worker thread while the next ones arrive; what
+        # arrives meanwhile is written in one go next (at most _WRITE_BEHIND bytes wait).
+        writing: asyncio.Future[None] | None = None
+        pending: list[bytes] = []
+        waiting = received = 0
+        try:
+            async for chunk in response.content.iter_chunked(CHUNK):
+                pending.append(chunk)
+                waiting += len(chunk)
+                received += len(chunk)
+                if writing is None or writing.done() or waiting >= _WRITE_BEHIND:
+                    writing = await self._write_next(flight, writing, pending, hasher.update)
+                    pending, waiting = [], 0
+                if flight.size is not None and received > flight.size:
+                    break
+            writing = await self._write_next(flight, writing, pending, hasher.update)
+            await self._write_next(flight, writing, [], hasher.update)
+        finally:
+            # The descriptor must outlive a write still running in its thread.
+            if writing is not None and not writing.done():
+                await asyncio.wait([writing])
+            if writing is not None and writing.done() and not writing.cancelled():
+                writing.exception()  # retrieved: the error that matters is already propagating
         self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written)
         if flight.size is not None and flight.written != flight.size:
             self._metrics.upstream_errors.labels(route.upstream, "short_read").inc()
@@ -203,6 +216,30 @@ class BlobService:
                 actual=f"{flight.digest.algorithm}:{hasher.hexdigest()}",
             )
             raise DigestMismatch(f"upstream content for {flight.digest} does not match its digest")
+
+    async def _write_next(
+        self,
+        flight: Flight,
+        writing: asyncio.Future[None] | None,
+        pending: list[bytes],
+        update: Callable[[bytes], object],
+    ) -> asyncio.Future[None] | None:
+        """Wait for the write in progress, then start writing ``pending`` (if any)."""
+        if writing is not None:
+            await writing
+            self._check_spill(flight)
+        if not pending:
+            return None
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        return asyncio.ensure_future(flight.write(data, update))
+
+    def _check_spill(self, flight: Flight) -> None:
+        if flight.spilled and self._flights.get(flight.digest) is flight:
+            # New clients must not join a download that keeps only a memory window.
+            del self._flights[flight.digest]
+            del self._sources[flight.digest]
+            self._log.error("cache_disk_full", digest=str(flight.digest), on_disk=flight.disk_bytes)
+            self.on_full()
 
     def in_flight(self) -> list[Digest]:
         return list(self._flights)
