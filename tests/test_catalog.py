@@ -19,7 +19,7 @@ from proxy.errors import CatalogLocked, CatalogUnavailable
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import OCI_INDEX, OCI_MANIFEST, ParsedManifest, parse_manifest
 from proxy.registry.catalog import PINNED, CatalogDatabase, LocalCatalog
-from proxy.registry.catalog.sql import AddManifest, DropImage, Forget, Op, Prove, SetTag
+from proxy.registry.catalog.ops import AddManifest, DropImage, Forget, Op, Prove, SetTag
 from tests.support.cacheparts import Clock
 from tests.support.polling import eventually
 

@@ -25,7 +25,7 @@ from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
 from proxy.oci.mediatypes import OCI_INDEX, OCI_MANIFEST, parse_manifest
 from proxy.registry.catalog import CatalogDatabase
-from proxy.registry.catalog.sql import AddBlob, AddManifest, CountPulls, SetTag
+from proxy.registry.catalog.ops import AddBlob, AddManifest, CountPulls, SetTag
 from proxy.registry.routing import Router
 from proxy.registry.store import BlobStore
 

@@ -33,7 +33,7 @@ from proxy.oci.mediatypes import ParsedManifest, parse_manifest
 from proxy.oci.reference import ImageReference, is_registry_host
 from proxy.registry.catalog import PINNED as PINNED  # the pin time of imports, re-exported
 from proxy.registry.catalog import CatalogDatabase
-from proxy.registry.catalog.sql import DropImage, Forget
+from proxy.registry.catalog.ops import DropImage, Forget
 from proxy.registry.routing import Route, Router
 from proxy.registry.store import BlobStore
 

@@ -41,7 +41,7 @@ from proxy.oci.mediatypes import ParsedManifest, parse_manifest
 from proxy.oci.reference import ImageReference
 from proxy.ops.progress import Task
 from proxy.registry.catalog import CatalogDatabase
-from proxy.registry.catalog.sql import AddBlob, AddManifest, Op, Prove, SetTag
+from proxy.registry.catalog.ops import AddBlob, AddManifest, Op, Prove, SetTag
 from proxy.registry.routing import Router
 from proxy.registry.store import BlobStore
 

@@ -45,18 +45,8 @@ from proxy.errors import CatalogLocked, CatalogUnavailable
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import ParsedManifest
 from proxy.registry.catalog.interface import CatalogSnapshot, ManifestInfo, TagEntry
-from proxy.registry.catalog.sql import (
-    AddBlob,
-    AddManifest,
-    CatalogDatabase,
-    CountPulls,
-    Disprove,
-    Forget,
-    Loaded,
-    Op,
-    Prove,
-    SetTag,
-)
+from proxy.registry.catalog.ops import AddBlob, AddManifest, CountPulls, Disprove, Forget, Op, Prove, SetTag
+from proxy.registry.catalog.sql import CatalogDatabase, Loaded
 
 LOCK_WAIT = 5.0  # how long a request waits for another process's write lock
 RECONCILE_WAIT = 60.0  # at startup a running ``cache prune`` is waited for longer

@@ -22,6 +22,17 @@ from pathlib import Path
 from proxy.errors import CatalogLocked, CatalogUnavailable
 from proxy.oci.digest import Digest
 from proxy.registry.catalog.interface import CatalogSnapshot, ManifestInfo, TagEntry
+from proxy.registry.catalog.ops import (
+    AddBlob,
+    AddManifest,
+    CountPulls,
+    Disprove,
+    DropImage,
+    Forget,
+    Op,
+    Prove,
+    SetTag,
+)
 
 PINNED = 253402300799.0  # 9999-12-31: the "checked" time of what ``import`` pins (tags, proofs)
 SCHEMA_VERSION = 2
@@ -62,71 +73,6 @@ INSERT OR REPLACE INTO proofs
 DROP TABLE repo_blobs;
 UPDATE images SET last_pulled = 0 WHERE pull_count = 0;
 """
-
-
-# --- write operations (applied in order, one transaction per batch) ---------------------------
-@dataclass(frozen=True, slots=True)
-class AddBlob:
-    digest: str
-    size: int
-    added: float
-
-
-@dataclass(frozen=True, slots=True)
-class AddManifest:
-    upstream: str
-    repository: str
-    digest: str
-    size: int
-    media_type: str
-    children: tuple[str, ...]
-    added: float
-
-
-@dataclass(frozen=True, slots=True)
-class SetTag:
-    upstream: str
-    repository: str
-    tag: str
-    digest: str
-    checked: float
-
-
-@dataclass(frozen=True, slots=True)
-class Prove:
-    upstream: str
-    repository: str
-    digest: str
-    checked: float
-
-
-@dataclass(frozen=True, slots=True)
-class Disprove:
-    upstream: str
-    repository: str
-    digest: str
-
-
-@dataclass(frozen=True, slots=True)
-class CountPulls:
-    pulls: tuple[tuple[str, str, str, float, int], ...]  # (upstream, repository, digest, last, count)
-
-
-@dataclass(frozen=True, slots=True)
-class Forget:
-    digests: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class DropImage:
-    """``cache prune``: the repository no longer lists this manifest (nor tags pointing at it)."""
-
-    upstream: str
-    repository: str
-    digest: str
-
-
-Op = AddBlob | AddManifest | SetTag | Prove | Disprove | CountPulls | Forget | DropImage
 
 
 # --- what bulk reads return -------------------------------------------------------------------
@@ -329,14 +275,6 @@ class CatalogDatabase:
                 (upstream, repository, digest),
             ).fetchone()
         return row is not None
-
-    def proof(self, upstream: str, repository: str, digest: str) -> float | None:
-        with _errors():
-            row = self.db.execute(
-                "SELECT checked FROM proofs WHERE upstream = ? AND repository = ? AND digest = ?",
-                (upstream, repository, digest),
-            ).fetchone()
-        return float(row[0]) if row is not None else None
 
     def proofs(self, digest: str) -> dict[tuple[str, str], float]:
         """Every (upstream, repository) shown to hold ``digest``, and when."""
