@@ -77,8 +77,8 @@ class LocalCatalog:
         self._clock = clock
         self._writer = CatalogDatabase(path, busy_timeout=_ATTEMPT)
         self._reader = CatalogDatabase(path, busy_timeout=lock_wait)
-        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="catalog-writer")
-        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="catalog-reader")
+        self._writer_thread: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="catalog-writer")
+        self._reader_thread: ThreadPoolExecutor | None = ThreadPoolExecutor(1, thread_name_prefix="catalog-reader")
         self._tags: dict[tuple[str, str, str], TagEntry] = {}
         self._images: set[ImageKey] = set()
         self._manifests: dict[str, ManifestInfo] = {}
@@ -110,10 +110,16 @@ class LocalCatalog:
 
     # --- threads -------------------------------------------------------------------------
     async def _on_writer(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer_thread, lambda: fn(*args, **kwargs))
+        return await self._on(self._writer_thread, lambda: fn(*args, **kwargs))
 
     async def _on_reader(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._reader_thread, lambda: fn(*args, **kwargs))
+        return await self._on(self._reader_thread, lambda: fn(*args, **kwargs))
+
+    @staticmethod
+    async def _on(thread: ThreadPoolExecutor | None, call: Callable[[], T]) -> T:
+        if thread is None:
+            raise CatalogUnavailable("the cache catalog is closed")
+        return await asyncio.get_running_loop().run_in_executor(thread, call)
 
     # --- lifecycle -----------------------------------------------------------------------
     async def open(self) -> None:
@@ -123,19 +129,22 @@ class LocalCatalog:
         await self._reload()
 
     async def close(self) -> None:
-        if not self._open:
-            return
+        """Commit what is queued (waiting at most ``lock_wait``), then close. Safe after a
+        failed ``open`` and when called twice."""
         if self._syncing is not None:
             self._syncing.cancel()
-        if not await self.flush():
+        if self._open and not await self.flush():
             self._log.error("catalog_writes_lost", pending=len(self._journal), reason="catalog.db stayed locked")
         self._open = False
         if self._drainer is not None:
             self._drainer.cancel()
+        if self._writer_thread is None or self._reader_thread is None:
+            return
         await self._on_writer(self._writer.close)  # after any attempt still running
         await self._on_reader(self._reader.close)
         self._writer_thread.shutdown(wait=False)
         self._reader_thread.shutdown(wait=False)
+        self._writer_thread = self._reader_thread = None
 
     async def reconcile(self, present: Iterable[tuple[Digest, int]]) -> int:
         files = list(present)
