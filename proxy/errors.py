@@ -76,6 +76,22 @@ class BlobUnknown(PullgateError):
     code, status = "BLOB_UNKNOWN", 404
 
 
+# --- the cache's own state -------------------------------------------------------------
+class CatalogUnavailable(PullgateError):
+    """The catalog could not take a write in time: another process (``pullgate cache prune``,
+    ``import``) holds ``catalog.db``'s write lock past the bound, or SQLite failed. Clients
+    retry a 503 with ``Retry-After``; nothing was lost (the write stays queued)."""
+
+    code, status = "UNAVAILABLE", 503
+
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class CatalogLocked(CatalogUnavailable):
+    """Another process held ``catalog.db``'s write lock for longer than we wait."""
+
+
 # --- upstream errors ---------------------------------------------------------------------
 class UpstreamError(PullgateError):
     """The upstream answered something unusable (garbage, unexpected status)."""

@@ -172,7 +172,7 @@ async def test_quota_evicts_least_recently_pulled_and_spares_readers(
 
     await pull("a")
     await pull("b")
-    app[MIRROR].catalog.flush()
+    await app[MIRROR].catalog.flush()
     await asyncio.sleep(0.05)
     await pull("a")  # a is now more recent than b
     # A client is in the middle of reading b's big layer when c arrives and b is evicted.
@@ -190,7 +190,7 @@ async def test_quota_evicts_least_recently_pulled_and_spares_readers(
     assert "sha256:" + hasher.hexdigest() == big, "an in-progress read is unaffected by eviction"
     mirror_state = app[MIRROR]
     catalog = mirror_state.catalog
-    kept = {name for name, image in images.items() if catalog.manifest(Digest.parse(image.manifest_digest))}
+    kept = {name for name, image in images.items() if await catalog.manifest(Digest.parse(image.manifest_digest))}
     assert kept == {"a", "c"}, "b was least recently pulled"
     assert catalog.total_bytes <= 10 << 20
     for name in kept:  # no kept manifest points at missing bytes

@@ -153,4 +153,4 @@ def test_warm_and_ls_say_which_size_is_which(registry: Registry, image: ImageInf
 
 def test_uppercase_repository_names_say_names_are_lowercase(config: Path) -> None:
     failed = pullgate(config, "warm", "library/Hello:1", expect=1)
-    assert "invalid repository name 'library/Hello' (repository names are lowercase)" in failed.stderr
+    assert "invalid repository name 'library/Hello': repository names are lowercase" in failed.stderr

@@ -3,8 +3,8 @@ locating references, the inspect view (``proxy.inventory.listing``), disk usage 
 and pruning that never removes a blob a kept manifest references.
 
 ``CacheContent`` writes objects the way the daemon does (blob committed, then its catalog
-row; manifests with ``add_manifest``, tags with ``set_tag``), so these tests need no
-upstream. ``tests/test_archive.py`` reuses it."""
+rows, written as the catalog's own ops), so these tests need no upstream; times come from
+its ``now`` rather than the wall clock. ``tests/test_archive.py`` reuses it."""
 
 from __future__ import annotations
 
@@ -25,11 +25,13 @@ from proxy.oci.artifacts import SIMPLESIGNING
 from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
 from proxy.oci.mediatypes import OCI_INDEX, OCI_MANIFEST, parse_manifest
-from proxy.registry.catalog import Catalog
+from proxy.registry.catalog import CatalogDatabase
+from proxy.registry.catalog.ops import AddBlob, AddManifest, CountPulls, SetTag
 from proxy.registry.routing import Router
 from proxy.registry.store import BlobStore
 
 DAY = 86400.0
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 Desc = dict[str, Any]
 
 
@@ -47,27 +49,31 @@ class CacheContent:
         self.root = root
         self.config = make_config(root)
         self.store = BlobStore(root)
-        self.store.open()
-        self.catalog = Catalog(root / "catalog.db")
-        self.catalog.open()
+        self.store.open_blocking()
+        self.catalog = CatalogDatabase(root / "catalog.db").open()
+        self.now = time.time()  # when objects are added
 
     def inventory(self) -> Inventory:
         return Inventory(self.store, self.catalog, Router(self.config), self.config.upstreams).load()
 
-    async def blob(self, data: bytes, media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip") -> Desc:
+    async def blob(self, data: bytes, media_type: str = LAYER, *, added: float | None = None) -> Desc:
         digest = Digest.of(data)
         await self.store.put(data, digest)
-        self.catalog.add_blob(digest, len(data))
+        self.catalog.write([AddBlob(str(digest), len(data), self.now if added is None else added)])
         return {"mediaType": media_type, "digest": str(digest), "size": len(data)}
 
     async def manifest(self, repo: str, doc: dict[str, Any], tag: str | None, upstream: str = "docker.io") -> Desc:
         data = json.dumps(doc).encode()
         digest = Digest.of(data)
         await self.store.put(data, digest)
-        self.catalog.add_manifest(upstream, repo, digest, len(data), parse_manifest(data, None))
-        if tag is not None:
-            self.catalog.set_tag(upstream, repo, tag, digest, time.time())
+        self.add_manifest(upstream, repo, data, tag)
         return {"mediaType": doc["mediaType"], "digest": str(digest), "size": len(data)}
+
+    def add_manifest(self, upstream: str, repo: str, data: bytes, tag: str | None) -> None:
+        digest, parsed = str(Digest.of(data)), parse_manifest(data, None)
+        children = tuple(str(c.digest) for c in parsed.children)
+        ops = [AddManifest(upstream, repo, digest, len(data), parsed.media_type, children, self.now)]
+        self.catalog.write([*ops, *([SetTag(upstream, repo, tag, digest, self.now)] if tag else [])])
 
     async def image(
         self,
@@ -109,11 +115,11 @@ class CacheContent:
         doc = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": list(children)}
         return await self.manifest(repo, doc, tag, upstream)
 
-    def pulled(self, repo: str, when: float) -> None:
-        self.catalog.db.execute("UPDATE images SET last_pulled = ? WHERE repository = ?", (when, repo))
-
-    def aged(self, digest: str, when: float) -> None:
-        self.catalog.db.execute("UPDATE blobs SET added = ? WHERE digest = ?", (when, digest))
+    def pulled(self, repo: str, when: float, digest: str | None = None) -> None:
+        """Count one pull at ``when`` of every manifest of ``repo`` (or of ``digest``)."""
+        rows = self.catalog.inventory().images
+        pulls = [(u, r, d, when, 1) for u, r, d, _, _ in rows if r == repo and digest in (None, d)]
+        self.catalog.write([CountPulls(tuple(pulls))])
 
     def close(self) -> None:
         self.catalog.close()
@@ -135,7 +141,7 @@ async def test_ls_lists_root_images_with_tags_platforms_and_sizes(content: Cache
     amd = await content.image("library/app", layers=[base, 700], platform="linux/amd64")
     arm = await content.image("library/app", layers=[base, 800], platform="linux/arm64")
     index = await content.index("library/app", "1", [amd, arm])
-    content.catalog.set_tag("docker.io", "library/app", "latest", Digest.parse(index["digest"]), time.time())
+    content.catalog.write([SetTag("docker.io", "library/app", "latest", index["digest"], content.now)])
     one = await content.image("acme/tool", "2", layers=[300], upstream="ghcr.io", platform="linux/arm64")
     await content.signature("library/app", index, b"signature")
 
@@ -251,7 +257,7 @@ async def prune_scene(content: CacheContent) -> dict[str, Desc]:
     """app:1 (index, recent, shares a base layer with web:1) with a signature pulled long ago;
     web:1 and old:1 (+ its signature) not pulled for 40 days; ghcr.io/acme/tool:1 recent;
     one unreferenced blob from two hours ago and one from just now."""
-    now = time.time()
+    now = content.now
     base = await content.blob(os.urandom(4000))
     amd = await content.image("library/app", layers=[base, 100])
     arm = await content.image("library/app", layers=[base, 200], platform="linux/arm64")
@@ -261,14 +267,13 @@ async def prune_scene(content: CacheContent) -> dict[str, Desc]:
     scene["old"] = await content.image("library/old", "1", layers=[400])
     scene["old-sig"] = await content.signature("library/old", scene["old"], b"sig-old")
     scene["tool"] = await content.image("acme/tool", "1", layers=[500], upstream="ghcr.io")
-    scene["stale-orphan"] = await content.blob(os.urandom(50))
+    scene["stale-orphan"] = await content.blob(os.urandom(50), added=now - 2 * 3600)
     scene["fresh-orphan"] = await content.blob(os.urandom(60))
     for repo in ("library/web", "library/old"):
         content.pulled(repo, now - 40 * DAY)
-    content.catalog.db.execute(
-        "UPDATE images SET last_pulled = ? WHERE digest = ?", (now - 40 * DAY, scene["app-sig"]["digest"])
-    )
-    content.aged(scene["stale-orphan"]["digest"], now - 2 * 3600)
+    content.pulled("library/app", now - 40 * DAY, scene["app-sig"]["digest"])
+    content.pulled("library/app", now - 60, scene["app"]["digest"])
+    content.pulled("acme/tool", now - 60)
     return scene
 
 
@@ -309,12 +314,9 @@ async def test_prune_keeps_everything_a_kept_manifest_references(
 
 async def test_prune_of_one_repository_keeps_a_manifest_another_repository_holds(content: CacheContent) -> None:
     image = await content.image("library/one", "1", layers=[100])
-    data = content.store.read(Digest.parse(image["digest"]))
+    data = content.store.read_blocking(Digest.parse(image["digest"]))
     assert data is not None
-    content.catalog.add_manifest(
-        "docker.io", "library/two", Digest.parse(image["digest"]), len(data), parse_manifest(data, None)
-    )
-    content.catalog.set_tag("docker.io", "library/two", "1", Digest.parse(image["digest"]), time.time())
+    content.add_manifest("docker.io", "library/two", data, "1")
     inventory = content.inventory()
     plan = inventory.plan_prune(None, GlobSet.compile(["library/one"]))
     assert plan.blobs == () and [i.repository for i in plan.images] == ["library/one"]

@@ -243,7 +243,7 @@ async def test_manifest_digest_mismatch(mirror: tuple[Client, Origin]) -> None:
     response = await client.get("/v2/app/manifests/1.0")
     assert response.status == 502
     assert (await response.json())["errors"][0]["code"] == "DIGEST_INVALID"
-    assert client.app[MIRROR].catalog.tag("docker.io", "library/app", "1.0") is None
+    assert await client.app[MIRROR].catalog.tag("docker.io", "library/app", "1.0") is None
     assert client.app[MIRROR].store.size(Digest.parse(image.digest)) is None
 
 
@@ -263,7 +263,7 @@ async def test_bad_upstream_manifests(
     response = await client.get("/v2/app/manifests/bad")
     assert response.status == status
     assert (await response.json())["errors"][0]["code"] == code
-    assert client.app[MIRROR].catalog.tag("docker.io", "library/app", "bad") is None
+    assert await client.app[MIRROR].catalog.tag("docker.io", "library/app", "bad") is None
 
 
 @pytest.mark.parametrize(
@@ -323,7 +323,7 @@ async def test_index_and_platform_fallback(mirror: tuple[Client, Origin]) -> Non
     # Every platform manifest of the index was cached in the background: arm64 nodes can
     # pull while the upstream is down.
     for _ in range(100):
-        if client.app[MIRROR].catalog.has_image("docker.io", "library/multi", Digest.parse(arm.digest)):
+        if await client.app[MIRROR].catalog.has_image("docker.io", "library/multi", Digest.parse(arm.digest)):
             break
         await asyncio.sleep(0.01)
     origin.status = 503

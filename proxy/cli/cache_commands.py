@@ -38,7 +38,7 @@ from proxy.ops.logs import configure_logging
 from proxy.ops.progress import Progress
 from proxy.policy.active import PolicySet, load_policies
 from proxy.policy.findings import image_findings
-from proxy.registry.catalog import Catalog
+from proxy.registry.catalog import CatalogDatabase
 from proxy.registry.routing import Router, registry_name
 from proxy.registry.store import BlobStore
 
@@ -220,7 +220,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 @contextmanager
-def _cache(config: Config, *, create: bool = False) -> Iterator[tuple[BlobStore, Catalog]]:
+def _cache(config: Config, *, create: bool = False) -> Iterator[tuple[BlobStore, CatalogDatabase]]:
     root = config.cache.dir
     if not create and not (root / "catalog.db").is_file():
         raise CacheMissing(f"no cache at {root} (use --cache-dir or cache.dir in --config)")
@@ -228,15 +228,14 @@ def _cache(config: Config, *, create: bool = False) -> Iterator[tuple[BlobStore,
     if create:  # never BlobStore.open(): it sweeps tmp/, where a running daemon downloads
         store.blobs.mkdir(parents=True, exist_ok=True)
         store.tmp.mkdir(parents=True, exist_ok=True)
-    catalog = Catalog(root / "catalog.db")
-    catalog.open()
+    catalog = CatalogDatabase(root / "catalog.db").open()
     try:
         yield store, catalog
     finally:
         catalog.close()
 
 
-def _inventory(config: Config, store: BlobStore, catalog: Catalog) -> Inventory:
+def _inventory(config: Config, store: BlobStore, catalog: CatalogDatabase) -> Inventory:
     return Inventory(store, catalog, Router(config), config.upstreams).load()
 
 
@@ -337,7 +336,7 @@ async def _import_archive(
     args: argparse.Namespace,
     archive: tuple[Path | BinaryIO, int | None],
     store: BlobStore,
-    catalog: Catalog,
+    catalog: CatalogDatabase,
 ) -> tuple[list[dict[str, Any]], int, float]:
     source, size = archive
     progress, started = Progress(sys.stderr), time.monotonic()
@@ -365,7 +364,7 @@ async def _import_archive(
     return results, task.done, time.monotonic() - started
 
 
-def _pinned(catalog: Catalog, target: Target) -> bool:
+def _pinned(catalog: CatalogDatabase, target: Target) -> bool:
     assert target.tag is not None
     entry = catalog.tag(target.upstream, target.repository, target.tag)
     return entry is not None and entry.checked >= PINNED

@@ -131,15 +131,20 @@ async def manifest(request: web.Request) -> web.Response:
         validate_tag(reference)
     info(request).reference = reference
     found = await mirror.manifest(route, reference)
+    pulled = [found.digest]
     accepted = parse_accept(",".join(request.headers.getall("Accept", [])))
     if found.media_type in INDEX_TYPES and not acceptable(found.media_type, accepted):
         # A client that cannot take an index gets the linux/amd64 image, as Distribution does.
         child = pick_platform(parse_manifest(found.data, found.media_type))
         if child is not None:
             found = await mirror.manifest(route, str(child.digest))
+            pulled.append(found.digest)
     pull_policy = request.app.get(PULL_POLICY)
     if pull_policy is not None:
         await pull_policy.check(route, reference, found)
+    if request.method == "GET":  # a HEAD (containerd's resolve) is not a pull
+        for digest in pulled:
+            mirror.record_pull(route, digest)
     details = info(request)
     details.cache = found.result
     details.bytes = len(found.data) if request.method == "GET" else 0

@@ -5,9 +5,10 @@ disk usage and what layer sharing saves (``cache du``), and pruning (``cache pru
 
 An *image* is a root manifest of one (upstream, repository): a manifest of that repository
 that no other manifest of it references — an index, or a single-platform manifest — with
-everything it references. Queries read one snapshot of the catalog's tables (SQL on
-``catalog.db``), so they work with or without the daemon running; a daemon writing meanwhile
-is seen on the next ``load``.
+everything it references. Queries read one snapshot of the catalog's tables
+(``CatalogDatabase.inventory``), so they work with or without the daemon running; a daemon
+writing meanwhile is seen on the next ``load``. A daemon counts a pull about a second after
+it happened (it batches them); an image never pulled (imported, warmed) shows no pull time.
 
 Cosign's legacy signature/attestation tags (``sha256-<hex>.sig``, ``.att``, ``.sbom``, and
 ``sha256-<hex>`` for the OCI 1.1 referrers fallback) and manifests with a ``subject`` are
@@ -33,13 +34,14 @@ from proxy.oci.digest import Digest
 from proxy.oci.globs import GlobSet
 from proxy.oci.mediatypes import ParsedManifest, parse_manifest
 from proxy.oci.reference import ImageReference
-from proxy.registry.catalog import Catalog
+from proxy.registry.catalog import PINNED as PINNED  # the pin time of imports, re-exported
+from proxy.registry.catalog import CatalogDatabase
+from proxy.registry.catalog.ops import DropImage, Forget
 from proxy.registry.routing import Router, registry_name
 from proxy.registry.store import BlobStore
 
 SIGNATURE_TAG = re.compile(r"^sha256-([0-9a-f]{64})(?:\.(?:sig|att|sbom))?$")
 ORPHAN_GRACE = 3600.0  # unreferenced blobs younger than this may be about to get a manifest
-PINNED = 253402300799.0  # 9999-12-31: the "checked" time of tags pinned by ``import``
 _MAX_JSON = 4 << 20
 
 RowKey = tuple[str, str]  # (upstream, repository)
@@ -91,23 +93,17 @@ class Snapshot:
     pinned: set[tuple[str, str, str]] = field(default_factory=set)  # (upstream, repository, digest) tagged by import
 
     @classmethod
-    def read(cls, catalog: Catalog) -> Snapshot:
-        catalog.flush()
-        snap, db = cls(), catalog.db
-        for digest, size, media_type, is_manifest, added in db.execute(
-            "SELECT digest, size, media_type, is_manifest, added FROM blobs"
-        ):
+    def read(cls, catalog: CatalogDatabase) -> Snapshot:
+        snap, rows = cls(), catalog.inventory()
+        for digest, size, media_type, is_manifest, added in rows.blobs:
             snap.sizes[digest], snap.added[digest] = size, added
             if is_manifest:
-                snap.manifests[digest] = media_type
-        for parent, child in db.execute("SELECT parent, child FROM refs"):
+                snap.manifests[digest] = media_type or ""
+        for parent, child in rows.refs:
             snap.children[parent].append(child)
-        images = db.execute("SELECT upstream, repository, digest, last_pulled, pull_count FROM images")
-        for u, r, d, last, count in images:
+        for u, r, d, last, count in rows.images:
             snap.rows[(u, r)][d] = (last, count)
-        for u, r, tag, d, checked in db.execute(
-            "SELECT upstream, repository, tag, digest, checked FROM tags ORDER BY tag"
-        ):
+        for u, r, tag, d, checked in rows.tags:
             snap.tags[(u, r)][d].append(tag)
             if checked >= PINNED:
                 snap.pinned.add((u, r, d))
@@ -133,7 +129,9 @@ class Snapshot:
 
 
 class Inventory:
-    def __init__(self, store: BlobStore, catalog: Catalog, router: Router, upstreams: tuple[UpstreamConfig, ...]):
+    def __init__(
+        self, store: BlobStore, catalog: CatalogDatabase, router: Router, upstreams: tuple[UpstreamConfig, ...]
+    ):
         self.store = store
         self.catalog = catalog
         self.router = router
@@ -147,7 +145,7 @@ class Inventory:
     # --- objects -----------------------------------------------------------------------------
     def manifest(self, digest: str) -> ParsedManifest | None:
         media_type = self.snap.manifests.get(digest)
-        data = self.store.read(Digest.parse(digest)) if media_type is not None else None
+        data = self.store.read_blocking(Digest.parse(digest)) if media_type is not None else None
         if data is None:
             return None
         try:
@@ -159,7 +157,7 @@ class Inventory:
         """A small JSON object from the store (manifest, config), or None."""
         if self.snap.sizes.get(digest, _MAX_JSON + 1) > _MAX_JSON:
             return None
-        data = self.store.read(Digest.parse(digest))
+        data = self.store.read_blocking(Digest.parse(digest))
         try:
             return jsondoc.parse_object(data, digest, max_bytes=_MAX_JSON) if data is not None else None
         except jsondoc.JsonInvalid:
@@ -209,7 +207,7 @@ class Inventory:
         matches = [SIGNATURE_TAG.match(t) for t in tags]
         if not tags or not all(matches) or matches[0] is None:
             return None
-        data = self.store.read(Digest.parse(digest))
+        data = self.store.read_blocking(Digest.parse(digest))
         if data is None or not is_signature_object(data, self.snap.manifests.get(digest)):
             return None  # the tag's shape proves nothing about the content (issue 13)
         return f"sha256:{matches[0].group(1)}"
@@ -340,7 +338,9 @@ class Inventory:
         images = [self.image(key, root) for root in self.snap.roots(key)]
 
         def wanted(image: Image) -> bool:
-            old = older_than is None or image.last_pulled < now - older_than
+            # Never pulled (imported, warmed): as old as the time it was stored.
+            used = image.last_pulled or self.snap.added.get(image.digest, now)
+            old = older_than is None or used < now - older_than
             return old and (not globs or self._matches(globs, key))
 
         plain = {i.digest: wanted(i) for i in images if i.subject is None}
@@ -367,23 +367,12 @@ class Inventory:
     def prune(self, plan: PrunePlan) -> int:
         """Apply ``plan``; returns the bytes freed. Catalog rows go first (no manifest row may
         point at deleted bytes), then each object still unreferenced after a fresh look."""
-        db = self.catalog.db
-        with db:
-            db.execute("BEGIN")
-            for upstream, repository, digest in plan.rows:
-                db.execute(
-                    "DELETE FROM images WHERE upstream = ? AND repository = ? AND digest = ?",
-                    (upstream, repository, digest),
-                )
-                db.execute(
-                    "DELETE FROM tags WHERE upstream = ? AND repository = ? AND digest = ?",
-                    (upstream, repository, digest),
-                )
+        self.catalog.write([DropImage(*row) for row in plan.rows])
         self.load()  # the daemon may have added manifests since the plan was made
         reachable = self.snap.closure([d for members in self.snap.rows.values() for d in members])
-        doomed = [Digest.parse(d) for d in plan.blobs if d not in reachable]
-        self.catalog.forget(doomed)  # also reloads its in-memory tags and images
-        freed = sum(self.store.remove(d) for d in doomed)
+        doomed = [d for d in plan.blobs if d not in reachable]
+        self.catalog.write([Forget(tuple(doomed))])  # a running daemon notices within a second
+        freed = sum(self.store.remove_blocking(Digest.parse(d)) for d in doomed)
         self.load()
         return freed
 

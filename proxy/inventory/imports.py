@@ -10,18 +10,22 @@ imported by digest only. The registry must be a configured upstream.
 
 The whole archive is read once into the cache's ``tmp/`` (blobs the store already holds are
 only hashed), checking every blob's digest and size and every entry's graph and name;
-nothing is committed unless all of it verified. Then each image is committed bottom-up
-(blobs, manifests, finally the tag), so neither the daemon nor a crash ever sees a tag or
-manifest whose content is not there: imports are atomic per image. Memory stays flat
+nothing is committed unless all of it verified. Then each image's files are committed to the
+store, and its catalog rows (blobs, manifests, the tag, and the proofs that the repository
+holds each object — the operator's import vouches for it, pinned like the tag) in one
+transaction, so neither the daemon nor a crash ever sees a tag or manifest whose content is
+not there: imports are atomic per image. Memory stays flat
 (1 MiB chunks).
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
 import tarfile
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,7 +39,8 @@ from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import ParsedManifest, parse_manifest
 from proxy.oci.reference import ImageReference
 from proxy.ops.progress import Task
-from proxy.registry.catalog import Catalog
+from proxy.registry.catalog import CatalogDatabase
+from proxy.registry.catalog.ops import AddBlob, AddManifest, Op, Prove, SetTag
 from proxy.registry.routing import Router
 from proxy.registry.store import BlobStore
 
@@ -340,23 +345,28 @@ class _Graph:
 
     def _read(self, digest: str) -> bytes:
         temp = self.staged.temps.get(digest)
-        data = temp.read_bytes() if temp is not None else self.store.read(Digest.parse(digest))
+        data = temp.read_bytes() if temp is not None else self.store.read_blocking(Digest.parse(digest))
         if data is None:
             raise ArchiveInvalid(f"manifest {digest} vanished from the cache during import")
         return data
 
 
-async def commit(target: Target, staged: Staged, store: BlobStore, catalog: Catalog, checked: float) -> int:
-    """Put one image into the cache bottom-up; returns the bytes newly stored."""
-    written = 0
+async def commit(target: Target, staged: Staged, store: BlobStore, catalog: CatalogDatabase, checked: float) -> int:
+    """Put one image into the cache: its files, then its catalog rows in one transaction;
+    returns the bytes newly stored. ``checked`` dates the tag and the proofs (``PINNED``
+    unless ``--no-pin``)."""
+    written, now, ops = 0, time.time(), list[Op]()
+    u, r = target.upstream, target.repository
     for digest, size in target.blobs:
         written += await _place(digest, staged, store)
-        catalog.add_blob(Digest.parse(digest), size)
+        ops += [AddBlob(digest, size, now), Prove(u, r, digest, checked)]
     for digest, parsed, size in target.manifests:
         written += await _place(digest, staged, store)
-        catalog.add_manifest(target.upstream, target.repository, Digest.parse(digest), size, parsed)
+        children = tuple(str(c.digest) for c in parsed.children)
+        ops += [AddManifest(u, r, digest, size, parsed.media_type, children, now), Prove(u, r, digest, checked)]
     if target.tag is not None:
-        catalog.set_tag(target.upstream, target.repository, target.tag, Digest.parse(target.digest), checked)
+        ops.append(SetTag(u, r, target.tag, target.digest, checked))
+    await asyncio.to_thread(catalog.write, ops)
     return written
 
 

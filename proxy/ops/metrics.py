@@ -115,6 +115,12 @@ class Metrics:
             ["listener"],
             registry=registry,
         )
+        self.loop_lag = Histogram(
+            "pullgate_event_loop_lag_seconds",
+            "How late the event loop woke a task that slept 100 ms (anything blocking the loop).",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
         # --- client access and limits ------------------------------------------------------
         self.auth_failures = Counter(
             "pullgate_auth_failures_total",

@@ -134,7 +134,7 @@ class ContentProvider(Protocol):
 
     def content(self, ref: ImageReference) -> SignatureSource: ...
 
-    def parents(self, ref: ImageReference, digest: Digest) -> Sequence[Digest]:
+    async def parents(self, ref: ImageReference, digest: Digest) -> Sequence[Digest]:
         """Indexes of ``ref``'s repository known to list ``digest`` (their signatures count)."""
         ...
 
@@ -220,7 +220,7 @@ class Facts:
         source = self._source()
         try:
             assert self.content is not None  # _source() checked
-            related = self.content.parents(self.ref, digest)
+            related = await self.content.parents(self.ref, digest)
             subject = Subject(source, self.ref.repository, digest, tuple(related))
             verifier = self.verifier or verification_service(self.metrics)
             return await verifier.verify(subject, policy, cache)

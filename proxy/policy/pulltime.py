@@ -81,7 +81,7 @@ class PullPolicy:
     async def _verify(self, route: Route, digest: Digest, rule: Signatures) -> VerificationResult:
         """The one verification service the webhook uses too: same candidates (the digest
         and the indexes listing it), same cache, single flight and metrics."""
-        related = self._mirror.catalog.parents(route.upstream, route.repository, digest)
+        related = await self._mirror.catalog.parents(route.upstream, route.repository, digest)
         subject = Subject(self._mirror.content_of(route.upstream), route.repository, digest, tuple(related))
         try:
             async with asyncio.timeout(self._timeout):

@@ -1,9 +1,9 @@
 """Blobs: served from the store when present, else fetched from upstream once (single
 flight) while every waiting client streams the bytes as they arrive.
 
-A blob is served for repository R only if a cached manifest of R references it or the
-upstream confirmed R holds it (distribution spec: blobs are scoped to repositories; the
-store is shared, and must not let one repository's digests leak through another's name).
+A stored blob is served for a repository only with a proof that the repository holds it
+(``proxy.registry.provenance``): blobs are scoped to repositories (distribution spec), the
+store is shared, and one repository's digests must not leak through another's name.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from proxy.oci.digest import Digest
 from proxy.ops.metrics import Metrics
 from proxy.registry.catalog import Catalog
 from proxy.registry.download import CHUNK, Flight, State
+from proxy.registry.provenance import Provenance
 from proxy.registry.routing import Route
 from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, describe_error
 
 _START_TIMEOUT = 60.0
+_WRITE_BEHIND = 4 << 20  # bytes received while a write runs before the download waits for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +47,7 @@ class BlobService:
         self,
         store: BlobStore,
         catalog: Catalog,
+        provenance: Provenance,
         upstreams: dict[str, RegistryClient],
         metrics: Metrics,
         *,
@@ -55,9 +58,11 @@ class BlobService:
         evict now."""
         self._store = store
         self._catalog = catalog
+        self._provenance = provenance
         self._upstreams = upstreams
         self._metrics = metrics
         self._flights: dict[Digest, Flight] = {}
+        self._sources: dict[Digest, Route] = {}  # whose request started each download
         self._tasks: set[asyncio.Task[None]] = set()
         self._on_stored = on_stored
         self._on_full = on_full
@@ -65,14 +70,17 @@ class BlobService:
 
     async def get(self, route: Route, digest: Digest) -> CachedBlob | Flight:
         """The cached blob, or the download to stream from (joined or started)."""
-        size = self._store.size(digest)
+        # A download is looked up first: while it commits, its file appears in the store
+        # before its proof is recorded.
+        flight = self._flights.get(digest)
+        size = self._store.size(digest) if flight is None else None
         if size is not None:
             await self._authorize(route, digest)
             self._metrics.cache_results.labels("blob", "hit").inc()
             return CachedBlob(digest, size)
-        flight = self._flights.get(digest)
         if flight is not None:
-            await self._authorize(route, digest)
+            if self._sources.get(digest) != route:  # a GET from this very repository is on its way
+                await self._authorize(route, digest)
             self._metrics.cache_results.labels("blob", "coalesced").inc()
             self._metrics.coalesced.labels("blob").inc()
         else:
@@ -82,33 +90,29 @@ class BlobService:
         return flight
 
     async def head(self, route: Route, digest: Digest) -> BlobInfo:
+        flight = self._flights.get(digest)
+        if flight is not None and flight.size is not None and self._sources.get(digest) == route:
+            return BlobInfo(digest, flight.size)
         size = self._store.size(digest)
         if size is not None:
             await self._authorize(route, digest)
             return BlobInfo(digest, size)
-        flight = self._flights.get(digest)
-        if (
-            flight is not None
-            and flight.size is not None
-            and self._catalog.blob_allowed(route.upstream, route.repository, digest)
-        ):
-            return BlobInfo(digest, flight.size)
         # Not cached: ask upstream rather than answer 404 (the client will GET it next).
-        return BlobInfo(digest, await self._confirm(route, digest))
+        length = await self._head(route, digest)
+        await self._provenance.record(route, digest)
+        return BlobInfo(digest, length)
 
     async def _authorize(self, route: Route, digest: Digest) -> None:
-        if not self._catalog.blob_allowed(route.upstream, route.repository, digest):
-            await self._confirm(route, digest)
+        await self._provenance.establish(route, digest, lambda: self._head(route, digest))
 
-    async def _confirm(self, route: Route, digest: Digest) -> int | None:
-        """HEAD the blob upstream under this repository; remember the answer."""
+    async def _head(self, route: Route, digest: Digest) -> int | None:
+        """HEAD the blob upstream under this repository: its length, or BlobUnknown."""
         client = self._upstreams[route.upstream]
         response = await client.fetch("HEAD", route.repository, f"blobs/{digest}", max_size=0)
         if response.status == 404:
             raise BlobUnknown(f"blob {digest} is unknown to repository {route.repository}")
         if response.status != 200:
             raise UpstreamError(f"upstream answered {response.status} for blob HEAD")
-        self._catalog.link_blob(route.upstream, route.repository, digest)
         length = response.headers.get("Content-Length")
         return int(length) if length and length.isdigit() else None
 
@@ -116,6 +120,7 @@ class BlobService:
     def _start(self, route: Route, digest: Digest) -> Flight:
         flight = Flight(digest, self._store.temp_path())
         self._flights[digest] = flight
+        self._sources[digest] = route
         # The download is its own task: a client that disconnects must not cancel it.
         task = asyncio.create_task(self._download(route, flight))
         self._tasks.add(task)
@@ -127,6 +132,7 @@ class BlobService:
         log = self._log.bind(upstream=route.upstream, repository=route.repository, digest=str(flight.digest))
         self._metrics.inflight_fetches.inc()
         try:
+            await flight.create()
             async with client.open("GET", route.repository, f"blobs/{flight.digest}") as response:
                 if response.status == 404:
                     raise BlobUnknown(f"blob {flight.digest} is unknown to repository {route.repository}")
@@ -151,9 +157,10 @@ class BlobService:
             self._metrics.inflight_fetches.dec()
             if self._flights.get(flight.digest) is flight:
                 del self._flights[flight.digest]
-            if flight.final is None:
-                flight.temp.unlink(missing_ok=True)
+                del self._sources[flight.digest]
             flight.writer_closed()
+            if flight.final is None:
+                await asyncio.to_thread(flight.temp.unlink, missing_ok=True)
 
     async def _keep(self, route: Route, flight: Flight) -> None:
         """Commit a verified download to the store — unless the disk filled, in which case
@@ -169,24 +176,37 @@ class BlobService:
             log.warning("blob_passed_through", size=flight.written, reason="cache disk full")
             self._on_full()
             return
-        self._catalog.add_blob(flight.digest, flight.written)
-        self._catalog.link_blob(route.upstream, route.repository, flight.digest)
+        await self._catalog.add_blob(flight.digest, flight.written)
+        await self._provenance.record(route, flight.digest)  # fetched from this repository
         flight.finish()
         log.info("blob_cached", size=flight.written)
         self._on_stored()
 
     async def _receive(self, route: Route, flight: Flight, response: aiohttp.ClientResponse) -> None:
         hasher = flight.digest.hasher()
-        async for chunk in response.content.iter_chunked(CHUNK):
-            hasher.update(chunk)
-            flight.write(chunk)
-            if flight.spilled and self._flights.get(flight.digest) is flight:
-                # New clients must not join a download that keeps only a memory window.
-                del self._flights[flight.digest]
-                self._log.error("cache_disk_full", digest=str(flight.digest), on_disk=flight.disk_bytes)
-                self._on_full()
-            if flight.size is not None and flight.written > flight.size:
-                break
+        # Bytes are written (and hashed) in a worker thread while the next ones arrive; what
+        # arrives meanwhile is written in one go next (at most _WRITE_BEHIND bytes wait).
+        writing: asyncio.Future[None] | None = None
+        pending: list[bytes] = []
+        waiting = received = 0
+        try:
+            async for chunk in response.content.iter_chunked(CHUNK):
+                pending.append(chunk)
+                waiting += len(chunk)
+                received += len(chunk)
+                if writing is None or writing.done() or waiting >= _WRITE_BEHIND:
+                    writing = await self._write_next(flight, writing, pending, hasher.update)
+                    pending, waiting = [], 0
+                if flight.size is not None and received > flight.size:
+                    break
+            writing = await self._write_next(flight, writing, pending, hasher.update)
+            await self._write_next(flight, writing, [], hasher.update)
+        finally:
+            # The descriptor must outlive a write still running in its thread.
+            if writing is not None and not writing.done():
+                await asyncio.wait([writing])
+            if writing is not None and writing.done() and not writing.cancelled():
+                writing.exception()  # retrieved: the error that matters is already propagating
         self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written)
         if flight.size is not None and flight.written != flight.size:
             self._metrics.upstream_errors.labels(route.upstream, "short_read").inc()
@@ -201,6 +221,30 @@ class BlobService:
                 actual=f"{flight.digest.algorithm}:{hasher.hexdigest()}",
             )
             raise DigestMismatch(f"upstream content for {flight.digest} does not match its digest")
+
+    async def _write_next(
+        self,
+        flight: Flight,
+        writing: asyncio.Future[None] | None,
+        pending: list[bytes],
+        update: Callable[[bytes], object],
+    ) -> asyncio.Future[None] | None:
+        """Wait for the write in progress, then start writing ``pending`` (if any)."""
+        if writing is not None:
+            await writing
+            self._check_spill(flight)
+        if not pending:
+            return None
+        data = pending[0] if len(pending) == 1 else b"".join(pending)
+        return asyncio.ensure_future(flight.write(data, update))
+
+    def _check_spill(self, flight: Flight) -> None:
+        if flight.spilled and self._flights.get(flight.digest) is flight:
+            # New clients must not join a download that keeps only a memory window.
+            del self._flights[flight.digest]
+            del self._sources[flight.digest]
+            self._log.error("cache_disk_full", digest=str(flight.digest), on_disk=flight.disk_bytes)
+            self._on_full()
 
     def in_flight(self) -> list[Digest]:
         return list(self._flights)

@@ -62,7 +62,7 @@ class MirrorContent:
         if isinstance(found, CachedBlob):
             if found.size > MAX_CONTENT:
                 raise ManifestInvalid(f"blob {digest} is too large to inspect ({found.size} bytes)")
-            return self._store.read(digest)
+            return await self._store.read(digest)
         if found.size is not None and found.size > MAX_CONTENT:
             raise ManifestInvalid(f"blob {digest} is too large to inspect ({found.size} bytes)")
         data = bytearray()

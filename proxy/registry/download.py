@@ -8,6 +8,12 @@ Nobody receives a blob's last byte before its digest is verified: a reader may r
 ``written - 1`` while the download runs. If verification fails, every reader's connection
 is cut short of ``Content-Length`` — clients see a truncated transfer, never wrong bytes.
 
+Every ``pwrite``/``pread`` and ``open`` runs in a worker thread: a disk that stalls must
+stall only the transfers that touch it, never the event loop. What was written and an
+attached reader still needs is also kept in memory, up to ``RECENT`` bytes: readers keeping
+up with the download (the usual case: clients at the pace of the upstream) take their bytes
+from there without a thread hop; a reader further behind reads ``READ_AHEAD`` bytes per hop.
+
 When the disk fills (ENOSPC, EDQUOT, EFBIG) the download goes on in *pass-through* mode:
 later bytes are kept in a bounded memory window for the readers already attached, and the
 blob is not cached. A reader that falls behind the window is cut off rather than let memory
@@ -18,9 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import os
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from enum import Enum
 from pathlib import Path
 
@@ -28,6 +35,8 @@ from proxy.errors import PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
 
 CHUNK = 1 << 18
+RECENT = 8 << 20  # at most this much of the download's end is kept in memory for its readers
+READ_AHEAD = 1 << 20  # bytes per disk read for readers further behind
 SPILL_WINDOW = 64 << 20  # memory kept for readers of a pass-through download
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -49,13 +58,15 @@ class Flight:
         self.started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self.final: Path | None = None  # where the verified blob lives once committed
         self.disk_bytes: int | None = None  # set when the disk filled: bytes [0, n) are on disk
-        self._fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._fd = -1  # the temp file, opened by the writer (``create``) before ``begin``
         self._changed = asyncio.Event()
         self._readers: dict[int, int] = {}  # reader id -> next offset it needs
         self._next_reader = 0
         self._writer_done = False
         self._spill: deque[tuple[int, bytes]] = deque()  # (offset, data) past disk_bytes
         self._spill_bytes = 0
+        self._recent: deque[tuple[int, bytes]] = deque()  # (offset, data): the last bytes on disk
+        self._recent_bytes = 0
 
     @property
     def fd(self) -> int:
@@ -66,29 +77,46 @@ class Flight:
         return self.disk_bytes is not None
 
     # --- writer side ----------------------------------------------------------------------
+    async def create(self) -> None:
+        """Create the temp file (before ``begin``: readers wait for ``started``)."""
+        self._fd = await asyncio.to_thread(os.open, self.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+
     def begin(self, size: int | None) -> None:
         self.size = size
         if not self.started.done():
             self.started.set_result(size)
 
-    def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, digest_update: Callable[[bytes], object] | None = None) -> None:
+        """Append ``data``; ``digest_update`` (the download's hasher) sees it first, in the
+        same worker thread as the write (hashing is CPU the event loop need not spend)."""
         view = memoryview(data)
-        while view and self.disk_bytes is None:
-            try:
-                n = os.pwrite(self._fd, view, self.written)
-            except OSError as exc:
-                if exc.errno not in _DISK_FULL:
-                    raise
-                self.disk_bytes = self.written
-                break
+        if self.disk_bytes is None:
+            n, full = await asyncio.to_thread(_pwrite_all, self._fd, view, self.written, digest_update)
+            self._remember(self.written, data if n == len(data) else bytes(view[:n]))
             self.written += n
             view = view[n:]
+            if full:
+                self.disk_bytes = self.written
+        elif digest_update is not None:
+            digest_update(data)
         if view:
             self._spill.append((self.written, bytes(view)))
             self._spill_bytes += len(view)
             self.written += len(view)
             self._trim_spill()
         self._notify()
+
+    def _remember(self, offset: int, data: bytes) -> None:
+        if data:
+            self._recent.append((offset, data))
+            self._recent_bytes += len(data)
+        # Drop what every attached reader is past, and the oldest past the cap.
+        needed = min(self._readers.values(), default=offset + len(data))
+        while self._recent and (
+            self._recent[0][0] + len(self._recent[0][1]) <= needed
+            or self._recent_bytes - len(self._recent[0][1]) >= RECENT
+        ):
+            self._recent_bytes -= len(self._recent.popleft()[1])
 
     def _trim_spill(self) -> None:
         needed = min(self._readers.values(), default=self.written)
@@ -132,14 +160,14 @@ class Flight:
                 # Joined just as the download finished and closed its descriptor.
                 if self.state is not State.DONE or self.final is None:
                     raise self.error or PullgateError("download failed")
-                fd = own_fd = os.open(self.final, os.O_RDONLY)
+                fd = own_fd = await asyncio.to_thread(os.open, self.final, os.O_RDONLY)
             offset = start
             while end is None or offset < end:
                 limit = self.written if self.state is State.DONE else max(self.written - 1, 0)
                 if end is not None:
                     limit = min(limit, end)
                 if offset < limit:
-                    data = self._chunk(fd, offset, limit)
+                    data = await self._chunk(fd, offset, limit)
                     offset += len(data)
                     self._readers[reader] = offset
                     yield data
@@ -155,16 +183,60 @@ class Flight:
             del self._readers[reader]
             self._maybe_close()
 
-    def _chunk(self, fd: int, offset: int, limit: int) -> bytes:
+    async def _chunk(self, fd: int, offset: int, limit: int) -> bytes:
         if self.disk_bytes is None or offset < self.disk_bytes:
             stop = limit if self.disk_bytes is None else min(limit, self.disk_bytes)
-            return os.pread(fd, min(stop - offset, CHUNK), offset)
-        for chunk_offset, data in self._spill:
-            if chunk_offset <= offset < chunk_offset + len(data):
-                return data[offset - chunk_offset : min(limit - chunk_offset, offset - chunk_offset + CHUNK)]
-        raise UpstreamUnavailable("client fell behind a pass-through download (cache disk full)")
+            recent = _slice(self._recent, offset, stop)
+            if recent is not None:
+                return recent
+            return await asyncio.to_thread(os.pread, fd, min(stop - offset, READ_AHEAD), offset)
+        spilled = _slice(self._spill, offset, limit)
+        if spilled is None:
+            raise UpstreamUnavailable("client fell behind a pass-through download (cache disk full)")
+        return spilled
 
     def _maybe_close(self) -> None:
+        # Runs when the last user is done: no pread/pwrite on this descriptor is in flight.
         if self._writer_done and not self._readers and self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def _slice(chunks: deque[tuple[int, bytes]], offset: int, limit: int) -> bytes | None:
+    """Bytes from ``offset`` (up to ``limit``, at most ``CHUNK``) out of the in-memory,
+    contiguous ``chunks`` (offset, data), or None when ``offset`` is not held. Searched
+    from the end: readers keeping up want the newest."""
+    first = None
+    for index in range(len(chunks) - 1, -1, -1):
+        start, data = chunks[index]
+        if start <= offset < start + len(data):
+            first = index
+            break
+        if start + len(data) <= offset:
+            return None
+    if first is None:
+        return None
+    stop = min(limit, offset + CHUNK)
+    pieces = []
+    for start, data in itertools.islice(chunks, first, None):
+        if start >= stop:
+            break
+        pieces.append(data[max(offset - start, 0) : stop - start])
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _pwrite_all(
+    fd: int, view: memoryview, offset: int, digest_update: Callable[[bytes], object] | None
+) -> tuple[int, bool]:
+    """Write ``view`` at ``offset``; returns (bytes written, whether the disk filled)."""
+    if digest_update is not None:
+        digest_update(view)  # type: ignore[arg-type]  # hashlib takes any buffer
+    done = 0
+    while done < len(view):
+        try:
+            done += os.pwrite(fd, view[done:], offset + done)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            return done, True
+    return done, False

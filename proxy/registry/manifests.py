@@ -4,7 +4,9 @@ against pull limits) and re-downloaded only when the digest moved. While the ups
 down or rate-limiting, a known tag is served stale for up to ``max_stale``; a tag the
 upstream said does not exist is remembered for ``negative_ttl``.
 
-Concurrent misses for the same manifest share one upstream request.
+Concurrent misses for the same manifest share one upstream request. A stored manifest is
+served by digest for a repository only with a proof that the repository holds it
+(``proxy.registry.provenance``); a tag is the repository's own, so what it points at is.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from proxy.oci.mediatypes import MANIFEST_TYPES, UPSTREAM_ACCEPT, ParsedManifest
 from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import Supervisor
 from proxy.registry.catalog import Catalog
+from proxy.registry.provenance import Provenance
 from proxy.registry.routing import Route
 from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
@@ -63,16 +66,20 @@ class ManifestCache:
         self,
         store: BlobStore,
         catalog: Catalog,
+        provenance: Provenance,
         upstreams: dict[str, RegistryClient],
         config: CacheConfig,
         metrics: Metrics,
         *,
         tasks: Supervisor,
         on_stored: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``tasks`` runs the index prefetches; ``on_stored``: something was added to the store."""
         self._store = store
         self._catalog = catalog
+        self._provenance = provenance
+        self._clock = clock
         self._upstreams = upstreams
         self._config = config
         self._metrics = metrics
@@ -86,7 +93,8 @@ class ManifestCache:
 
     async def get(self, route: Route, reference: str, *, count: bool = True) -> Manifest:
         """The manifest for a tag or digest (``reference`` already validated); ``count``
-        records a pull (off for the mirror's own prefetches)."""
+        records the cache result in the metrics (off for the mirror's own reads). Pulls are
+        counted by the caller (``pulled``): a HEAD or an admission lookup is no pull."""
         key = (route.upstream, route.repository, reference)
         task = self._inflight.get(key)
         if task is None:
@@ -102,34 +110,38 @@ class ManifestCache:
         manifest = await asyncio.shield(task)
         if count:
             self._metrics.cache_results.labels("manifest", manifest.result).inc()
-            self._catalog.touch(route.upstream, route.repository, manifest.digest)
         return manifest
+
+    def pulled(self, route: Route, digest: Digest) -> None:
+        """A client GET the manifest: count a pull (``cache ls``, eviction order)."""
+        self._catalog.touch(route.upstream, route.repository, digest)
 
     # --- by digest ------------------------------------------------------------------------
     async def _by_digest(self, route: Route, digest: Digest) -> Manifest:
-        cached = self._cached(digest)
-        if cached is not None:
-            if not self._catalog.has_image(route.upstream, route.repository, digest):
-                # Held for another repository: only serve it here if upstream agrees.
-                await self._confirm(route, digest, *cached)
-            return Manifest(digest, cached[0], cached[1], "hit")
-        response = await self._upstream(route, str(digest), "GET")
-        return await self._store_manifest(route, response, digest, "miss")
-
-    async def _confirm(self, route: Route, digest: Digest, media_type: str, data: bytes) -> None:
-        await self._upstream(route, str(digest), "HEAD")  # ManifestUnknown if R lacks it
-        parsed = parse_manifest(data, media_type)
-        self._catalog.add_manifest(route.upstream, route.repository, digest, len(data), parsed)
+        cached = await self._cached(digest)
+        if cached is None:
+            response = await self._upstream(route, str(digest), "GET")
+            return await self._store_manifest(route, response, digest, "miss")
+        # Stored — perhaps for another repository: served here only if upstream showed
+        # this repository holds it (ManifestUnknown otherwise).
+        await self._provenance.establish(route, digest, lambda: self._upstream(route, str(digest), "HEAD"))
+        if not await self._catalog.has_image(route.upstream, route.repository, digest):
+            parsed = parse_manifest(cached[1], cached[0])
+            proved = await self._catalog.proof(route.upstream, route.repository, digest) or 0.0
+            await self._catalog.add_manifest(
+                route.upstream, route.repository, digest, len(cached[1]), parsed, proved=proved
+            )
+        return Manifest(digest, cached[0], cached[1], "hit")
 
     # --- by tag -----------------------------------------------------------------------------
     async def _by_tag(self, route: Route, tag: str) -> Manifest:
         key = (route.upstream, route.repository, tag)
-        if self._negative.get(key, 0.0) > time.monotonic():
+        if self._negative.get(key, 0.0) > self._clock():
             self._metrics.cache_results.labels("tag", "negative").inc()
             raise ManifestUnknown(f"manifest {route.repository}:{tag} is unknown (cached answer)")
-        entry = self._catalog.tag(*key)
-        cached = self._cached(entry.digest) if entry is not None else None
-        now = time.time()
+        entry = await self._catalog.tag(*key)
+        cached = await self._cached(entry.digest) if entry is not None else None
+        now = self._clock()
         if entry is not None and cached is not None and now - entry.checked < self._config.tag_ttl:
             return Manifest(entry.digest, cached[0], cached[1], "hit")
         try:
@@ -137,11 +149,11 @@ class ManifestCache:
                 head = await self._upstream(route, tag, "HEAD")
                 moved = head.headers.get("Docker-Content-Digest")
                 if moved == str(entry.digest):
-                    self._catalog.set_tag(*key, entry.digest, now)
+                    await self._catalog.set_tag(*key, entry.digest, now)
                     return Manifest(entry.digest, cached[0], cached[1], "revalidated")
             response = await self._upstream(route, tag, "GET")
         except ManifestUnknown:
-            self._negative[key] = time.monotonic() + self._config.negative_ttl
+            self._negative[key] = self._clock() + self._config.negative_ttl
             if len(self._negative) > 10_000:
                 self._prune_negative()
             raise
@@ -160,11 +172,11 @@ class ManifestCache:
             return Manifest(entry.digest, cached[0], cached[1], "stale")
         claimed = response.headers.get("Docker-Content-Digest")
         manifest = await self._store_manifest(route, response, Digest.parse(claimed) if claimed else None, "miss")
-        self._catalog.set_tag(*key, manifest.digest, now)
+        await self._catalog.set_tag(*key, manifest.digest, now)
         return manifest
 
     def _prune_negative(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         self._negative = {k: v for k, v in self._negative.items() if v > now}
 
     # --- upstream and storage ---------------------------------------------------------------
@@ -205,7 +217,11 @@ class ManifestCache:
         parsed = parse_manifest(response.body, response.headers.get("Content-Type"))
         if self._store.size(digest) is None:
             await self._store.put(response.body, digest)
-        self._catalog.add_manifest(route.upstream, route.repository, digest, len(response.body), parsed)
+        # Fetched from this repository: the proof it holds the manifest. Durable before the
+        # client hears of it (CatalogLocked, a 503, while another process holds the lock).
+        await self._catalog.add_manifest(
+            route.upstream, route.repository, digest, len(response.body), parsed, proved=self._clock()
+        )
         self._remember(digest, response.body)
         self._on_stored()
         if parsed.is_index:
@@ -216,28 +232,27 @@ class ManifestCache:
         """Cache every platform manifest of a new index in the background (they are small):
         a node of another architecture can then pull while the upstream is down."""
         for child in index.children:
-            if child.media_type in MANIFEST_TYPES and not self._catalog.has_image(
-                route.upstream, route.repository, child.digest
-            ):
+            if child.media_type in MANIFEST_TYPES:
                 self._tasks.start("manifest_prefetch", partial(self._prefetch_one, route, child.digest), restart=False)
 
     async def _prefetch_one(self, route: Route, digest: Digest) -> None:
         try:
-            await self.get(route, str(digest), count=False)
+            if not await self._catalog.has_image(route.upstream, route.repository, digest):
+                await self.get(route, str(digest), count=False)
         except PullgateError as exc:  # a best-effort warm-up: the client's own request reports errors
             self._log.info(
                 "manifest_prefetch_failed", repository=route.repository, digest=str(digest), error=exc.message
             )
 
-    def _cached(self, digest: Digest) -> tuple[str, bytes] | None:
-        info = self._catalog.manifest(digest)
+    async def _cached(self, digest: Digest) -> tuple[str, bytes] | None:
+        info = await self._catalog.manifest(digest)
         if info is None:
             return None
         data = self._memory.get(digest)
         if data is not None:
             self._memory.move_to_end(digest)
             return info.media_type, data
-        data = self._store.read(digest)
+        data = await self._store.read(digest)
         if data is None:
             return None
         self._remember(digest, data)

@@ -15,19 +15,21 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import Config
-from proxy.errors import ConfigError, UpstreamError
+from proxy.errors import CatalogUnavailable, ConfigError, UpstreamError
 from proxy.oci import jsondoc
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import OCI_INDEX
 from proxy.oci.reference import ImageReference
 from proxy.ops.limits import FetchLimiter
+from proxy.ops.looplag import watch_loop_lag
 from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import Supervisor
 from proxy.registry.blobs import BlobService
-from proxy.registry.catalog import Catalog
+from proxy.registry.catalog import Catalog, LocalCatalog
 from proxy.registry.content import MirrorContent
 from proxy.registry.eviction import digests, plan_eviction
 from proxy.registry.manifests import Manifest, ManifestCache, Resolution
+from proxy.registry.provenance import Provenance
 from proxy.registry.routing import Route, Router
 from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
@@ -49,7 +51,8 @@ class Mirror:
         self.router = Router(config)
         root = config.cache.dir
         self.store = BlobStore(root)
-        self.catalog = Catalog(root / "catalog.db")
+        self.catalog: Catalog = LocalCatalog(root / "catalog.db")
+        self.provenance = Provenance(self.catalog)
         self._log = structlog.get_logger("pullgate.mirror")
         self._tasks = Supervisor(self.metrics, self._log)
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
@@ -63,17 +66,18 @@ class Mirror:
                 upstream, self._session, config.timeouts, self.metrics, limiter=limiter
             )
         self.manifests = ManifestCache(
-            self.store, self.catalog, self.upstreams, config.cache, self.metrics,
+            self.store, self.catalog, self.provenance, self.upstreams, config.cache, self.metrics,
             on_stored=self._check_quota, tasks=self._tasks,
         )  # fmt: skip
         self.blobs = BlobService(
-            self.store, self.catalog, self.upstreams, self.metrics, on_stored=self._check_quota, on_full=self._disk_full
-        )
+            self.store, self.catalog, self.provenance, self.upstreams, self.metrics,
+            on_stored=self._check_quota, on_full=self._disk_full,
+        )  # fmt: skip
         self._opened = False
         # Closed last to first: downloads may finish (and start an eviction) within the
         # grace, then the background tasks stop, then the session and the catalog close.
         self._closing = contextlib.AsyncExitStack()
-        self._closing.callback(self.catalog.close)
+        self._closing.push_async_callback(self.catalog.close)
         self._closing.push_async_callback(self._session.close)
         self._closing.push_async_callback(self._tasks.close)
         self._closing.push_async_callback(self.blobs.close, config.shutdown_grace)
@@ -91,23 +95,23 @@ class Mirror:
     async def _open(self) -> None:
         root = self.config.cache.dir
         try:
-            await asyncio.to_thread(self._open_store)
+            await self.store.open()
+            await asyncio.to_thread(self._probe_store)
         except OSError as exc:
             reason = (exc.strerror or exc.__class__.__name__).lower()
             raise ConfigError(f"cache.dir: {root} is not writable ({reason})") from exc
-        self.catalog.open()
-        on_disk = await asyncio.to_thread(lambda: list(self.store.scan()))
-        dropped = self.catalog.reconcile(on_disk)
-        self._update_size_metrics()
+        await self.catalog.open()
+        dropped = await self.catalog.reconcile(await self.store.scan())
+        await self._update_size_metrics()
         self.metrics.cache_max_bytes.set(self.config.cache.max_size)
         self._tasks.start("cache_flush", self._flush_loop)
+        self._tasks.start("loop_lag", lambda: watch_loop_lag(self.metrics.loop_lag))
         self._opened = True
         self._log.info("cache_opened", dir=str(root), reconciled=dropped)
 
-    def _open_store(self) -> None:
-        """Create the layout and prove a file can be written there (an existing cache on a
-        read-only mount opens without error until the first write)."""
-        self.store.open()
+    def _probe_store(self) -> None:
+        """Prove a file can be written in the cache (an existing cache on a read-only mount
+        opens without error until the first write)."""
         probe = self.store.tmp / f".probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -118,8 +122,8 @@ class Mirror:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(_FLUSH_INTERVAL)
-            self.catalog.flush()
-            self._update_size_metrics()
+            await self.catalog.flush()
+            await self._update_size_metrics()
 
     # --- quota ---------------------------------------------------------------------------
     def _check_quota(self) -> None:
@@ -139,15 +143,19 @@ class Mirror:
         if target is None:
             target = int(self.config.cache.max_size * self.config.cache.low_water)
         busy = frozenset(str(d) for d in self.blobs.in_flight())
-        victims = plan_eviction(self.catalog.snapshot(), target, busy)
+        try:
+            snapshot = await self.catalog.snapshot()
+        except CatalogUnavailable as exc:
+            self._log.warning("eviction_postponed", error=exc.message)
+            return 0
         freed = 0
-        for victim in victims:
+        for victim in plan_eviction(snapshot, target, busy):
             removed = digests(victim)
-            names = self._image_names(victim.root)  # before the catalog forgets them
+            names = await self.catalog.image_names(Digest.parse(victim.root))  # before it forgets them
+            await self.catalog.forget(removed)  # rows first: none may point at deleted bytes
             for digest in removed:
-                freed += self.store.remove(digest)
+                freed += await self.store.remove(digest)
                 self.manifests.forget(digest)
-            self.catalog.forget(removed)
             self.metrics.evictions.inc()
             self.metrics.evicted_bytes.inc(victim.size)
             self._log.info(
@@ -158,21 +166,15 @@ class Mirror:
                 bytes=victim.size,
                 last_used=round(victim.last_used),
             )
-        self._update_size_metrics()
+        await self._update_size_metrics()
         return freed
 
-    def _image_names(self, root: str) -> list[str]:
-        """``upstream/repository:tag`` (``@digest`` when untagged) of the images ``root`` is."""
-        rows = self.catalog.db.execute(
-            "SELECT i.upstream, i.repository, t.tag FROM images i LEFT JOIN tags t ON t.upstream = i.upstream"
-            " AND t.repository = i.repository AND t.digest = i.digest WHERE i.digest = ?",
-            (root,),
-        )
-        return sorted(f"{u}/{r}:{t}" if t else f"{u}/{r}@{root}" for u, r, t in rows)
-
-    def _update_size_metrics(self) -> None:
-        size, count = self.catalog.totals()
-        self.catalog.total_bytes = size  # also counts what other processes (CLI import) added
+    async def _update_size_metrics(self) -> None:
+        try:
+            size, count = await self.catalog.totals()  # also counts what ``import`` added
+        except CatalogUnavailable as exc:
+            self._log.warning("cache_size_unknown", error=exc.message)
+            return
         self.metrics.cache_bytes.set(size)
         self.metrics.cache_objects.set(count)
 
@@ -183,6 +185,10 @@ class Mirror:
     # --- the registry API --------------------------------------------------------------
     async def manifest(self, route: Route, reference: str) -> Manifest:
         return await self.manifests.get(route, reference)
+
+    def record_pull(self, route: Route, digest: Digest) -> None:
+        """A client GET a manifest: that is a pull (HEADs and the mirror's own reads are not)."""
+        self.manifests.pulled(route, digest)
 
     async def tags_list(self, route: Route, query: dict[str, str]) -> UpstreamResponse:
         path = "tags/list"
@@ -229,11 +235,11 @@ class Mirror:
         """Manifests, blobs and referrers of ``ref``'s upstream, through the cache."""
         return self.content_of(self.route_image(ref).upstream)
 
-    def parents(self, ref: ImageReference, digest: Digest) -> list[Digest]:
+    async def parents(self, ref: ImageReference, digest: Digest) -> list[Digest]:
         """Cached indexes of ``ref``'s repository that list ``digest`` (a signature on a
         multi-arch index covers its platform manifests)."""
         route = self.route_image(ref)
-        return self.catalog.parents(route.upstream, route.repository, digest)
+        return await self.catalog.parents(route.upstream, route.repository, digest)
 
     def content_of(self, upstream: str) -> MirrorContent:
         """Manifests, blobs and referrers of one upstream, through the cache."""

@@ -4,6 +4,11 @@ upstream and repository.
 Bytes land in ``tmp/`` first and are renamed into ``blobs/<alg>/<aa>/<hex>`` only after
 their digest was verified and the file fsynced, so a file under ``blobs/`` is always
 complete and correct; a crash leaves at most a stray temp file, removed on the next start.
+
+Reading, writing, fsync and directory walks run in a worker thread (``asyncio.to_thread``):
+on a slow or busy disk any of them can take long enough to stall every client of the event
+loop. ``size`` (one ``stat``, answered from the inode cache) stays inline: it is on every
+cached blob request. ``read_blocking`` is for the CLI tools, which run no event loop.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ class BlobStore:
         self.blobs = root / "blobs"
         self.tmp = root / "tmp"
 
-    def open(self) -> None:
+    async def open(self) -> None:
+        await asyncio.to_thread(self.open_blocking)
+
+    def open_blocking(self) -> None:
         """Create the layout and drop temp files a crash left behind.
 
         Temp files carry their writer's PID: several processes share one cache (the daemon
@@ -44,7 +52,10 @@ class BlobStore:
         except FileNotFoundError:
             return None
 
-    def read(self, digest: Digest) -> bytes | None:
+    async def read(self, digest: Digest) -> bytes | None:
+        return await asyncio.to_thread(self.read_blocking, digest)
+
+    def read_blocking(self, digest: Digest) -> bytes | None:
         try:
             return self.path(digest).read_bytes()
         except FileNotFoundError:
@@ -80,14 +91,23 @@ class BlobStore:
 
     async def put(self, data: bytes, digest: Digest) -> Path:
         """Store small verified content (manifests) in one go."""
-        temp = self.temp_path()
+        return await asyncio.to_thread(self._put, data, digest)
+
+    def _put(self, data: bytes, digest: Digest) -> Path:
+        temp, final = self.temp_path(), self.path(digest)
         try:
-            temp.write_bytes(data)
-            return await self.commit(temp, digest)
+            with temp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                self._sync_and_rename(temp, final, f.fileno())
         finally:
             temp.unlink(missing_ok=True)
+        return final
 
-    def remove(self, digest: Digest) -> int:
+    async def remove(self, digest: Digest) -> int:
+        return await asyncio.to_thread(self.remove_blocking, digest)
+
+    def remove_blocking(self, digest: Digest) -> int:
         """Delete a blob; returns the bytes freed (0 if it was not there)."""
         path = self.path(digest)
         try:
@@ -97,14 +117,18 @@ class BlobStore:
             return 0
         return size
 
-    def scan(self) -> Iterator[tuple[Digest, int]]:
+    async def scan(self) -> list[tuple[Digest, int]]:
         """Every stored blob with its size (used to reconcile the catalog at startup)."""
+        return await asyncio.to_thread(lambda: list(self.scan_blocking()))
+
+    def scan_blocking(self) -> Iterator[tuple[Digest, int]]:
         for algorithm_dir in self.blobs.iterdir():
             for prefix in algorithm_dir.iterdir():
                 for entry in prefix.iterdir():
                     yield Digest(algorithm_dir.name, entry.name), entry.stat().st_size
 
     def writable(self) -> bool:
+        """Can a file be created in ``tmp/``? (``/readyz``; a few µs on a healthy disk.)"""
         probe = self.tmp / f".probe-{uuid.uuid4().hex}"
         try:
             probe.write_bytes(b"")

@@ -1,0 +1,77 @@
+"""Provenance: may a stored digest be served under a repository's name?
+
+The store is shared by every upstream and repository, but the distribution spec scopes
+blobs and manifests to repositories — and access rules are per repository. So a cached
+object is served for ``(upstream, repository)`` only when that upstream has shown that the
+repository holds it (a *proof* in the catalog): it was fetched from that exact
+``(upstream, repository)``, or the upstream answered a HEAD for it there, or an operator
+imported it there. A manifest of the repository that merely *references* a digest proves
+nothing: anyone who can push to a public repository can write such a manifest (issue 13:
+layers with ``urls`` naming another repository's private digests).
+
+A proof is trusted for ``ttl`` and then asked again (a HEAD, which Docker Hub does not
+count as a pull). A 404 means not served — and the proof is dropped; while the upstream
+cannot be reached an expired proof still serves (as ``max_stale`` does for tags).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from proxy.errors import BlobUnknown, ManifestUnknown, UpstreamRateLimited, UpstreamUnavailable
+from proxy.oci.digest import Digest
+from proxy.registry.catalog import Catalog
+from proxy.registry.routing import Route
+
+PROOF_TTL = 24 * 3600.0
+
+# Asks the upstream whether the route's repository holds the digest: returns on yes, raises
+# BlobUnknown/ManifestUnknown on no, an UpstreamError when it cannot tell.
+Ask = Callable[[], Awaitable[object]]
+
+
+class Provenance:
+    def __init__(self, catalog: Catalog, *, ttl: float = PROOF_TTL, clock: Callable[[], float] = time.time) -> None:
+        self._catalog = catalog
+        self._ttl = ttl
+        self._clock = clock
+        self._log = structlog.get_logger("pullgate.provenance")
+
+    async def proven(self, route: Route, digest: Digest) -> bool:
+        """A fresh proof exists (a memory lookup once memoized)."""
+        checked = await self._catalog.proof(route.upstream, route.repository, digest)
+        return checked is not None and self._clock() - checked < self._ttl
+
+    async def establish(self, route: Route, digest: Digest, ask: Ask) -> None:
+        """Return if ``route`` may be served ``digest``, asking upstream when no fresh proof
+        exists; raise the upstream's ``BlobUnknown``/``ManifestUnknown`` otherwise."""
+        checked = await self._catalog.proof(route.upstream, route.repository, digest)
+        now = self._clock()
+        if checked is not None and now - checked < self._ttl:
+            return
+        try:
+            await ask()
+        except (BlobUnknown, ManifestUnknown):
+            if checked is not None:
+                await self._catalog.disprove(route.upstream, route.repository, digest)
+            raise
+        except (UpstreamUnavailable, UpstreamRateLimited) as exc:
+            if checked is None:
+                raise
+            self._log.warning(
+                "stale_proof_used",
+                upstream=route.upstream,
+                repository=route.repository,
+                digest=str(digest),
+                age=round(now - checked),
+                error=exc.message,
+            )
+            return
+        await self._catalog.prove(route.upstream, route.repository, digest, now)
+
+    async def record(self, route: Route, digest: Digest) -> None:
+        """``digest`` was just fetched from ``route``: that is a proof."""
+        await self._catalog.prove(route.upstream, route.repository, digest, self._clock())

@@ -1,0 +1,131 @@
+"""One shared download (``Flight``) on a real temp file: readers at their own offsets stream
+bytes as they are written, never the last byte before the digest is verified; a failure ends
+every reader; a reader that comes late reads the committed file; a full disk (``/dev/full``,
+the kernel's ENOSPC) turns the download into a pass-through from memory."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import DigestMismatch, PullgateError, UpstreamUnavailable
+from proxy.oci.digest import Digest
+from proxy.registry.download import CHUNK, RECENT, Flight, State
+from tests.support.polling import eventually
+
+DATA = os.urandom(3 * CHUNK + 1234)
+
+
+@pytest.fixture
+async def flight(tmp_path: Path) -> AsyncIterator[Flight]:
+    started = Flight(Digest.of(DATA), tmp_path / "blob.part")
+    await started.create()
+    started.begin(len(DATA))
+    yield started
+    if started.fd >= 0:
+        started.writer_closed()
+
+
+async def collect(flight: Flight, got: bytearray, start: int = 0, end: int | None = None) -> bytes:
+    async for chunk in flight.read(start, end):
+        got += chunk
+    return bytes(got)
+
+
+@pytest.mark.parametrize(("start", "end"), [(0, None), (1000, None), (5, 17), (0, len(DATA)), (len(DATA) - 1, None)])
+async def test_readers_stream_their_range_and_wait_for_verification_for_the_last_byte(
+    flight: Flight, start: int, end: int | None
+) -> None:
+    got = bytearray()
+    reader = asyncio.create_task(collect(flight, got, start, end))
+    for offset in range(0, len(DATA), 5000):
+        await flight.write(DATA[offset : offset + 5000])
+    expected = DATA[start:end]
+    if end is None or end == len(DATA):
+        # Everything is written but not verified: all but the blob's last byte.
+        await eventually(lambda: len(got) == len(expected) - 1)
+        await asyncio.sleep(0.05)
+        assert not reader.done() and len(got) == len(expected) - 1
+    flight.finish()
+    assert await asyncio.wait_for(reader, 5) == expected
+
+
+@pytest.mark.parametrize(
+    "error", [DigestMismatch("bytes do not match"), UpstreamUnavailable("upstream went away")]
+)
+async def test_a_failed_download_ends_every_reader_with_its_error(flight: Flight, error: PullgateError) -> None:
+    readers = [asyncio.create_task(collect(flight, bytearray(), start)) for start in (0, 100)]
+    await flight.write(DATA[:CHUNK])
+    flight.fail(error)
+    for reader in readers:
+        with pytest.raises(type(error)) as raised:
+            await asyncio.wait_for(reader, 5)
+        assert raised.value is error
+    assert flight.state is State.FAILED
+
+
+async def test_a_late_reader_reads_the_committed_file(flight: Flight, tmp_path: Path) -> None:
+    await flight.write(DATA)
+    final = tmp_path / "final"
+    final.write_bytes(DATA)
+    flight.final = final
+    flight.finish()
+    flight.writer_closed()
+    assert flight.fd == -1, "nobody reads: the temp descriptor is closed"
+    assert await collect(flight, bytearray(), 10) == DATA[10:]
+
+
+async def test_the_descriptor_stays_open_until_the_last_reader_leaves(flight: Flight) -> None:
+    got = bytearray()
+    reader = asyncio.create_task(collect(flight, got))
+    await flight.write(DATA[:100])
+    await eventually(lambda: len(got) == 99)
+    flight.writer_closed()  # the writer is done (it will not finish): the reader still holds the file
+    assert flight.fd >= 0
+    flight.fail(UpstreamUnavailable("cancelled"))
+    with pytest.raises(UpstreamUnavailable):
+        await reader
+    assert flight.fd == -1
+
+
+async def test_a_full_disk_passes_the_bytes_through_memory(flight: Flight) -> None:
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, flight.fd)  # every write to the temp file now fails with ENOSPC
+    finally:
+        os.close(full)
+    got = bytearray()
+    reader = asyncio.create_task(collect(flight, got))
+    for offset in range(0, len(DATA), CHUNK):
+        await flight.write(DATA[offset : offset + CHUNK])
+    assert (flight.spilled, flight.disk_bytes, flight.written) == (True, 0, len(DATA))
+    flight.finish()
+    assert await asyncio.wait_for(reader, 5) == DATA
+
+
+@pytest.mark.parametrize(("reader", "from_memory"), [("keeping up", True), ("late", False)])
+async def test_readers_keeping_up_take_their_bytes_from_memory(tmp_path: Path, reader: str, from_memory: bool) -> None:
+    data = os.urandom(RECENT + 3 * CHUNK)
+    flight = Flight(Digest.of(data), tmp_path / "blob.part")
+    await flight.create()
+    flight.begin(len(data))
+    got = bytearray()
+    early = asyncio.create_task(collect(flight, got)) if reader == "keeping up" else None
+    for offset in range(0, len(data), CHUNK):
+        await flight.write(data[offset : offset + CHUNK])
+    unreadable = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(unreadable, flight.fd)  # from here on, any read of the file fails (EBADF)
+    finally:
+        os.close(unreadable)
+    flight.finish()
+    if early is not None:
+        assert await early == data
+    else:
+        with pytest.raises(OSError):
+            await collect(flight, bytearray())
+    flight.writer_closed()
