@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import CacheConfig, TimeoutConfig, UpstreamConfig
 from proxy.ops.metrics import Metrics
+from proxy.ops.supervisor import Supervisor
 from proxy.registry.blobs import BlobService
 from proxy.registry.catalog import LocalCatalog
 from proxy.registry.manifests import ManifestCache
@@ -73,11 +74,12 @@ async def cache_parts(
         upstreams = {UPSTREAM: RegistryClient(UpstreamConfig(UPSTREAM, upstream_url), session, timeouts, metrics)}
         await store.open()
         await catalog.open()
-        manifests = ManifestCache(store, catalog, provenance, upstreams, config, metrics, clock=clock)
+        tasks = Supervisor(metrics)
+        manifests = ManifestCache(store, catalog, provenance, upstreams, config, metrics, tasks=tasks, clock=clock)
         blobs = BlobService(store, catalog, provenance, upstreams, metrics)
         try:
             yield Parts(root, clock, metrics, store, catalog, provenance, blobs, manifests)
         finally:
-            await manifests.close()
+            await tasks.close()
             await blobs.close(1.0)
             await catalog.close()
