@@ -1,4 +1,4 @@
-"""proxy.ops.singleflight: one task per key, shared by concurrent callers, never cancelled
+"""proxy.singleflight: one task per key, shared by concurrent callers, never cancelled
 by one caller leaving, forgotten when done."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from proxy.ops.singleflight import SingleFlight
+from proxy.singleflight import SingleFlight
 
 
 class Boom(RuntimeError):

@@ -1,4 +1,3 @@
-import time
 
 import pytest
 
@@ -34,14 +33,24 @@ def test_no_challenge(header: str | None) -> None:
     assert parse_challenge(header) is None
 
 
-def test_token_cache_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = TokenCache()
-    now = time.monotonic()
-    monkeypatch.setattr(time, "monotonic", lambda: now)
+def test_token_cache_expiry() -> None:
+    now = [1000.0]
+    cache = TokenCache(clock=lambda: now[0])
     cache.put("r", "s", "scope", "tok", 60)
     assert cache.get("r", "s", "scope") == "tok"
     assert cache.get("r", "s", "other") is None
-    monkeypatch.setattr(time, "monotonic", lambda: now + 56)
+    now[0] += 56
     assert cache.get("r", "s", "scope") is None  # refreshed a little before expiry
     cache.put("r", "s", "scope", "tok2", None)  # default lifetime 60 s
     assert cache.get("r", "s", "scope") == "tok2"
+
+
+def test_token_cache_drops_expired_tokens_and_stays_bounded() -> None:
+    """Expired tokens are purged (not kept forever), and the cache holds at most its size."""
+    now = [0.0]
+    cache = TokenCache(max_tokens=3, clock=lambda: now[0])
+    for i in range(5):
+        cache.put("r", "s", f"repository:a{i}:pull", f"t{i}", 60)
+    assert len(cache) == 3 and cache.get("r", "s", "repository:a4:pull") == "t4"
+    now[0] += 120
+    assert len(cache) == 0

@@ -14,10 +14,11 @@ from proxy.errors import UpstreamUnavailable
 from proxy.oci.digest import Digest
 from proxy.ops.metrics import Metrics
 from proxy.policy.verifier import verification_service
+from proxy.trust.cosign import Reason
 from proxy.trust.identity import KeylessIdentity
 from proxy.trust.service import Subject, VerificationCache
 from proxy.trust.trustroot import TrustedRoot
-from proxy.trust.verification import SignaturePolicy
+from proxy.trust.verification import KeyResult, SignaturePolicy, VerificationResult
 from tests.signer import MemoryRegistry, legacy_artifact
 from tests.sigstore_fakes import GITHUB, WORKFLOW, FakeSigstore
 
@@ -78,3 +79,21 @@ async def test_errors_are_counted_and_logged() -> None:
     labels = {"result": "error", "key": "", "issuer": ""}
     assert metrics.registry.get_sample_value("pullgate_signature_verifications_total", labels) == 1
     assert [e["event"] for e in logs] == ["signature_verification_failed"]
+
+
+@pytest.mark.parametrize(("allowed", "ttl_left_after_31s"), [(True, True), (False, False)])
+def test_verification_cache_ttls_and_bound(allowed: bool, ttl_left_after_31s: bool) -> None:
+    """Successes live for ``ttl``, failures for ``failure_ttl``; a full cache drops its least
+    recently used result, never everything at once."""
+    now = [0.0]
+    cache = VerificationCache(ttl=600, failure_ttl=30, max_entries=3, clock=lambda: now[0])
+    result = VerificationResult((KeyResult("k", None if allowed else Reason.BAD_SIGNATURE),), threshold=1)
+    digests = [Digest.of(bytes([i])) for i in range(4)]
+    for digest in digests[:3]:
+        cache.put(digest, result)
+    assert cache.get(digests[0]) is result  # used: the least recently used is now digests[1]
+    cache.put(digests[3], result)
+    assert cache.get(digests[1]) is None
+    assert all(cache.get(d) is result for d in (digests[0], digests[2], digests[3]))
+    now[0] += 31
+    assert (cache.get(digests[0]) is result) is ttl_left_after_31s

@@ -35,7 +35,6 @@ import contextlib
 import hmac
 import os
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import structlog
+from cachetools import TTLCache
 
 from proxy.access.passwords import HashFormatError, PasswordHash, parse_htpasswd, parse_tokens, token_digest
 from proxy.access.tokens import AccessTokens
@@ -54,6 +54,7 @@ from proxy.ops.limits import Attempt, FailureWindow, KeyedSlots, TooManyRequests
 from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import supervised
 from proxy.registry.routing import Route
+from proxy.singleflight import SingleFlight
 
 _REFRESH_INTERVAL = 1.0  # how often the credential files are stat()ed
 _CACHE_ENTRIES = 10_000
@@ -198,8 +199,8 @@ class Access:
         # Verified passwords, keyed by an HMAC under a per-process key (not a bare hash of
         # the password), expiring after credential_cache_ttl or when the files change.
         self._cache_key = os.urandom(32)
-        self._verified: OrderedDict[bytes, tuple[float, int]] = OrderedDict()
-        self._pending: dict[bytes, asyncio.Future[bool]] = {}
+        self._verified: TTLCache[bytes, int] = TTLCache(_CACHE_ENTRIES, config.credential_cache_ttl)  # -> generation
+        self._checks: SingleFlight[bytes, bool] = SingleFlight()
         self._slots = asyncio.Semaphore(_VERIFY_SLOTS)
         self._log = structlog.get_logger("pullgate.access")
 
@@ -310,23 +311,13 @@ class Access:
 
     async def _verify(self, user: str, password: str, address: str) -> bool:
         key = hmac.new(self._cache_key, f"{user}\0{password}".encode(), "sha256").digest()
-        now = time.monotonic()
-        cached = self._verified.get(key)
-        if cached is not None and cached[0] > now and cached[1] == self.files.generation:
+        if self._verified.get(key) == self.files.generation:
             return True
-        pending = self._pending.get(key)
-        if pending is None:
-            # Concurrent requests with the same credentials (containerd fetches layers in
-            # parallel) share one slow verification: one guess, counted once.
-            pending = self._start_check(user, password, address)
-            self._pending[key] = pending
-            pending.add_done_callback(lambda _: self._pending.pop(key, None))
-        ok = await asyncio.shield(pending)
+        # Concurrent requests with the same credentials (containerd fetches layers in
+        # parallel) share one slow verification: one guess, counted once.
+        ok = await self._checks.run(key, lambda: self._start_check(user, password, address))
         if ok:
-            self._verified[key] = (now + self.config.credential_cache_ttl, self.files.generation)
-            self._verified.move_to_end(key)
-            while len(self._verified) > _CACHE_ENTRIES:
-                self._verified.popitem(last=False)
+            self._verified[key] = self.files.generation
         return ok
 
     def _start_check(self, user: str, password: str, address: str) -> asyncio.Future[bool]:

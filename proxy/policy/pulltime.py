@@ -19,9 +19,9 @@ containers/image unpacks any layer bytes under an image config, whatever their m
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 
 import structlog
+from cachetools import LRUCache
 
 from proxy.errors import Denied, PullgateError
 from proxy.oci.artifacts import Kind, classify, payload_matches
@@ -46,7 +46,7 @@ class PullPolicy:
         self._mirror = mirror
         self._policies = policies
         self._timeout = timeout
-        self._exempt: OrderedDict[Digest, None] = OrderedDict()
+        self._exempt: LRUCache[Digest, bool] = LRUCache(_EXEMPT_MEMORY)
         self._log = structlog.get_logger("pullgate.pullpolicy")
         self._verifier = verification_service(mirror.metrics)
 
@@ -94,17 +94,14 @@ class PullPolicy:
     async def _is_signature_object(self, route: Route, manifest: Manifest) -> bool:
         """Exempt from the signature requirement: a signature or attestation artifact, by
         structure and by the content of its layers (remembered per digest: it never changes)."""
-        if manifest.digest in self._exempt:
-            self._exempt.move_to_end(manifest.digest)
+        if self._exempt.get(manifest.digest):
             return True
         artifact = classify(manifest.data, manifest.media_type)
         if artifact.kind is Kind.IMAGE:
             return False
         if artifact.inspect and not await self._payloads_match(route, artifact.inspect):
             return False
-        self._exempt[manifest.digest] = None
-        while len(self._exempt) > _EXEMPT_MEMORY:
-            self._exempt.popitem(last=False)
+        self._exempt[manifest.digest] = True
         return True
 
     async def _payloads_match(self, route: Route, layers: tuple[Descriptor, ...]) -> bool:

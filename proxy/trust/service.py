@@ -13,14 +13,16 @@ old answers); concurrent askers for the same digest share one verification.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from cachetools import TLRUCache
+
 from proxy.errors import PullgateError
 from proxy.oci.digest import Digest
+from proxy.singleflight import SingleFlight
 from proxy.trust.verification import SignaturePolicy, SignatureSource, VerificationResult, verify_image
 
 
@@ -65,47 +67,42 @@ class NullObserver:
 class VerificationCache:
     """Results by image digest for one rule. Successes are trusted for ``ttl``, failures
     only for ``failure_ttl`` so a freshly pushed signature is seen soon. Keyed by digest,
-    so a tag moved to an unsigned image is verified afresh. Also holds the verifications
-    in flight, so concurrent askers (webhook and pulls alike) share one."""
+    so a tag moved to an unsigned image is verified afresh. At most ``max_entries``: the
+    least recently used result goes first (cachetools' time-aware LRU, so a full cache
+    never forgets everything at once). Also holds the verifications in flight
+    (``proxy.singleflight``), so concurrent askers (webhook and pulls alike) share one."""
 
-    def __init__(self, ttl: float = 600.0, failure_ttl: float = 30.0, max_entries: int = 10_000) -> None:
+    def __init__(
+        self,
+        ttl: float = 600.0,
+        failure_ttl: float = 30.0,
+        max_entries: int = 10_000,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.ttl = ttl
         self.failure_ttl = failure_ttl
         self.max_entries = max_entries
-        self._entries: dict[Digest, tuple[float, VerificationResult]] = {}
-        self._inflight: dict[Digest, asyncio.Task[VerificationResult]] = {}
+        self._entries: TLRUCache[Digest, VerificationResult] = TLRUCache(
+            maxsize=max_entries, ttu=self._expiry, timer=clock
+        )
+        self._inflight: SingleFlight[Digest, VerificationResult] = SingleFlight()
+
+    def _expiry(self, _: Digest, result: VerificationResult, now: float) -> float:
+        return now + (self.ttl if result.allowed else self.failure_ttl)
 
     def get(self, digest: Digest) -> VerificationResult | None:
-        entry = self._entries.get(digest)
-        if entry is None or entry[0] <= time.monotonic():
-            return None
-        return entry[1]
+        return self._entries.get(digest)
 
     def put(self, digest: Digest, result: VerificationResult) -> None:
-        if len(self._entries) >= self.max_entries:
-            now = time.monotonic()
-            self._entries = {d: e for d, e in self._entries.items() if e[0] > now}
-            if len(self._entries) >= self.max_entries:
-                self._entries.clear()
-        ttl = self.ttl if result.allowed else self.failure_ttl
-        self._entries[digest] = (time.monotonic() + ttl, result)
+        self._entries[digest] = result
 
     async def shared(
         self, digest: Digest, verify: Callable[[], Coroutine[Any, Any, VerificationResult]]
     ) -> VerificationResult:
         """``verify()`` once for concurrent askers of ``digest``. Shielded: one asker giving
         up (its request timed out) does not cancel the verification the others wait for."""
-        task = self._inflight.get(digest)
-        if task is None:
-            task = self._inflight[digest] = asyncio.ensure_future(verify())
-            task.add_done_callback(lambda done: self._settled(digest, done))
-        return await asyncio.shield(task)
-
-    def _settled(self, digest: Digest, task: asyncio.Task[VerificationResult]) -> None:
-        if self._inflight.get(digest) is task:
-            del self._inflight[digest]
-        if not task.cancelled():
-            task.exception()  # retrieved: every asker may have gone; no "never retrieved" noise
+        return await self._inflight.run(digest, verify)
 
 
 class VerificationService:

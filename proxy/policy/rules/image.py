@@ -32,6 +32,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from cachetools import LRUCache
+
 from proxy.config.units import format_size
 from proxy.errors import NameInvalid, PullgateError
 from proxy.oci import jsondoc
@@ -71,18 +73,16 @@ _NO_DATE_BEFORE = 86400.0
 
 
 class ScanCache:
-    """A bounded map of config digest -> secret-scan phrases (oldest entry out first)."""
+    """A bounded map of config digest -> secret-scan phrases (least recently used out
+    first; a config's content never changes, so entries need no expiry)."""
 
     def __init__(self, size: int = 4096) -> None:
-        self._size = size
-        self._entries: dict[Digest, tuple[str, ...]] = {}
+        self._entries: LRUCache[Digest, tuple[str, ...]] = LRUCache(size)
 
     def get(self, digest: Digest) -> tuple[str, ...] | None:
         return self._entries.get(digest)
 
     def put(self, digest: Digest, phrases: tuple[str, ...]) -> tuple[str, ...]:
-        if len(self._entries) >= self._size:
-            del self._entries[next(iter(self._entries))]
         self._entries[digest] = phrases
         return phrases
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cachetools import TLRUCache
 from yarl import URL
 
 from proxy.errors import ConfigError, UpstreamError
@@ -62,23 +63,30 @@ class Token:
 
 class TokenCache:
     """Tokens per (realm, service, scope); never shared across upstreams (each upstream has
-    its own cache) because tokens carry that upstream's credentials' rights."""
+    its own cache) because tokens carry that upstream's credentials' rights. Each token
+    lives until its own expiry (cachetools' time-aware LRU drops expired ones), and at most
+    ``max_tokens`` are kept (one per repository scope pulled recently)."""
 
-    def __init__(self) -> None:
-        self._tokens: dict[tuple[str, str, str], Token] = {}
+    def __init__(self, max_tokens: int = 4096, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._tokens: TLRUCache[tuple[str, str, str], Token] = TLRUCache(
+            maxsize=max_tokens, ttu=lambda _key, token, _now: token.expires, timer=clock
+        )
+        self._clock = clock
 
     def get(self, realm: str, service: str, scope: str) -> str | None:
         token = self._tokens.get((realm, service, scope))
-        if token is None or token.expires <= time.monotonic():
-            return None
-        return token.value
+        return None if token is None else token.value
 
     def put(self, realm: str, service: str, scope: str, value: str, expires_in: float | None) -> None:
         lifetime = max((expires_in or DEFAULT_EXPIRY) - _EXPIRY_MARGIN, 1.0)
-        self._tokens[(realm, service, scope)] = Token(value, time.monotonic() + lifetime)
+        self._tokens[(realm, service, scope)] = Token(value, self._clock() + lifetime)
 
     def drop(self, realm: str, service: str, scope: str) -> None:
         self._tokens.pop((realm, service, scope), None)
+
+    def __len__(self) -> int:
+        self._tokens.expire()
+        return len(self._tokens)
 
 
 # --- where credentials may go -------------------------------------------------------------
