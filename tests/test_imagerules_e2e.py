@@ -23,7 +23,7 @@ from proxy.cli import main
 from proxy.config.settings import AdmissionConfig, CacheConfig, Config, UpstreamConfig
 from proxy.http.app import create_app
 from proxy.policy.sites import clip
-from tests.support.admission import pod_review
+from tests.support.admission import WebhookWorld, pod_review
 from tests.support.aio import ServerFactory
 from tests.support.images import OCI_INDEX, OciLayout, build_image
 from tests.support.procs import free_port
@@ -90,11 +90,7 @@ def build(directory: Path, **changes: Any) -> Path:
 
 
 @dataclass
-class World:
-    registry: Registry
-    webhook: str
-    session: aiohttp.ClientSession
-    repo: str
+class World(WebhookWorld):
     tmp: Path
 
     async def push(self, name: str, **changes: Any) -> str:
@@ -145,10 +141,7 @@ async def validate(
     container: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     body = pod_review(image, namespace=namespace, pod_security=pod, container_security=container)
-    async with world.session.post(f"{world.webhook}/validate", json=body) as response:
-        assert response.status == 200, await response.text()
-        answer: dict[str, Any] = (await response.json())["response"]
-        return answer
+    return await world.answer("validate", body)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS
 from tests.signer import Artifact, SimpleSigningLayer, bundle_artifact, legacy_artifact, write_oci_layout
 from tests.sigstore_fakes import GITHUB, T0, FakeSigstore, statement
+from tests.support.admission import WebhookWorld
 from tests.support.admission import pod_review as review
 from tests.support.aio import ServerFactory
 from tests.support.images import ImageFactory
@@ -68,11 +69,7 @@ def policies(directory: Path, repo: str, sigstore: FakeSigstore) -> Path:
 
 
 @dataclass
-class World:
-    registry: Registry
-    webhook: str
-    session: aiohttp.ClientSession
-    repo: str
+class World(WebhookWorld):
     sigstore: FakeSigstore
     app: web.Application
 
@@ -94,10 +91,7 @@ async def world(registry: Registry, aiohttp_server: ServerFactory, repo: str, tm
 
 
 async def validate(world: World, image: str) -> dict[str, Any]:
-    async with world.session.post(f"{world.webhook}/validate", json=review(image)) as response:
-        assert response.status == 200
-        answer: dict[str, Any] = (await response.json())["response"]
-        return answer
+    return await world.answer("validate", review(image))
 
 
 async def push(world: World, artifact: Artifact, repository: str, tmp: Path) -> None:

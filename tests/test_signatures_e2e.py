@@ -19,7 +19,7 @@ from proxy.config.settings import AdmissionConfig, CacheConfig, Config, MirrorCo
 from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS
 from tests.signer import Artifact, Rekor, SigningKey, generate_key, sign_bundle, sign_legacy, write_oci_layout
-from tests.support.admission import pod_review
+from tests.support.admission import WebhookWorld, pod_review
 from tests.support.aio import ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.images import OCI_INDEX, ImageFactory
@@ -30,11 +30,7 @@ DATA = Path(__file__).parent / "data" / "admission"
 
 
 @dataclass
-class World:
-    registry: Registry
-    webhook: str
-    session: aiohttp.ClientSession
-    repo: str
+class World(WebhookWorld):
     keys: dict[str, SigningKey]
     rekor: Rekor
     app: web.Application
@@ -115,10 +111,7 @@ async def world(registry: Registry, aiohttp_server: ServerFactory, repo: str, tm
 
 
 async def admit(world: World, image: str, endpoint: str = "mutate") -> dict[str, Any]:
-    async with world.session.post(f"{world.webhook}/{endpoint}", json=pod_review(image)) as response:
-        assert response.status == 200
-        answer: dict[str, Any] = (await response.json())["response"]
-        return answer
+    return await world.answer(endpoint, pod_review(image))
 
 
 async def push_image(world: World, factory: ImageFactory, name: str, tag: str = "1") -> str:

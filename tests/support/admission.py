@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+import aiohttp
+
+from tests.support.registry import Registry
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "admission"
 
@@ -42,3 +47,21 @@ def pod_review(
     if container_security is not None:
         spec["containers"][0]["securityContext"] = container_security
     return doc
+
+
+@dataclass
+class WebhookWorld:
+    """A webhook under test in front of a real registry (``repo`` is the test's own
+    repository there); end-to-end test modules extend it with what they need."""
+
+    registry: Registry
+    webhook: str  # base URL of the webhook listener
+    session: aiohttp.ClientSession
+    repo: str
+
+    async def answer(self, endpoint: str, review: dict[str, Any]) -> dict[str, Any]:
+        """POST ``review`` to ``/validate`` or ``/mutate``; the AdmissionReview's ``response``."""
+        async with self.session.post(f"{self.webhook}/{endpoint}", json=review) as response:
+            assert response.status == 200, await response.text()
+            answer: dict[str, Any] = (await response.json())["response"]
+            return answer
