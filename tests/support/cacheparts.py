@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import CacheConfig, TimeoutConfig, UpstreamConfig
 from proxy.ops.metrics import Metrics
+from proxy.ops.supervisor import Supervisor
 from proxy.registry.blobs import BlobService
 from proxy.registry.catalog import LocalCatalog
 from proxy.registry.manifests import ManifestCache
@@ -69,15 +70,14 @@ async def cache_parts(
     catalog = LocalCatalog(root / "catalog.db", clock=clock, lock_wait=lock_wait, sync_interval=0.0)
     provenance = Provenance(catalog, ttl=proof_ttl, clock=clock)
     timeouts = TimeoutConfig(connect=2, read=10, manifest=5, retries=0, backoff=0.01)
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
+    async with aiohttp.ClientSession(auto_decompress=False) as session, Supervisor(metrics) as tasks:
         upstreams = {UPSTREAM: RegistryClient(UpstreamConfig(UPSTREAM, upstream_url), session, timeouts, metrics)}
         await store.open()
         await catalog.open()
-        manifests = ManifestCache(store, catalog, provenance, upstreams, config, metrics, clock=clock)
+        manifests = ManifestCache(store, catalog, provenance, upstreams, config, metrics, tasks=tasks, clock=clock)
         blobs = BlobService(store, catalog, provenance, upstreams, metrics)
         try:
             yield Parts(root, clock, metrics, store, catalog, provenance, blobs, manifests)
         finally:
-            await manifests.close()
             await blobs.close(1.0)
             await catalog.close()
