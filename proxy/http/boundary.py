@@ -19,6 +19,9 @@ connection is cut short of ``Content-Length`` instead, so the client discards wh
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
@@ -43,11 +46,31 @@ class InternalError(PullgateError):
     """An unexpected exception, as the client sees it: no details beyond the request id."""
 
 
-@web.middleware
-async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The mirror's boundary (see the module docstring)."""
+class RequestIds:
+    """Request ids, unique per process and cheap (no ``uuid4`` per request): a random
+    prefix drawn once, then a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
+def request_middleware(ids: RequestIds) -> Middleware:
+    """The mirror's boundary (see the module docstring); ``ids`` names the requests whose
+    client sent no ``X-Request-Id`` of its own."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        return await _boundary(request, handler, request.headers.get("X-Request-Id", "")[:64] or ids.next())
+
+    return middleware
+
+
+async def _boundary(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
     started = time.monotonic()
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
     request[REQUEST_ID] = request_id
     endpoint = "other"
     try:
@@ -140,13 +163,14 @@ def error_response(exc: PullgateError) -> web.Response:
 
 
 def _observe(request: web.Request, status: int, endpoint: str, request_id: str, elapsed: float) -> None:
-    metrics = request.app[METRICS]
-    metrics.requests.labels(endpoint, request.method, str(status)).inc()
-    metrics.request_seconds.labels(endpoint).observe(elapsed)
-    details = info(request)
+    request.app[METRICS].request_done(endpoint, request.method, status, elapsed)
     if endpoint in ("metrics", "healthz", "readyz"):
         return
-    structlog.get_logger("pullgate.http").info(
+    logger = structlog.get_logger("pullgate.http").bind()
+    if not _enabled(logger, logging.INFO):
+        return  # the event would be filtered: not worth building
+    details = info(request)
+    logger.info(
         "http_request",
         request_id=request_id,
         method=request.method,
@@ -162,6 +186,13 @@ def _observe(request: web.Request, status: int, endpoint: str, request_id: str, 
         user_agent=request.headers.get("User-Agent", "")[:100],
         **details.extra,
     )
+
+
+def _enabled(logger: object, level: int) -> bool:
+    """Whether ``logger`` emits ``level`` (structlog's filtering bound loggers know; any
+    other logger is assumed to)."""
+    is_enabled_for = getattr(logger, "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(level))
 
 
 # --- the webhook -------------------------------------------------------------------------

@@ -148,8 +148,8 @@ async def manifest(request: web.Request) -> web.Response:
     details = info(request)
     details.cache = found.result
     details.bytes = len(found.data) if request.method == "GET" else 0
-    source = "upstream" if found.result == "miss" else "cache"
-    request.app[MIRROR].metrics.bytes_served.labels(source).inc(details.bytes)
+    metrics = mirror.metrics
+    (metrics.served_from_upstream if found.result == "miss" else metrics.served_from_cache).inc(details.bytes)
     headers = _headers(route, **{"Docker-Content-Digest": str(found.digest), "Content-Type": found.media_type})
     return web.Response(body=found.data, headers=headers)
 
@@ -232,7 +232,7 @@ async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) 
             piece = max(piece // 2, _PIECE_MIN)
         offset += count
         details.bytes += count
-        request.app[MIRROR].metrics.bytes_served.labels("cache").inc(count)
+        request.app[MIRROR].metrics.served_from_cache.inc(count)
     return True
 
 
@@ -258,7 +258,7 @@ async def _stream(request: web.Request, flight: Flight, headers: dict[str, str])
             async with asyncio.timeout(send_timeout):
                 await response.write(chunk)
             details.bytes += len(chunk)
-            metrics.bytes_served.labels("upstream").inc(len(chunk))
+            metrics.served_from_upstream.inc(len(chunk))
     except (UpstreamError, TimeoutError) as exc:
         # Headers are sent; the only honest signal left is a connection closed short of
         # Content-Length, so the client discards what it got.

@@ -86,6 +86,7 @@ class ManifestCache:
         self._upstreams = upstreams
         self._config = config
         self._metrics = metrics
+        self._hits = metrics.cache_results.labels("manifest", "hit")  # the hot path's child
         # An LRU bounded by bytes held (getsizeof=len).
         self._memory: LRUCache[Digest, bytes] = LRUCache(maxsize=_MEMORY_BYTES, getsizeof=len)
         # "unknown tag" answers expire after negative_ttl (on the injected clock).
@@ -108,14 +109,11 @@ class ManifestCache:
             found = await (self._fresh_digest(route, Digest.parse(reference)) if is_digest else self._fresh_tag(key))
             if found is not None:  # answered from memory, as the slow path would have
                 if count:
-                    self._metrics.cache_results.labels("manifest", "hit").inc()
+                    self._hits.inc()
                 return found
             task = self._inflight.get(key)  # another request may have started it meanwhile
         if task is None:
-            if is_digest:
-                coro = self._by_digest(route, Digest.parse(reference))
-            else:
-                coro = self._by_tag(route, reference)
+            coro = self._by_digest(route, Digest.parse(reference)) if is_digest else self._by_tag(route, reference)
             task = asyncio.ensure_future(coro)
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
