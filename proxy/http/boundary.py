@@ -25,7 +25,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 
 import structlog
 from aiohttp import web
@@ -64,47 +64,44 @@ def request_middleware(ids: RequestIds) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        return await _boundary(request, handler, request.headers.get("X-Request-Id", "")[:64] or ids.next())
+        started = time.monotonic()
+        request_id = request.headers.get("X-Request-Id", "")[:64] or ids.next()
+        request[REQUEST_ID] = request_id
+        endpoint = "other"
+        try:
+            _check_path(request)
+            if request.match_info.route.name:
+                endpoint = request.match_info.route.name
+            response = await handler(request)
+        except PullgateError as exc:
+            response = _sent_or(request, exc.code, partial(error_response, exc))
+        except web.HTTPException as exc:
+            # Unrouted paths under /v2/ still get spec-shaped error bodies.
+            if not request.path.startswith("/v2/") or exc.status not in (404, 405):
+                _observe(request, exc.status, endpoint, request_id, time.monotonic() - started)
+                raise
+            if request.method in ("GET", "HEAD"):
+                response = error_response(NameUnknown("no such endpoint"))
+            else:
+                response = error_response(Unsupported("pullgate is a read-only mirror"))
+        except ConnectionError as exc:
+            gone = _gone(request) or PREPARED in request  # a write to a client that left
+            response = _client_gone(request) if gone else _unhandled(request, exc, endpoint)
+        except asyncio.CancelledError:
+            # The server cancels a handler whose client left (handler_cancellation) or that
+            # outlived the shutdown grace: the request still leaves its event.
+            info(request).extra.setdefault("aborted", "CLIENT_GONE" if _gone(request) else "CANCELLED")
+            status = request[PREPARED].status if PREPARED in request else CLIENT_CLOSED
+            _observe(request, status, endpoint, request_id, time.monotonic() - started)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the last resort: a bug must still answer in the spec's terms
+            response = _unhandled(request, exc, endpoint)
+        response.headers["X-Request-Id"] = request_id
+        status = request[PREPARED].status if PREPARED in request else response.status
+        _observe(request, status, endpoint, request_id, time.monotonic() - started)
+        return response
 
     return middleware
-
-
-async def _boundary(request: web.Request, handler: Handler, request_id: str) -> web.StreamResponse:
-    started = time.monotonic()
-    request[REQUEST_ID] = request_id
-    endpoint = "other"
-    try:
-        _check_path(request)
-        if request.match_info.route.name:
-            endpoint = request.match_info.route.name
-        response = await handler(request)
-    except PullgateError as exc:
-        response = _sent_or(request, exc.code, partial(error_response, exc))
-    except web.HTTPException as exc:
-        # Unrouted paths under /v2/ still get spec-shaped error bodies.
-        if not request.path.startswith("/v2/") or exc.status not in (404, 405):
-            _observe(request, exc.status, endpoint, request_id, time.monotonic() - started)
-            raise
-        if request.method in ("GET", "HEAD"):
-            response = error_response(NameUnknown("no such endpoint"))
-        else:
-            response = error_response(Unsupported("pullgate is a read-only mirror"))
-    except ConnectionError as exc:
-        gone = _gone(request) or PREPARED in request  # a write to a client that left
-        response = _client_gone(request) if gone else _unhandled(request, exc, endpoint)
-    except asyncio.CancelledError:
-        # The server cancels a handler whose client left (handler_cancellation) or that
-        # outlived the shutdown grace: the request still leaves its event.
-        info(request).extra.setdefault("aborted", "CLIENT_GONE" if _gone(request) else "CANCELLED")
-        status = request[PREPARED].status if PREPARED in request else CLIENT_CLOSED
-        _observe(request, status, endpoint, request_id, time.monotonic() - started)
-        raise
-    except Exception as exc:  # noqa: BLE001 - the last resort: a bug must still answer in the spec's terms
-        response = _unhandled(request, exc, endpoint)
-    response.headers["X-Request-Id"] = request_id
-    status = request[PREPARED].status if PREPARED in request else response.status
-    _observe(request, status, endpoint, request_id, time.monotonic() - started)
-    return response
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -166,11 +163,10 @@ def _observe(request: web.Request, status: int, endpoint: str, request_id: str, 
     request.app[METRICS].request_done(endpoint, request.method, status, elapsed)
     if endpoint in ("metrics", "healthz", "readyz"):
         return
-    logger = structlog.get_logger("pullgate.http").bind()
-    if not _enabled(logger, logging.INFO):
+    if not _emits_info(structlog.get_config()["wrapper_class"]):
         return  # the event would be filtered: not worth building
     details = info(request)
-    logger.info(
+    structlog.get_logger("pullgate.http").info(
         "http_request",
         request_id=request_id,
         method=request.method,
@@ -188,11 +184,13 @@ def _observe(request: web.Request, status: int, endpoint: str, request_id: str, 
     )
 
 
-def _enabled(logger: object, level: int) -> bool:
-    """Whether ``logger`` emits ``level`` (structlog's filtering bound loggers know; any
-    other logger is assumed to)."""
-    is_enabled_for = getattr(logger, "is_enabled_for", None)
-    return True if is_enabled_for is None else bool(is_enabled_for(level))
+@lru_cache(maxsize=16)
+def _emits_info(wrapper_class: type) -> bool:
+    """Whether loggers of structlog's configured ``wrapper_class`` emit info events. The
+    level is fixed per class (``make_filtering_bound_logger`` makes one per level), so this
+    is asked once per configuration; another kind of logger is assumed to emit."""
+    is_enabled_for = getattr(wrapper_class(None, [], {}), "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(logging.INFO))
 
 
 # --- the webhook -------------------------------------------------------------------------
