@@ -133,7 +133,13 @@ async def attack(
         cache=CacheConfig(dir=tmp_path / "cache"),
         upstreams=(
             UpstreamConfig("docker.io", public_registry.url),
-            UpstreamConfig("ghcr.io", auth_registry.url, username=user, password_env="PULLGATE_TEST_PRIVATE_PASSWORD"),
+            UpstreamConfig(
+                "ghcr.io",
+                auth_registry.url,
+                username=user,
+                password_env="PULLGATE_TEST_PRIVATE_PASSWORD",
+                auth_hosts=(token_server.url,),  # the token realm is on another port (finding 8)
+            ),
         ),
         default_upstream="docker.io",
         timeouts=TimeoutConfig(connect=5, read=30, manifest=10, retries=1, backoff=0.05),

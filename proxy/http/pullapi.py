@@ -132,8 +132,7 @@ async def manifest(request: web.Request) -> web.Response:
     info(request).reference = reference
     found = await mirror.manifest(route, reference)
     pulled = [found.digest]
-    accepted = parse_accept(",".join(request.headers.getall("Accept", [])))
-    if found.media_type in INDEX_TYPES and not acceptable(found.media_type, accepted):
+    if found.media_type in INDEX_TYPES and not acceptable(found.media_type, _accepted(request)):
         # A client that cannot take an index gets the linux/amd64 image, as Distribution does.
         child = pick_platform(parse_manifest(found.data, found.media_type))
         if child is not None:
@@ -152,6 +151,10 @@ async def manifest(request: web.Request) -> web.Response:
     (metrics.served_from_upstream if found.result == "miss" else metrics.served_from_cache).inc(details.bytes)
     headers = _headers(route, **{"Docker-Content-Digest": str(found.digest), "Content-Type": found.media_type})
     return web.Response(body=found.data, headers=headers)
+
+
+def _accepted(request: web.Request) -> frozenset[str]:
+    return parse_accept(",".join(request.headers.getall("Accept", ())))
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
