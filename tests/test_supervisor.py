@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
 from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.errors import ConfigError
+from proxy.errors import CatalogUnavailable, ConfigError
 from proxy.oci.digest import Digest
 from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import Backoff, Supervisor
@@ -162,8 +162,8 @@ async def test_a_failing_eviction_is_restarted_and_close_still_closes_everything
     failed = [e for e in logs if e["event"] == "background_task_failed"]
     assert failed and failed[0]["task"] == "cache_evict" and isinstance(failed[0]["exc_info"], IsADirectoryError)
     assert mirror._session.closed, "the HTTP session is closed although a task failed"
-    with pytest.raises(RuntimeError, match="catalog is not open"):
-        mirror.catalog.db  # noqa: B018 - closed too
+    with pytest.raises(CatalogUnavailable, match="catalog is closed"):  # closed too
+        await mirror.catalog.image_names(Digest.parse(sha256_digest(old.layers[0])))
 
 
 async def fetch_blob(mirror: Mirror, route: Route, digest: str) -> None:
