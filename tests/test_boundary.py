@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import socket
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import pytest
@@ -21,12 +22,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry
 
-from proxy.config.settings import AdmissionConfig, CacheConfig, Config, TimeoutConfig, UpstreamConfig
+from proxy.config.settings import AdmissionConfig, CacheConfig, Config, LogConfig, TimeoutConfig, UpstreamConfig
 from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS, MIRROR
 from proxy.http.webhook_listener import serve_webhook
 from proxy.oci.digest import Digest
 from proxy.oci.reference import ImageReference
+from proxy.ops.logs import configure_logging
 from proxy.ops.metrics import Metrics
 from proxy.registry.manifests import Resolution
 from tests.support.aio import Client, ClientFactory
@@ -211,3 +213,32 @@ def test_the_daemon_logs_no_traceback_when_a_client_leaves(tmp_path: Path) -> No
     assert [(e["status"], e["aborted"]) for e in requests] == [(200, "CLIENT_GONE")]
     assert "Traceback" not in daemon.log.read_text()
     assert not [e for e in daemon.events() if e.get("event") == "unhandled_error"]
+
+
+@pytest.mark.parametrize(
+    ("level", "expected_events"),
+    [("info", ["http_request"]), ("warning", [])],
+)
+async def test_the_request_event_follows_the_log_level(
+    mirror: tuple[Client, Origin], level: Literal["info", "warning"], expected_events: list[str]
+) -> None:
+    """The ``http_request`` event is built only when info is emitted, and emitted when it is."""
+    client, _ = mirror
+    saved = structlog.get_config()
+    out = io.StringIO()
+    try:
+        configure_logging(LogConfig(level=level, format="json"), stream=out)
+        assert (await client.get("/v2/")).status == 200
+    finally:
+        structlog.configure(**saved)
+    events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
+    assert [e for e in events if e == "http_request"] == expected_events
+
+
+async def test_request_ids_are_unique_and_short_unless_the_client_sent_one(mirror: tuple[Client, Origin]) -> None:
+    client, _ = mirror
+    ids = [(await client.get("/v2/")).headers["X-Request-Id"] for _ in range(50)]
+    assert len(set(ids)) == 50
+    assert all(0 < len(i) <= 64 for i in ids)
+    sent = "x" * 100
+    assert (await client.get("/v2/", headers={"X-Request-Id": sent})).headers["X-Request-Id"] == sent[:64]

@@ -22,7 +22,7 @@ from proxy.http.appkeys import (
     PULL_POLICY,
     Lifecycle,
 )
-from proxy.http.boundary import on_prepare, request_middleware
+from proxy.http.boundary import RequestIds, on_prepare, request_middleware
 from proxy.http.pullapi import add_routes
 from proxy.http.webhook_listener import serve_webhook
 from proxy.ops.limits import FetchLimiter
@@ -34,7 +34,9 @@ from proxy.registry.mirror import Mirror
 
 def create_app(config: Config, registry: CollectorRegistry | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[request_middleware], client_max_size=64 << 10, handler_args=handler_args(config.limits)
+        middlewares=[request_middleware(RequestIds())],
+        client_max_size=64 << 10,
+        handler_args=handler_args(config.limits),
     )
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()

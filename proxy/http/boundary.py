@@ -19,10 +19,13 @@ connection is cut short of ``Content-Length`` instead, so the client discards wh
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable
-from functools import partial
+from functools import lru_cache, partial
 
 import structlog
 from aiohttp import web
@@ -43,45 +46,62 @@ class InternalError(PullgateError):
     """An unexpected exception, as the client sees it: no details beyond the request id."""
 
 
-@web.middleware
-async def request_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The mirror's boundary (see the module docstring)."""
-    started = time.monotonic()
-    request_id = request.headers.get("X-Request-Id", "")[:64] or uuid.uuid4().hex[:16]
-    request[REQUEST_ID] = request_id
-    endpoint = "other"
-    try:
-        _check_path(request)
-        if request.match_info.route.name:
-            endpoint = request.match_info.route.name
-        response = await handler(request)
-    except PullgateError as exc:
-        response = _sent_or(request, exc.code, partial(error_response, exc))
-    except web.HTTPException as exc:
-        # Unrouted paths under /v2/ still get spec-shaped error bodies.
-        if not request.path.startswith("/v2/") or exc.status not in (404, 405):
-            _observe(request, exc.status, endpoint, request_id, time.monotonic() - started)
+class RequestIds:
+    """Request ids, unique per process and cheap (no ``uuid4`` per request): a random
+    prefix drawn once, then a counter."""
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
+def request_middleware(ids: RequestIds) -> Middleware:
+    """The mirror's boundary (see the module docstring); ``ids`` names the requests whose
+    client sent no ``X-Request-Id`` of its own."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        request_id = request.headers.get("X-Request-Id", "")[:64] or ids.next()
+        request[REQUEST_ID] = request_id
+        endpoint = "other"
+        try:
+            _check_path(request)
+            if request.match_info.route.name:
+                endpoint = request.match_info.route.name
+            response = await handler(request)
+        except PullgateError as exc:
+            response = _sent_or(request, exc.code, partial(error_response, exc))
+        except web.HTTPException as exc:
+            # Unrouted paths under /v2/ still get spec-shaped error bodies.
+            if not request.path.startswith("/v2/") or exc.status not in (404, 405):
+                _observe(request, exc.status, endpoint, request_id, time.monotonic() - started)
+                raise
+            if request.method in ("GET", "HEAD"):
+                response = error_response(NameUnknown("no such endpoint"))
+            else:
+                response = error_response(Unsupported("pullgate is a read-only mirror"))
+        except ConnectionError as exc:
+            gone = _gone(request) or PREPARED in request  # a write to a client that left
+            response = _client_gone(request) if gone else _unhandled(request, exc, endpoint)
+        except asyncio.CancelledError:
+            # The server cancels a handler whose client left (handler_cancellation) or that
+            # outlived the shutdown grace: the request still leaves its event.
+            info(request).extra.setdefault("aborted", "CLIENT_GONE" if _gone(request) else "CANCELLED")
+            status = request[PREPARED].status if PREPARED in request else CLIENT_CLOSED
+            _observe(request, status, endpoint, request_id, time.monotonic() - started)
             raise
-        if request.method in ("GET", "HEAD"):
-            response = error_response(NameUnknown("no such endpoint"))
-        else:
-            response = error_response(Unsupported("pullgate is a read-only mirror"))
-    except ConnectionError as exc:
-        gone = _gone(request) or PREPARED in request  # a write to a client that left
-        response = _client_gone(request) if gone else _unhandled(request, exc, endpoint)
-    except asyncio.CancelledError:
-        # The server cancels a handler whose client left (handler_cancellation) or that
-        # outlived the shutdown grace: the request still leaves its event.
-        info(request).extra.setdefault("aborted", "CLIENT_GONE" if _gone(request) else "CANCELLED")
-        status = request[PREPARED].status if PREPARED in request else CLIENT_CLOSED
+        except Exception as exc:  # noqa: BLE001 - the last resort: a bug must still answer in the spec's terms
+            response = _unhandled(request, exc, endpoint)
+        response.headers["X-Request-Id"] = request_id
+        status = request[PREPARED].status if PREPARED in request else response.status
         _observe(request, status, endpoint, request_id, time.monotonic() - started)
-        raise
-    except Exception as exc:  # noqa: BLE001 - the last resort: a bug must still answer in the spec's terms
-        response = _unhandled(request, exc, endpoint)
-    response.headers["X-Request-Id"] = request_id
-    status = request[PREPARED].status if PREPARED in request else response.status
-    _observe(request, status, endpoint, request_id, time.monotonic() - started)
-    return response
+        return response
+
+    return middleware
 
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
@@ -140,12 +160,12 @@ def error_response(exc: PullgateError) -> web.Response:
 
 
 def _observe(request: web.Request, status: int, endpoint: str, request_id: str, elapsed: float) -> None:
-    metrics = request.app[METRICS]
-    metrics.requests.labels(endpoint, request.method, str(status)).inc()
-    metrics.request_seconds.labels(endpoint).observe(elapsed)
-    details = info(request)
+    request.app[METRICS].request_done(endpoint, request.method, status, elapsed)
     if endpoint in ("metrics", "healthz", "readyz"):
         return
+    if not _emits_info(structlog.get_config()["wrapper_class"]):
+        return  # the event would be filtered: not worth building
+    details = info(request)
     structlog.get_logger("pullgate.http").info(
         "http_request",
         request_id=request_id,
@@ -162,6 +182,15 @@ def _observe(request: web.Request, status: int, endpoint: str, request_id: str, 
         user_agent=request.headers.get("User-Agent", "")[:100],
         **details.extra,
     )
+
+
+@lru_cache(maxsize=16)
+def _emits_info(wrapper_class: type) -> bool:
+    """Whether loggers of structlog's configured ``wrapper_class`` emit info events. The
+    level is fixed per class (``make_filtering_bound_logger`` makes one per level), so this
+    is asked once per configuration; another kind of logger is assumed to emit."""
+    is_enabled_for = getattr(wrapper_class(None, [], {}), "is_enabled_for", None)
+    return True if is_enabled_for is None else bool(is_enabled_for(logging.INFO))
 
 
 # --- the webhook -------------------------------------------------------------------------

@@ -132,8 +132,7 @@ async def manifest(request: web.Request) -> web.Response:
     info(request).reference = reference
     found = await mirror.manifest(route, reference)
     pulled = [found.digest]
-    accepted = parse_accept(",".join(request.headers.getall("Accept", [])))
-    if found.media_type in INDEX_TYPES and not acceptable(found.media_type, accepted):
+    if found.media_type in INDEX_TYPES and not acceptable(found.media_type, _accepted(request)):
         # A client that cannot take an index gets the linux/amd64 image, as Distribution does.
         child = pick_platform(parse_manifest(found.data, found.media_type))
         if child is not None:
@@ -148,10 +147,14 @@ async def manifest(request: web.Request) -> web.Response:
     details = info(request)
     details.cache = found.result
     details.bytes = len(found.data) if request.method == "GET" else 0
-    source = "upstream" if found.result == "miss" else "cache"
-    request.app[MIRROR].metrics.bytes_served.labels(source).inc(details.bytes)
+    metrics = mirror.metrics
+    (metrics.served_from_upstream if found.result == "miss" else metrics.served_from_cache).inc(details.bytes)
     headers = _headers(route, **{"Docker-Content-Digest": str(found.digest), "Content-Type": found.media_type})
     return web.Response(body=found.data, headers=headers)
+
+
+def _accepted(request: web.Request) -> frozenset[str]:
+    return parse_accept(",".join(request.headers.getall("Accept", ())))
 
 
 async def blob(request: web.Request) -> web.StreamResponse:
@@ -232,7 +235,7 @@ async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) 
             piece = max(piece // 2, _PIECE_MIN)
         offset += count
         details.bytes += count
-        request.app[MIRROR].metrics.bytes_served.labels("cache").inc(count)
+        request.app[MIRROR].metrics.served_from_cache.inc(count)
     return True
 
 
@@ -258,7 +261,7 @@ async def _stream(request: web.Request, flight: Flight, headers: dict[str, str])
             async with asyncio.timeout(send_timeout):
                 await response.write(chunk)
             details.bytes += len(chunk)
-            metrics.bytes_served.labels("upstream").inc(len(chunk))
+            metrics.served_from_upstream.inc(len(chunk))
     except (UpstreamError, TimeoutError) as exc:
         # Headers are sent; the only honest signal left is a connection closed short of
         # Content-Length, so the client discards what it got.

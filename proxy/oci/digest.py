@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from proxy.errors import DigestInvalid
 
 _HEX_LENGTHS = {"sha256": 64, "sha512": 128}
+_LOWER_HEX = re.compile(r"[0-9a-f]*")
 _DIGEST_RE = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([a-zA-Z0-9=_-]+)\Z")
 
 
@@ -31,7 +32,7 @@ class Digest:
         length = _HEX_LENGTHS.get(algorithm)
         if length is None:
             raise DigestInvalid(f"unsupported digest algorithm {algorithm!r}")
-        if len(encoded) != length or not all(c in "0123456789abcdef" for c in encoded):
+        if len(encoded) != length or not _LOWER_HEX.fullmatch(encoded):
             raise DigestInvalid(f"invalid {algorithm} digest {text[:150]!r}")
         return cls(algorithm, encoded)
 

@@ -10,6 +10,7 @@ https://distribution.github.io/distribution/spec/manifest-v2-2/.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from proxy.errors import DigestInvalid, ManifestInvalid
@@ -98,8 +99,10 @@ def _media_type(content_type: str | None) -> str | None:
     return content_type.split(";", 1)[0].strip().lower() or None
 
 
+@lru_cache(maxsize=256)
 def parse_accept(header: str | None) -> frozenset[str]:
-    """Media types a client accepts; empty means "anything" (no header, or */*)."""
+    """Media types a client accepts; empty means "anything" (no header, or */*). Memoized:
+    clients send the same few headers on every request."""
     if not header:
         return frozenset()
     types = {_media_type(part) for part in header.split(",")}

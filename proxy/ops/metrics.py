@@ -21,6 +21,10 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # Memoized children of the per-request metrics (request_done): one entry per series
+        # the metrics themselves hold, so no more memory than prometheus_client's own.
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
         self.requests = Counter(
             "pullgate_http_requests_total",
             "Mirror HTTP requests by endpoint, method and status code.",
@@ -46,6 +50,9 @@ class Metrics:
             ["source"],
             registry=registry,
         )
+        # The children every response increments, looked up once.
+        self.served_from_cache = self.bytes_served.labels("cache")
+        self.served_from_upstream = self.bytes_served.labels("upstream")
         self.upstream_seconds = Histogram(
             "pullgate_upstream_request_duration_seconds",
             "Upstream request latency (to response headers) by upstream and method.",
@@ -194,6 +201,20 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+
+    def request_done(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        """Count one mirror request and observe its duration. The labelled children are
+        memoized: ``labels()`` validates and joins its values on every call, a measurable
+        share of a warm manifest request."""
+        key = (endpoint, method, status)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(endpoint, method, str(status))
+        counter.inc()
+        histogram = self._duration_children.get(endpoint)
+        if histogram is None:
+            histogram = self._duration_children[endpoint] = self.request_seconds.labels(endpoint)
+        histogram.observe(seconds)
 
     def declare_upstream(self, upstream: str) -> None:
         """Create every per-upstream series at 0: Prometheus' ``increase()`` needs a sample

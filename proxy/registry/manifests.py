@@ -4,7 +4,9 @@ against pull limits) and re-downloaded only when the digest moved. While the ups
 down or rate-limiting, a known tag is served stale for up to ``max_stale``; a tag the
 upstream said does not exist is remembered for ``negative_ttl``.
 
-Concurrent misses for the same manifest share one upstream request. A stored manifest is
+A fresh tag or a proven digest held in memory is answered inline (no task: the hot path
+of a warm mirror). Concurrent misses and revalidations of the same manifest share one
+upstream request. A stored manifest is
 served by digest for a repository only with a proof that the repository holds it
 (``proxy.registry.provenance``); a tag is the repository's own, so what it points at is.
 """
@@ -13,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
 import structlog
+from cachetools import LRUCache, TTLCache
 
 from proxy.config.settings import CacheConfig
 from proxy.errors import (
@@ -42,6 +44,7 @@ from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
 
 _MEMORY_BYTES = 64 << 20  # manifests are small; keep the hot ones in memory
+_NEGATIVE_MAX = 10_000  # "unknown tag" answers remembered
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +86,13 @@ class ManifestCache:
         self._upstreams = upstreams
         self._config = config
         self._metrics = metrics
-        self._memory: OrderedDict[Digest, bytes] = OrderedDict()
-        self._memory_bytes = 0
-        self._negative: dict[tuple[str, str, str], float] = {}
+        self._hits = metrics.cache_results.labels("manifest", "hit")  # the hot path's child
+        # An LRU bounded by bytes held (getsizeof=len).
+        self._memory: LRUCache[Digest, bytes] = LRUCache(maxsize=_MEMORY_BYTES, getsizeof=len)
+        # "unknown tag" answers expire after negative_ttl (on the injected clock).
+        self._negative: TTLCache[tuple[str, str, str], bool] = TTLCache(
+            maxsize=_NEGATIVE_MAX, ttl=config.negative_ttl, timer=clock
+        )
         self._inflight: dict[tuple[str, str, str], asyncio.Task[Manifest]] = {}
         self._log = structlog.get_logger("pullgate.manifests")
         self._on_stored = on_stored
@@ -96,12 +103,17 @@ class ManifestCache:
         records the cache result in the metrics (off for the mirror's own reads). Pulls are
         counted by the caller (``pulled``): a HEAD or an admission lookup is no pull."""
         key = (route.upstream, route.repository, reference)
+        is_digest = Digest.looks_like(reference)
         task = self._inflight.get(key)
         if task is None:
-            if Digest.looks_like(reference):
-                coro = self._by_digest(route, Digest.parse(reference))
-            else:
-                coro = self._by_tag(route, reference)
+            found = await (self._fresh_digest(route, Digest.parse(reference)) if is_digest else self._fresh_tag(key))
+            if found is not None:  # answered from memory, as the slow path would have
+                if count:
+                    self._hits.inc()
+                return found
+            task = self._inflight.get(key)  # another request may have started it meanwhile
+        if task is None:
+            coro = self._by_digest(route, Digest.parse(reference)) if is_digest else self._by_tag(route, reference)
             task = asyncio.ensure_future(coro)
             self._inflight[key] = task
             task.add_done_callback(lambda _: self._inflight.pop(key, None))
@@ -111,6 +123,34 @@ class ManifestCache:
         if count:
             self._metrics.cache_results.labels("manifest", manifest.result).inc()
         return manifest
+
+    async def _fresh_digest(self, route: Route, digest: Digest) -> Manifest | None:
+        """A hit without a task or the upstream: in memory, with a fresh proof that the
+        route's repository holds it and its image row (what ``_by_digest`` would check);
+        None sends the request the slow way."""
+        data = self._memory.get(digest)
+        if data is None:
+            return None
+        info = await self._catalog.manifest(digest)
+        if info is None or not await self._provenance.proven(route, digest):
+            return None
+        if not await self._catalog.has_image(route.upstream, route.repository, digest):
+            return None
+        return Manifest(digest, info.media_type, data, "hit")
+
+    async def _fresh_tag(self, key: tuple[str, str, str]) -> Manifest | None:
+        """A hit without a task or the upstream: a tag checked within ``tag_ttl`` whose
+        manifest is in memory (a remembered "unknown" goes the slow way, which raises)."""
+        if key in self._negative:
+            return None
+        entry = await self._catalog.tag(*key)
+        if entry is None or self._clock() - entry.checked >= self._config.tag_ttl:
+            return None
+        data = self._memory.get(entry.digest)
+        info = await self._catalog.manifest(entry.digest) if data is not None else None
+        if data is None or info is None:
+            return None
+        return Manifest(entry.digest, info.media_type, data, "hit")
 
     def pulled(self, route: Route, digest: Digest) -> None:
         """A client GET the manifest: count a pull (``cache ls``, eviction order)."""
@@ -136,7 +176,7 @@ class ManifestCache:
     # --- by tag -----------------------------------------------------------------------------
     async def _by_tag(self, route: Route, tag: str) -> Manifest:
         key = (route.upstream, route.repository, tag)
-        if self._negative.get(key, 0.0) > self._clock():
+        if key in self._negative:
             self._metrics.cache_results.labels("tag", "negative").inc()
             raise ManifestUnknown(f"manifest {route.repository}:{tag} is unknown (cached answer)")
         entry = await self._catalog.tag(*key)
@@ -153,9 +193,7 @@ class ManifestCache:
                     return Manifest(entry.digest, cached[0], cached[1], "revalidated")
             response = await self._upstream(route, tag, "GET")
         except ManifestUnknown:
-            self._negative[key] = self._clock() + self._config.negative_ttl
-            if len(self._negative) > 10_000:
-                self._prune_negative()
+            self._negative[key] = True
             raise
         except (UpstreamUnavailable, UpstreamRateLimited) as exc:
             if entry is None or cached is None or now - entry.checked > self._config.tag_ttl + self._config.max_stale:
@@ -174,10 +212,6 @@ class ManifestCache:
         manifest = await self._store_manifest(route, response, Digest.parse(claimed) if claimed else None, "miss")
         await self._catalog.set_tag(*key, manifest.digest, now)
         return manifest
-
-    def _prune_negative(self) -> None:
-        now = self._clock()
-        self._negative = {k: v for k, v in self._negative.items() if v > now}
 
     # --- upstream and storage ---------------------------------------------------------------
     async def _upstream(self, route: Route, reference: str, method: str) -> UpstreamResponse:
@@ -250,7 +284,6 @@ class ManifestCache:
             return None
         data = self._memory.get(digest)
         if data is not None:
-            self._memory.move_to_end(digest)
             return info.media_type, data
         data = await self._store.read(digest)
         if data is None:
@@ -259,16 +292,9 @@ class ManifestCache:
         return info.media_type, data
 
     def _remember(self, digest: Digest, data: bytes) -> None:
-        if digest in self._memory:
-            return
-        self._memory[digest] = data
-        self._memory_bytes += len(data)
-        while self._memory_bytes > _MEMORY_BYTES:
-            _, old = self._memory.popitem(last=False)
-            self._memory_bytes -= len(old)
+        if digest not in self._memory and len(data) <= _MEMORY_BYTES:
+            self._memory[digest] = data
 
     def forget(self, digest: Digest) -> None:
         """Drop a manifest from memory (eviction)."""
-        data = self._memory.pop(digest, None)
-        if data is not None:
-            self._memory_bytes -= len(data)
+        self._memory.pop(digest, None)
