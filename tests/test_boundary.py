@@ -75,6 +75,11 @@ async def cached_blob(client: Client, origin: Origin, size: int) -> tuple[str, P
     assert await (await client.get(f"/v2/app/blobs/{digest}")).read() == image.layers[0]
     store = client.app[MIRROR].store
     await eventually(lambda: store.size(Digest.parse(digest)) == size)
+    # The client has every byte before the handler returns: wait until this request has
+    # been logged and counted, so it does not land in the next test step's logs.
+    registry = client.app[METRICS].registry
+    labels = {"endpoint": "blob", "method": "GET", "status": "200"}
+    await eventually(lambda: sample(registry, "pullgate_http_requests_total", **labels) >= 1)
     return digest, store.path(Digest.parse(digest))
 
 

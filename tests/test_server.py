@@ -21,6 +21,7 @@ from proxy.oci.digest import Digest
 from tests.support.aio import Client
 from tests.support.images import sha256_digest
 from tests.support.origin import OCI_INDEX, OCI_MANIFEST, MirrorUnderTest, Origin, StartMirror
+from tests.support.polling import eventually
 
 MANIFEST_HEADERS = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
 
@@ -149,6 +150,10 @@ async def test_blob_miss_then_hit_and_range(mirror: tuple[Client, Origin]) -> No
     response = await client.get(f"/v2/app/blobs/{digest}")
     assert response.status == 200 and await response.read() == layer
     assert response.headers["Docker-Content-Digest"] == digest
+    # The client had its last (verified) byte before the file was made durable; the next
+    # request is a cache hit once the commit is done.
+    store = client.app[MIRROR].store
+    await eventually(lambda: store.size(Digest.parse(digest)) == len(layer))
     response = await client.get(f"/v2/app/blobs/{digest}", headers={"Range": "bytes=1000-"})
     assert response.status == 206
     assert response.headers["Content-Range"] == f"bytes 1000-{len(layer) - 1}/{len(layer)}"

@@ -221,6 +221,9 @@ class BlobService:
                 actual=f"{flight.digest.algorithm}:{hasher.hexdigest()}",
             )
             raise DigestMismatch(f"upstream content for {flight.digest} does not match its digest")
+        # Verified: readers may have the last byte now, while the file is made durable
+        # (fsync, rename) for later clients — a client never waits for the disk flush.
+        flight.verified()
 
     async def _write_next(
         self,

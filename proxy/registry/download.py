@@ -14,6 +14,11 @@ attached reader still needs is also kept in memory, up to ``RECENT`` bytes: read
 up with the download (the usual case: clients at the pace of the upstream) take their bytes
 from there without a thread hop; a reader further behind reads ``READ_AHEAD`` bytes per hop.
 
+Readers that send the bytes to a socket as they are can take *windows* instead
+(``windows``): ranges of the temp file that are written (and, for the last byte, verified),
+which the HTTP layer sends with ``sendfile`` from its own descriptor — zero copies through
+Python for a cold blob fanned out to many clients, the same holding back of the last byte.
+
 When the disk fills (ENOSPC, EDQUOT, EFBIG) the download goes on in *pass-through* mode:
 later bytes are kept in a bounded memory window for the readers already attached, and the
 blob is not cached. A reader that falls behind the window is cut off rather than let memory
@@ -37,6 +42,7 @@ from proxy.oci.digest import Digest
 CHUNK = 1 << 18
 RECENT = 8 << 20  # at most this much of the download's end is kept in memory for its readers
 READ_AHEAD = 1 << 20  # bytes per disk read for readers further behind
+MIN_WINDOW = 1 << 20  # bytes a sendfile reader waits for while the download runs
 SPILL_WINDOW = 64 << 20  # memory kept for readers of a pass-through download
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -53,6 +59,7 @@ class Flight:
         self.temp = temp
         self.size: int | None = None  # expected size, once upstream told us
         self.written = 0
+        self._complete = False  # every byte written and verified: readers may take the last one
         self.state = State.RUNNING
         self.error: PullgateError | None = None
         self.started: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
@@ -126,8 +133,15 @@ class Flight:
             _, dropped = self._spill.popleft()
             self._spill_bytes -= len(dropped)
 
+    def verified(self) -> None:
+        """Every byte is written and the digest matched: readers may take the last byte
+        (the writer still commits the file; ``finish`` follows)."""
+        self._complete = True
+        self._notify()
+
     def finish(self) -> None:
         self.state = State.DONE
+        self._complete = True
         self._notify()
 
     def fail(self, error: PullgateError) -> None:
@@ -163,7 +177,7 @@ class Flight:
                 fd = own_fd = await asyncio.to_thread(os.open, self.final, os.O_RDONLY)
             offset = start
             while end is None or offset < end:
-                limit = self.written if self.state is State.DONE else max(self.written - 1, 0)
+                limit = self.written if self._complete else max(self.written - 1, 0)
                 if end is not None:
                     limit = min(limit, end)
                 if offset < limit:
@@ -171,7 +185,7 @@ class Flight:
                     offset += len(data)
                     self._readers[reader] = offset
                     yield data
-                elif self.state is State.DONE:
+                elif self._complete:
                     return
                 elif self.state is State.FAILED:
                     raise self.error or PullgateError("download failed")
@@ -182,6 +196,55 @@ class Flight:
                 os.close(own_fd)
             del self._readers[reader]
             self._maybe_close()
+
+    async def windows(self, start: int, end: int) -> AsyncIterator[tuple[int, int] | bytes]:
+        """``[start, end)`` as it becomes readable — up to ``written - 1`` while the
+        download runs, the last byte only once verified: ``(offset, count)`` ranges of the
+        file for the caller to ``sendfile``, or, past what a disk-full download could write,
+        the bytes themselves from its memory window. Raises the download's error if it fails."""
+        reader = self._next_reader
+        self._next_reader += 1
+        self._readers[reader] = start
+        try:
+            offset = start
+            while offset < end:
+                limit = min(end, self.written if self._complete else max(self.written - 1, 0))
+                if self.disk_bytes is not None and offset >= self.disk_bytes:
+                    if offset < limit:
+                        data = await self._chunk(-1, offset, limit)  # spilled: from memory
+                        offset += len(data)
+                        self._readers[reader] = offset
+                        yield data
+                        continue
+                elif self.disk_bytes is not None:
+                    limit = min(limit, self.disk_bytes)
+                # While the download runs, wait for a window worth a system call: many
+                # readers each sending every small write would cost more than the bytes.
+                worth = self._complete or self.state is not State.RUNNING or limit - offset >= MIN_WINDOW
+                if offset < limit and (worth or limit == end or limit == self.disk_bytes):
+                    yield offset, limit - offset
+                    offset = limit
+                    self._readers[reader] = offset
+                elif self._complete:
+                    return
+                elif self.state is State.FAILED:
+                    raise self.error or PullgateError("download failed")
+                else:
+                    await self._changed.wait()
+        finally:
+            del self._readers[reader]
+            self._maybe_close()
+
+    def open_for_reading(self) -> int:
+        """A read-only descriptor of the blob's bytes, the caller's to close (blocking: call
+        in a thread). The temp file while it exists; once committed, the final file (an
+        open descriptor survives the rename, so either is the same bytes)."""
+        try:
+            return os.open(self.temp, os.O_RDONLY)
+        except FileNotFoundError:
+            if self.final is None:
+                raise UpstreamUnavailable("the download ended before it could be read") from None
+            return os.open(self.final, os.O_RDONLY)
 
     async def _chunk(self, fd: int, offset: int, limit: int) -> bytes:
         if self.disk_bytes is None or offset < self.disk_bytes:
