@@ -85,7 +85,7 @@ class TufRootClient:
             path = updater.find_cached_target(info) or updater.download_target(info)
             data = Path(path).read_bytes()
         except (RepositoryError, DownloadError, OSError, ValueError) as exc:
-            raise TrustRootRefreshFailed(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+            raise TrustRootRefreshFailed(f"{self.url}: {_describe(exc)}") from exc
         return self._parse(data)
 
     def cached(self) -> TrustedRoot | None:
@@ -116,7 +116,7 @@ class TufRootClient:
             data = (self._target_dir() / quote(TARGET, "")).read_bytes()
             info.verify_length_and_hashes(data)
         except (RepositoryError, OSError, ValueError, KeyError) as exc:
-            raise TrustRootRefreshFailed(f"{self.cache_dir}: cached TUF metadata: {type(exc).__name__}: {exc}") from exc
+            raise TrustRootRefreshFailed(f"{self.cache_dir}: cached TUF metadata: {_describe(exc)}") from exc
         return self._parse(data)
 
     def _parse(self, data: bytes) -> TrustedRoot:
@@ -169,3 +169,9 @@ def _signed_by(root: Root, path: Path, kind: type[_S], data: bytes | None = None
         raise RepositoryError(f"{path.name}: expected {kind.type} metadata")
     root.verify_delegate(kind.type, md.signed_bytes, md.signatures)
     return md.signed
+
+
+def _describe(exc: Exception) -> str:
+    """The tuf exception's class says what failed (several carry no message)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
