@@ -133,7 +133,13 @@ def _other_target_only(repo: TufRepository) -> None:
         (_not_a_trusted_root, "is not a Sigstore trusted root"),
         (_unsigned_root_rotation, "UnsignedMetadataError"),
     ],
-    ids=["target-hash-mismatch", "target-longer-than-signed", "expired-timestamp", "not-a-trusted-root", "root-rotation-unsigned-by-old-keys"],
+    ids=[
+        "target-hash-mismatch",
+        "target-longer-than-signed",
+        "expired-timestamp",
+        "not-a-trusted-root",
+        "root-rotation-unsigned-by-old-keys",
+    ],
 )
 async def test_a_bad_repository_state_is_refused_and_the_last_good_root_kept(
     served: tuple[TufRepository, TestServer],
