@@ -94,7 +94,9 @@ class TufRootClient:
         root and agreeing on versions and hashes, the file matching the signed length and
         hashes. Expiry is not checked: those dates stop a repository (or attacker) from
         freezing a client that is online; a restart without network keeps what was accepted
-        then, rather than fall back to the older shipped root. None when nothing is cached."""
+        then, rather than fall back to the older shipped root. None when nothing is cached
+        (or ``trusted_root.json`` is not a top-level target, as it is in Sigstore's repository:
+        delegations are followed online only)."""
         meta = self._metadata_dir()
         if not (meta / "targets.json").exists():
             return None
