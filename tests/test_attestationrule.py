@@ -12,9 +12,10 @@ from proxy.oci.digest import Digest
 from proxy.oci.reference import ImageReference
 from proxy.policy.fields import FieldError
 from proxy.policy.rules.attestation import Attestations, build
-from proxy.policy.rules.base import ImageContext, ResolutionFailed
+from proxy.policy.rules.base import ImageContext, Origin, ResolutionFailed
 from proxy.trust.cosign import Reason
 from proxy.trust.service import VerificationCache
+from proxy.trust.trustroot import RootHolder
 from proxy.trust.verification import KeyResult, SignaturePolicy, VerificationResult
 from tests.signer import generate_key
 
@@ -49,12 +50,12 @@ DIGEST = Digest.parse("sha256:" + "d" * 64)
 )  # fmt: skip
 def test_build(tmp_path: Path, doc: Any, error: str | None) -> None:
     if error is None:
-        rule = build(doc, PATH, tmp_path)
+        rule = build(doc, PATH, Origin(tmp_path, RootHolder()))
         assert isinstance(rule, Attestations)
         assert [r.policy.purpose.predicate_type for r in rule.requirements] == [d["predicateType"] for d in doc]
         return
     with pytest.raises(FieldError, match=error.replace("[", r"\[").replace("]", r"\]")):
-        build(doc, PATH, tmp_path)
+        build(doc, PATH, Origin(tmp_path, RootHolder()))
 
 
 class Facts:
@@ -87,7 +88,7 @@ def _result(reason: Reason | None, why: str = "") -> VerificationResult:
     ],
 )
 async def test_check(tmp_path: Path, result: VerificationResult | None, violation: str | None) -> None:
-    rule = build([BASE], PATH, tmp_path)
+    rule = build([BASE], PATH, Origin(tmp_path, RootHolder()))
     assert isinstance(rule, Attestations)
     ref = ImageReference.parse(f"ghcr.io/acme/app@{DIGEST}")
     facts = Facts({SLSA1: result})

@@ -21,12 +21,15 @@ from proxy.policy.document import parse_policy
 from proxy.policy.evaluation import Evaluator
 from proxy.policy.fields import FieldError
 from proxy.policy.findings import image_findings
-from proxy.policy.rules.base import DEFAULT_PLATFORM, ImageContext, ManifestDoc, ResolutionFailed
+from proxy.policy.rules.base import DEFAULT_PLATFORM, ImageContext, ManifestDoc, Origin, ResolutionFailed
 from proxy.policy.rules.image import ImageRules, build, is_root
 from proxy.policy.sites import ImageSite
 from proxy.trust.service import VerificationCache
+from proxy.trust.trustroot import RootHolder
 from proxy.trust.verification import SignaturePolicy, VerificationResult
 from tests.support.resolver import DictResolver
+
+ORIGIN = Origin(Path("."), RootHolder())  # image rules read no files and no trust root
 
 NOW = 1_735_689_600.0  # 2025-01-01T00:00:00Z
 RECENT = "2024-12-01T10:00:00.123456789Z"  # 31 days before NOW, Go's nanoseconds
@@ -182,7 +185,7 @@ def _plat(text: str) -> dict[str, str]:
 
 
 def rules(**doc: Any) -> ImageRules:
-    built = build(doc, "spec.rules.image", Path("."))
+    built = build(doc, "spec.rules.image", ORIGIN)
     assert built is not None
     return dataclasses.replace(built, clock=lambda: NOW)
 
@@ -449,7 +452,7 @@ async def test_only_the_facts_needed_are_fetched() -> None:
 )
 def test_parse_errors(doc: object, error: str) -> None:
     with pytest.raises(FieldError) as raised:
-        build(doc, "spec.rules.image", Path("."))
+        build(doc, "spec.rules.image", ORIGIN)
     assert raised.value.message.startswith(error)
 
 
@@ -467,7 +470,7 @@ def test_parse_errors(doc: object, error: str) -> None:
     ],
 )
 def test_parse(doc: object, expected: ImageRules | None) -> None:
-    assert build(doc, "spec.rules.image", Path(".")) == expected
+    assert build(doc, "spec.rules.image", ORIGIN) == expected
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ import bcrypt
 import pytest
 import yaml
 
+from proxy.config.settings import load_config
 from tests.signer import SimpleSigningLayer, legacy_artifact
 from tests.support.certs import make_ca, write_cert
 from tests.support.containerd import Containerd
@@ -109,6 +110,7 @@ RUN = {
     "pullgate policy lint policies/": "test_security_team_commands",
     "  rules:": "test_keyless_rules_example",
     "admission:": "test_admission_config",
+    "trust:": "test_trust_tuf_config",
     "tls_cert: /etc/pullgate/tls/tls.crt": "test_access_config",
     "pullgate warm nginx:1.25 ghcr.io/acme/app:2.1": "test_cache_operations_and_air_gap",
 }
@@ -488,3 +490,15 @@ def test_cache_operations_and_air_gap(registry: Registry, images: dict[str, Imag
     pruned = sh(prune, airgap, offline).stdout
     assert pruned == "would remove 0 objects, 0 B (dry run)\n", "nothing is 30 days old here"
     assert not (tmp_path / "pullgate-cache").exists() and (airgap / "pullgate-cache").is_dir()
+
+
+def test_trust_tuf_config(tmp_path: Path) -> None:
+    """The TUF refresh block is a valid config (checked without contacting the repository;
+    tests/test_tufroot.py runs the refresh itself against a real local TUF repository)."""
+    (tmp_path / "pullgate.yaml").write_text(block("trust:").text)
+    env = environment(PULLGATE_CACHE__DIR=str(tmp_path / "cache"))
+    assert sh("pullgate config check pullgate.yaml", tmp_path, env).stdout == "ok: pullgate.yaml\n"
+    config = load_config(tmp_path / "pullgate.yaml", {})
+    assert config.trust.tuf.url == "https://tuf-repo-cdn.sigstore.dev"
+    assert config.trust.tuf.interval == 24 * 3600
+    assert config.trust.tuf.root is None  # the shipped Sigstore root.json

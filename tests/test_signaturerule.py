@@ -13,9 +13,10 @@ from proxy.oci.digest import Digest
 from proxy.oci.reference import ImageReference
 from proxy.policy.document import load_file
 from proxy.policy.fields import FieldError
-from proxy.policy.rules.base import ImageContext, ResolutionFailed
+from proxy.policy.rules.base import ImageContext, Origin, ResolutionFailed
 from proxy.policy.rules.signature import Signatures, build
 from proxy.trust.service import VerificationCache
+from proxy.trust.trustroot import RootHolder
 from proxy.trust.verification import KeyResult, SignaturePolicy, VerificationResult, evaluate
 from tests.signer import generate_key, unsupported_public_pem
 
@@ -72,11 +73,11 @@ def keys_dir(tmp_path: Path) -> Path:
 )
 def test_build(keys_dir: Path, doc: dict[str, Any], error: str | None) -> None:
     if error is None:
-        rule = build(doc, PATH, keys_dir)
+        rule = build(doc, PATH, Origin(keys_dir, RootHolder()))
         assert isinstance(rule, Signatures)
         return
     with pytest.raises(FieldError, match=error.replace("[", r"\[").replace("]", r"\]")):
-        build(doc, PATH, keys_dir)
+        build(doc, PATH, Origin(keys_dir, RootHolder()))
 
 
 class Facts:
@@ -106,7 +107,7 @@ def _verified(policy: SignaturePolicy) -> VerificationResult:
     ],
 )
 async def test_check(keys_dir: Path, verified: bool | None, violation: str | None) -> None:
-    rule = build({"keys": [{"name": "ci", "publicKeyFile": "keys/ci.pub"}]}, PATH, keys_dir)
+    rule = build({"keys": [{"name": "ci", "publicKeyFile": "keys/ci.pub"}]}, PATH, Origin(keys_dir, RootHolder()))
     assert isinstance(rule, Signatures)
     ref = ImageReference.parse(f"ghcr.io/acme/app@{DIGEST}")
     context = ImageContext('container "app"', str(ref), ref, "prod", Facts(verified), True)  # type: ignore[arg-type]
@@ -147,20 +148,21 @@ KEYLESS = {"issuer": GITHUB, "subject": WORKFLOW}
 def test_build_keyless(keys_dir: Path, doc: dict[str, Any], error: str | None) -> None:
     shutil.copy(ROOT / "proxy/trust/data/trusted_root.json", keys_dir / "root.json")
     if error is None:
-        rule = build(doc, PATH, keys_dir)
+        rule = build(doc, PATH, Origin(keys_dir, RootHolder()))
         assert isinstance(rule, Signatures)
         assert rule.policy.trusted_root is not None
         assert len(rule.policy.identities) == len(doc["keyless"])
         return
     with pytest.raises(FieldError, match=error.replace("[", r"\[").replace("]", r"\]")):
-        build(doc, PATH, keys_dir)
+        build(doc, PATH, Origin(keys_dir, RootHolder()))
 
 
 def test_keyless_default_root_is_public_good(keys_dir: Path) -> None:
-    rule = build({"keyless": [KEYLESS]}, PATH, keys_dir)
-    assert isinstance(rule, Signatures) and rule.policy.trusted_root is not None
-    assert rule.policy.trusted_root.name == "sigstore public-good (shipped)"
-    urls = {log.url for log in rule.policy.trusted_root.tlogs.values()}
+    rule = build({"keyless": [KEYLESS]}, PATH, Origin(keys_dir, RootHolder()))
+    assert isinstance(rule, Signatures) and isinstance(rule.policy.trusted_root, RootHolder)
+    root = rule.policy.root()
+    assert root is not None and root.name == "sigstore public-good (shipped)"
+    urls = {log.url for log in root.tlogs.values()}
     assert urls == {"https://rekor.sigstore.dev", "https://log2025-1.rekor.sigstore.dev"}
 
 

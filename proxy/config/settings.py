@@ -204,6 +204,23 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class TufConfig:
+    """Refreshing the default Sigstore trusted root through TUF (``proxy.trust.tufroot``).
+    Unset ``url``: no refresh, the shipped root only (offline: air-gapped clusters)."""
+
+    url: str | None = field(default=None, metadata={"parse": _optional_http_url})  # the TUF repository
+    root: Path | None = None  # the TUF root.json trusted first; default: Sigstore's, shipped
+    interval: float = _duration("24h")
+    timeout: float = _duration("30s")  # each network read of the repository
+    cache_dir: Path | None = None  # metadata and the fetched trusted_root.json; default: <cache.dir>/tuf
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    tuf: TufConfig = field(default_factory=TufConfig)
+
+
+@dataclass(frozen=True)
 class Config:
     listen: tuple[str, int] = _listen("127.0.0.1:5000")
     tls_cert: Path | None = None  # mirror listener TLS (PEM), reloaded when the files change
@@ -221,8 +238,12 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)  # proxy/config/storage.py
     coordination: CoordinationConfig = field(default_factory=CoordinationConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     shutdown_grace: float = _duration("30s")  # how long in-flight pulls may finish after SIGTERM
     shutdown_delay: float = _duration("3s")  # unready before closing, so load balancers stop routing
+
+    def tuf_cache_dir(self) -> Path:
+        return self.trust.tuf.cache_dir or self.cache.dir / "tuf"
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         return next((u for u in self.upstreams if u.name == name), None)
@@ -378,6 +399,7 @@ def _check(config: Config) -> None:
         if upstream.password_env and not upstream.username:
             raise ConfigError(f"upstreams[{i}].password_env: needs a username")
     _check_limits(config.limits)
+    _check_tuf(config.trust.tuf)
     _check_access(config.access, names)
     check_storage(config.storage)
     check_coordination(config.coordination)
@@ -393,6 +415,16 @@ def _check_scale_out_served(config: Config) -> None:
         raise ConfigError("storage.type: s3 is not served by this version yet (issue 17); use filesystem")
     if config.coordination.type != "local":
         raise ConfigError("coordination.type: redis is not served by this version yet (issue 17); use local")
+
+
+def _check_tuf(tuf: TufConfig) -> None:
+    for key in ("interval", "timeout"):
+        if getattr(tuf, key) <= 0:
+            raise ConfigError(f"trust.tuf.{key}: must be more than 0")
+    if tuf.url is None:
+        for key in ("root", "cache_dir"):
+            if getattr(tuf, key) is not None:
+                raise ConfigError(f"trust.tuf.{key}: only used with trust.tuf.url (the repository to refresh from)")
 
 
 def _check_limits(limits: LimitsConfig) -> None:

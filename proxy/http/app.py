@@ -20,16 +20,20 @@ from proxy.http.appkeys import (
     MIRROR,
     POLICIES,
     PULL_POLICY,
+    TRUST_REFRESH,
+    TRUST_ROOTS,
     Lifecycle,
 )
 from proxy.http.boundary import RequestIds, on_prepare, request_middleware
 from proxy.http.pullapi import add_routes
+from proxy.http.trustrefresh import refresher
 from proxy.http.webhook_listener import serve_webhook
 from proxy.ops.limits import FetchLimiter
 from proxy.ops.metrics import Metrics
 from proxy.policy.active import PolicyStore
 from proxy.policy.pulltime import PullPolicy
 from proxy.registry.mirror import Mirror
+from proxy.trust.trustroot import RootHolder
 
 
 def create_app(config: Config, registry: CollectorRegistry | None = None) -> web.Application:
@@ -48,7 +52,11 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     app[FETCH_LIMITER] = FetchLimiter(
         config.limits.upstream_fetches, config.limits.upstream_fetches_per_client, app[METRICS]
     )
+    app[TRUST_ROOTS] = RootHolder()
+    if config.trust.tuf.url is not None:  # a bad anchor file is a ConfigError now, not at the first refresh
+        app[TRUST_REFRESH] = refresher(config, app[TRUST_ROOTS], app[METRICS], structlog.get_logger("pullgate.trust"))
     app.cleanup_ctx.append(_mirror_ctx)
+    app.cleanup_ctx.append(_trust_ctx)
     app.cleanup_ctx.append(_policies_ctx)
     add_routes(app)
     app.router.add_get("/healthz", healthz, name="healthz")
@@ -87,12 +95,22 @@ async def _access_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _trust_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The TUF refresh of the default Sigstore trusted root, when ``trust.tuf.url`` is set."""
+    task = app.get(TRUST_REFRESH)
+    if task is None:
+        yield
+        return
+    async with task.running(app[METRICS]):
+        yield
+
+
 async def _policies_ctx(app: web.Application) -> AsyncIterator[None]:
     """One policy set for the webhook and (with ``mirror.enforce_policies``) the mirror;
     the webhook listener runs alongside the mirror's when ``admission.enabled``."""
     config, metrics = app[CONFIG], app[METRICS]
     log = structlog.get_logger("pullgate.admission")
-    store = PolicyStore(config.policies, metrics, log)
+    store = PolicyStore(config.policies, metrics, log, roots=app[TRUST_ROOTS])
     async with store.running():
         app[POLICIES] = store
         if config.mirror.enforce_policies:

@@ -9,11 +9,13 @@ from aiohttp import web
 
 from proxy.access.control import Access
 from proxy.config.settings import Config
+from proxy.http.trustrefresh import TrustRootRefresher
 from proxy.ops.limits import FetchLimiter
 from proxy.ops.metrics import Metrics
 from proxy.policy.active import PolicyStore
 from proxy.policy.pulltime import PullPolicy
 from proxy.registry.mirror import Mirror
+from proxy.trust.trustroot import RootHolder
 
 
 @dataclass
@@ -32,3 +34,5 @@ METRICS = web.AppKey("metrics", Metrics)
 MIRROR = web.AppKey("mirror", Mirror)
 POLICIES = web.AppKey("policies", PolicyStore)
 PULL_POLICY = web.AppKey("pull_policy", PullPolicy)
+TRUST_ROOTS = web.AppKey("trust_roots", RootHolder)  # the default Sigstore root (shipped, or refreshed: trust.tuf)
+TRUST_REFRESH = web.AppKey("trust_refresh", TrustRootRefresher)  # only when trust.tuf.url is set

@@ -110,6 +110,17 @@ class Metrics:
             registry=registry,
         )
         self.ready = Gauge("pullgate_ready", "1 while /readyz answers ready.", registry=registry)
+        self.trusted_root_refreshed = Gauge(
+            "pullgate_trusted_root_last_refresh_timestamp_seconds",
+            "When the Sigstore trusted root was last refreshed through TUF (0: never, shipped root).",
+            registry=registry,
+        )
+        self.trusted_root_refreshes = Counter(
+            "pullgate_trusted_root_refreshes_total",
+            "TUF refreshes of the Sigstore trusted root by result (ok, failed).",
+            ["result"],
+            registry=registry,
+        )
         self.background_task_failures = Counter(
             "pullgate_background_task_failures_total",
             "Background task failures (each one is logged and the task restarted) by task name.",

@@ -23,6 +23,7 @@ from proxy.ops.filewatch import stamp
 from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import supervised
 from proxy.policy.document import Policy, PolicyInvalid, load_file
+from proxy.trust.trustroot import RootHolder
 
 POLICY_SUFFIXES = (".yaml", ".yml")
 Signature = tuple[tuple[str, int, int, int], ...]
@@ -70,13 +71,14 @@ def policy_files(path: Path) -> tuple[Path, ...]:
     raise PolicyInvalid(f"{path}: no such policy file or directory")
 
 
-def load_policies(path: Path) -> PolicySet:
-    """Load every policy under ``path``; raises ``PolicyInvalid`` on the first bad file."""
+def load_policies(path: Path, roots: RootHolder | None = None) -> PolicySet:
+    """Load every policy under ``path``; raises ``PolicyInvalid`` on the first bad file.
+    ``roots``: the default Sigstore trusted root for keyless rules (default: the shipped one)."""
     files = policy_files(path)
     policies: list[Policy] = []
     seen: dict[str, Policy] = {}
     for file in files:
-        for policy in load_file(file):
+        for policy in load_file(file, roots):
             if policy.name in seen:
                 raise PolicyInvalid(
                     f"{policy.source}: metadata.name: policy {policy.name!r} is already "
@@ -106,8 +108,10 @@ class PolicyStore:
         logger: FilteringBoundLogger,
         *,
         interval: float = 2.0,
+        roots: RootHolder | None = None,
     ) -> None:
         self.path = path
+        self.roots = roots if roots is not None else RootHolder()
         self.metrics = metrics
         self.logger = logger
         self.interval = interval
@@ -126,7 +130,7 @@ class PolicyStore:
             return True
         self._signature = await asyncio.to_thread(signature, self.path)
         try:
-            loaded = await asyncio.to_thread(load_policies, self.path)
+            loaded = await asyncio.to_thread(load_policies, self.path, self.roots)
         except PolicyInvalid as exc:
             self.error = exc.message
             self.metrics.policy_reloads.labels(result="error").inc()

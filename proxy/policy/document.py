@@ -21,8 +21,9 @@ from proxy.oci.globs import GlobSet
 from proxy.oci.reference import ImageReference, normalize_pattern, normalize_registry_pattern
 from proxy.policy import fields
 from proxy.policy.fields import FieldError
-from proxy.policy.rules.base import ResolveTagsFailure, Rule
+from proxy.policy.rules.base import Origin, ResolveTagsFailure, Rule
 from proxy.policy.rules.kinds import RULES
+from proxy.trust.trustroot import RootHolder
 
 API_VERSION = "pullgate.dev/v1"
 KIND = "ImagePolicy"
@@ -64,9 +65,12 @@ class Policy:
         return self.match.applies(ref, namespace)
 
 
-def parse_policy(doc: object, source: str = "", base: Path | None = None) -> Policy:
+def parse_policy(
+    doc: object, source: str = "", base: Path | None = None, roots: RootHolder | None = None
+) -> Policy:
     """Build a policy from one YAML document; raises ``FieldError`` naming the field.
-    ``base`` is where relative file names in the policy (key files) are looked up."""
+    ``base`` is where relative file names in the policy (key files) are looked up; ``roots``
+    the default Sigstore trusted root (default: the shipped one)."""
     top = fields.mapping(doc, "(document)", ("apiVersion", "kind", "metadata", "spec"))
     if top.get("apiVersion") != API_VERSION:
         raise FieldError("apiVersion", f"expected {API_VERSION}, got {top.get('apiVersion')!r}")
@@ -86,7 +90,7 @@ def parse_policy(doc: object, source: str = "", base: Path | None = None) -> Pol
         name=name,
         mode=cast(Mode, mode),
         match=_parse_match(spec.get("match")),
-        rules=_parse_rules(rules_doc, resolve_tags, base or Path.cwd()),
+        rules=_parse_rules(rules_doc, resolve_tags, Origin(base or Path.cwd(), roots or RootHolder())),
         resolve_tags=resolve_tags,
         rewrite_registry=_parse_rewrite(rules_doc.get("rewriteRegistry")),
         source=source,
@@ -107,11 +111,11 @@ def _parse_match(value: object) -> Match:
     return Match(images, exclude, namespaces)
 
 
-def _parse_rules(rules: Mapping[str, Any], resolve_tags: bool, base: Path) -> tuple[Rule, ...]:
+def _parse_rules(rules: Mapping[str, Any], resolve_tags: bool, origin: Origin) -> tuple[Rule, ...]:
     built = []
     for key, factory in RULES.items():
         if key in rules:
-            rule = factory(rules[key], f"spec.rules.{key}", base)
+            rule = factory(rules[key], f"spec.rules.{key}", origin)
             if rule is not None:
                 built.append(rule)
     if resolve_tags and not rules.get("requireDigest"):
@@ -147,7 +151,7 @@ def _image_globs(value: object, path: str) -> GlobSet:
     return GlobSet.compile(normalized)
 
 
-def load_file(path: Path) -> tuple[Policy, ...]:
+def load_file(path: Path, roots: RootHolder | None = None) -> tuple[Policy, ...]:
     """Every policy in one file; raises ``PolicyInvalid`` naming file, document and field."""
     try:
         documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
@@ -163,7 +167,7 @@ def load_file(path: Path) -> tuple[Policy, ...]:
             continue
         where = f"{path}: document {number}{_doc_name(doc)}"
         try:
-            policies.append(parse_policy(doc, where, path.parent))
+            policies.append(parse_policy(doc, where, path.parent, roots))
         except FieldError as exc:
             raise PolicyInvalid(f"{where}: {exc.message}") from exc
     return tuple(policies)

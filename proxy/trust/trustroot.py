@@ -113,6 +113,23 @@ def default_trusted_root() -> TrustedRoot:
     return TrustedRoot.from_json(data, DEFAULT_NAME)
 
 
+class RootHolder:
+    """The default trusted root, shared by every rule that names none: the shipped one
+    until a TUF refresh (``proxy.trust.tufroot``) installs a newer one. Rules keep the
+    holder, not the root, and read ``current`` at each verification, so a refreshed root
+    applies from then on without reloading policies. One object per app (never global)."""
+
+    def __init__(self, root: TrustedRoot | None = None) -> None:
+        self._root = root if root is not None else default_trusted_root()
+
+    @property
+    def current(self) -> TrustedRoot:
+        return self._root
+
+    def replace(self, root: TrustedRoot) -> None:
+        self._root = root  # one reference assignment: readers see the old or the new root
+
+
 def _list(value: Any, where: str) -> list[Any]:
     if value is None:
         return []

@@ -49,7 +49,7 @@ from proxy.trust.cosign import Reason, Signature
 from proxy.trust.documents import parse_json
 from proxy.trust.identity import KeylessIdentity
 from proxy.trust.keys import VerifyingKey, load_public_key
-from proxy.trust.trustroot import TrustedRoot
+from proxy.trust.trustroot import RootHolder, TrustedRoot
 
 # Reasons whose detail (found vs wanted) belongs in the one-line denial.
 _EXPLAINED = frozenset(
@@ -88,7 +88,7 @@ class SignaturePolicy:
     threshold: int = 1
     log_key: VerifyingKey | None = None
     identities: tuple[KeylessIdentity, ...] = ()
-    trusted_root: TrustedRoot | None = None
+    trusted_root: TrustedRoot | RootHolder | None = None  # a holder: the default root, read at each use
     purpose: Purpose = SIGNATURE
     requirements: StatementRequirements | None = None
 
@@ -121,12 +121,18 @@ class SignaturePolicy:
         threshold: int = 1,
         log_key: bytes | str | None = None,
         identities: Sequence[KeylessIdentity] = (),
-        trusted_root: TrustedRoot | None = None,
+        trusted_root: TrustedRoot | RootHolder | None = None,
         purpose: Purpose = SIGNATURE,
     ) -> SignaturePolicy:
         loaded = {name: load_public_key(pem, name=f"keys.{name}") for name, pem in keys.items()}
         log = load_public_key(log_key, name="transparency_log_key") if log_key else None
         return cls(loaded, threshold, log, tuple(identities), trusted_root, purpose)
+
+    def root(self) -> TrustedRoot | None:
+        """The trusted root to verify with now (a holder's current one)."""
+        if isinstance(self.trusted_root, RootHolder):
+            return self.trusted_root.current
+        return self.trusted_root
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,12 +194,13 @@ def evaluate(
     accepted = frozenset(digests)
     when = now or datetime.now(UTC)
     judged: list[tuple[KeyResult, Signature | None]] = []
+    root = policy.root()  # once: one verification sees one root, even if a refresh lands meanwhile
     for name, key in policy.keys.items():
-        outcomes = [(s, check(s, key, accepted, policy.log_key, policy.purpose, policy.trusted_root)) for s in found]
+        outcomes = [(s, check(s, key, accepted, policy.log_key, policy.purpose, root)) for s in found]
         judged.append(_best(name, outcomes, policy, notes, when, None))
     if policy.identities:
-        assert policy.trusted_root is not None
-        keyless = [(s, check_keyless(s, policy.trusted_root, accepted, policy.purpose)) for s in found]
+        assert root is not None
+        keyless = [(s, check_keyless(s, root, accepted, policy.purpose)) for s in found]
         counted: set[bytes] = set()  # one certificate counts once, however many identities it matches
         for identity in policy.identities:
             verdict = _best(identity.name, keyless, policy, notes, when, identity, counted)

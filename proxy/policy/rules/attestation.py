@@ -24,12 +24,11 @@ Verification shares the signature rule's service and cache semantics.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from proxy.errors import ConfigError
 from proxy.policy import fields
 from proxy.policy.fields import FieldError
-from proxy.policy.rules.base import ImageContext, ResolutionFailed, Rule
+from proxy.policy.rules.base import ImageContext, Origin, ResolutionFailed, Rule
 from proxy.policy.rules.signature import cache as build_cache
 from proxy.policy.rules.signers import SIGNER_FIELDS, parse_signers, public_key, threshold
 from proxy.trust.attestations import StatementRequirements
@@ -72,28 +71,29 @@ class Attestations:
         return tuple(violations)
 
 
-def build(value: object, path: str, base: Path) -> Rule | None:
+def build(value: object, path: str, origin: Origin) -> Rule | None:
     if not isinstance(value, list) or not value:
         raise FieldError(path, "expected a non-empty list of attestation requirements")
     built: list[Requirement] = []
     for i, entry in enumerate(value):
-        requirement = _requirement(entry, f"{path}[{i}]", base)
+        requirement = _requirement(entry, f"{path}[{i}]", origin)
         if any(r.name == requirement.name for r in built):
             raise FieldError(f"{path}[{i}].name", f"duplicate attestation name {requirement.name!r}")
         built.append(requirement)
     return Attestations(tuple(built))
 
 
-def _requirement(value: object, path: str, base: Path) -> Requirement:
+def _requirement(value: object, path: str, origin: Origin) -> Requirement:
     doc = fields.mapping(value, path, _FIELDS)
     name = fields.string(doc.get("name"), f"{path}.name")
     predicate = fields.string(doc.get("predicateType"), f"{path}.predicateType")
-    signers = parse_signers(doc, path, base)
+    signers = parse_signers(doc, path, origin)
     count = threshold(doc.get("threshold", 1), f"{path}.threshold", signers.count)
     log_key = None
     if doc.get("transparencyLog") is not None:
         where = f"{path}.transparencyLog"
-        log_key = public_key(fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile")), where, base)
+        log_doc = fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile"))
+        log_key = public_key(log_doc, where, origin.base)
     conditions_doc = doc.get("conditions") or {}
     if not isinstance(conditions_doc, dict):
         raise FieldError(f"{path}.conditions", f"expected a mapping, got {fields.kind_of(conditions_doc)}")

@@ -24,6 +24,7 @@ from proxy.oci.mediatypes import ParsedManifest
 from proxy.oci.reference import ImageReference, normalize_registry_pattern
 from proxy.policy import fields
 from proxy.trust.service import VerificationCache
+from proxy.trust.trustroot import RootHolder
 from proxy.trust.verification import SignaturePolicy, VerificationResult
 
 
@@ -109,7 +110,17 @@ class Rule(Protocol):
 
 
 # (YAML value, field path for errors, directory of the policy file for relative paths)
-RuleFactory = Callable[[object, str, Path], Rule | None]
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a policy comes from, for its rules: ``base`` is where relative file names (key
+    files, trusted roots) are looked up; ``roots`` holds the default Sigstore trusted root
+    (the shipped one, or a TUF refresh's) for keyless rules that name none."""
+
+    base: Path
+    roots: RootHolder
+
+
+RuleFactory = Callable[[object, str, Origin], Rule | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +170,11 @@ class DenyTags:
         return (f"denies tag {image.ref.tag}",)
 
 
-def _require_digest(value: object, path: str, base: Path) -> Rule | None:
+def _require_digest(value: object, path: str, origin: Origin) -> Rule | None:
     return RequireDigest() if fields.boolean(value, path) else None
 
 
-def _allowed_registries(value: object, path: str, base: Path) -> Rule | None:
+def _allowed_registries(value: object, path: str, origin: Origin) -> Rule | None:
     """Registry hosts or host globs, normalized like references' hosts (``INDEX.DOCKER.IO``,
     ``ghcr.io:443`` -> ``docker.io``, ``ghcr.io``)."""
     hosts = fields.string_list(value, path)
@@ -178,7 +189,7 @@ def _allowed_registries(value: object, path: str, base: Path) -> Rule | None:
     return AllowedRegistries(GlobSet.compile(normalized))
 
 
-def _deny_tags(value: object, path: str, base: Path) -> Rule | None:
+def _deny_tags(value: object, path: str, origin: Origin) -> Rule | None:
     tags = fields.string_list(value, path)
     for i, tag in enumerate(tags):
         if "/" in tag or "@" in tag or ":" in tag:

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from cachetools import LRUCache
@@ -47,6 +46,7 @@ from proxy.policy.rules.base import (
     ImageContext,
     ImageFacts,
     ManifestDoc,
+    Origin,
     ResolutionFailed,
 )
 from proxy.policy.rules.secretscan import Finding, scan_env, scan_text
@@ -303,7 +303,7 @@ def _list(value: object) -> list[Any]:
 
 
 # --- parsing --------------------------------------------------------------------------------
-def build(value: object, path: str, base: Path) -> ImageRules | None:
+def build(value: object, path: str, origin: Origin) -> ImageRules | None:
     doc = fields.mapping(value, path, FIELDS)
     rules = ImageRules(
         platform=_platform(doc.get("platform", DEFAULT_PLATFORM), f"{path}.platform"),

@@ -34,13 +34,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from proxy.errors import ConfigError
 from proxy.policy import fields
 from proxy.policy.fields import FieldError
-from proxy.policy.rules.base import ImageContext, ResolutionFailed, Rule
+from proxy.policy.rules.base import ImageContext, Origin, ResolutionFailed, Rule
 from proxy.policy.rules.signers import SIGNER_FIELDS, parse_signers, public_key, threshold
 from proxy.trust.service import VerificationCache
 from proxy.trust.verification import SignaturePolicy
@@ -65,14 +64,15 @@ class Signatures:
         return (f"requires a valid signature: {result.message()}",)
 
 
-def build(value: object, path: str, base: Path) -> Rule | None:
+def build(value: object, path: str, origin: Origin) -> Rule | None:
     doc = fields.mapping(value, path, _FIELDS)
-    signers = parse_signers(doc, path, base)
+    signers = parse_signers(doc, path, origin)
     count = threshold(doc.get("threshold", 1), f"{path}.threshold", signers.count)
     log_key = None
     if doc.get("transparencyLog") is not None:
         where = f"{path}.transparencyLog"
-        log_key = public_key(fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile")), where, base)
+        log_doc = fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile"))
+        log_key = public_key(log_doc, where, origin.base)
     try:
         policy = SignaturePolicy(signers.keys, count, log_key, signers.identities, signers.trusted_root)
     except ConfigError as exc:

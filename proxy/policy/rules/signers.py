@@ -1,7 +1,8 @@
 """Who may sign, as ``signatures`` and ``attestations`` rules write it: ``keys`` (PEM public
 keys, inline or from files), ``keyless`` identities (Fulcio certificates: issuer and subject,
 exact/glob or regular expression, plus certificate extensions), the ``trustedRoot`` those
-are checked against (default: the Sigstore public-good root shipped with pullgate), and a
+are checked against (default: the Sigstore public-good root shipped with pullgate, or
+what a TUF refresh installed: ``Origin.roots``), and a
 ``transparencyLog`` key for keyed signatures.
 
 ```yaml
@@ -27,10 +28,11 @@ from typing import Any
 from proxy.errors import ConfigError
 from proxy.policy import fields
 from proxy.policy.fields import FieldError
+from proxy.policy.rules.base import Origin
 from proxy.trust.certificates import EXTENSIONS
 from proxy.trust.identity import KeylessIdentity
 from proxy.trust.keys import VerifyingKey, load_public_key
-from proxy.trust.trustroot import TrustedRoot, default_trusted_root, load_trusted_root
+from proxy.trust.trustroot import RootHolder, TrustedRoot, load_trusted_root
 
 SIGNER_FIELDS = ("keys", "keyless", "trustedRoot")
 _KEYLESS_FIELDS = ("issuer", "issuerRegExp", "subject", "subjectRegExp", "extensions")
@@ -40,22 +42,22 @@ _KEYLESS_FIELDS = ("issuer", "issuerRegExp", "subject", "subjectRegExp", "extens
 class Signers:
     keys: Mapping[str, VerifyingKey]
     identities: tuple[KeylessIdentity, ...]
-    trusted_root: TrustedRoot | None  # set when there are identities
+    trusted_root: TrustedRoot | RootHolder | None  # set when there are identities
 
     @property
     def count(self) -> int:
         return len(self.keys) + len(self.identities)
 
 
-def parse_signers(doc: Mapping[str, Any], path: str, base: Path) -> Signers:
+def parse_signers(doc: Mapping[str, Any], path: str, origin: Origin) -> Signers:
     """``keys`` and/or ``keyless`` (at least one signer), and ``trustedRoot``."""
-    keys = _keys(doc.get("keys"), f"{path}.keys", base) if doc.get("keys") is not None else {}
+    keys = _keys(doc.get("keys"), f"{path}.keys", origin.base) if doc.get("keys") is not None else {}
     identities = _keyless(doc.get("keyless"), f"{path}.keyless") if doc.get("keyless") is not None else ()
     if not keys and not identities:
         raise FieldError(f"{path}.keys", "expected a non-empty list of keys (or keyless identities)")
     root = None
     if identities:
-        root = _trusted_root(doc.get("trustedRoot"), f"{path}.trustedRoot", base)
+        root = _trusted_root(doc.get("trustedRoot"), f"{path}.trustedRoot", origin)
     elif doc.get("trustedRoot") is not None:
         raise FieldError(f"{path}.trustedRoot", "only used with keyless identities")
     return Signers(keys, identities, root)
@@ -105,10 +107,10 @@ def _known_extensions() -> tuple[str, ...]:
     return tuple(EXTENSIONS)
 
 
-def _trusted_root(value: object, path: str, base: Path) -> TrustedRoot:
+def _trusted_root(value: object, path: str, origin: Origin) -> TrustedRoot | RootHolder:
     if value is None:
-        return default_trusted_root()
-    file = base / fields.string(value, path)
+        return origin.roots  # the default root, read at each verification (a TUF refresh replaces it)
+    file = origin.base / fields.string(value, path)
     try:
         return load_trusted_root(file)
     except ConfigError as exc:
