@@ -9,7 +9,6 @@ bodies in ``proxy.http.app``'s middleware.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -17,15 +16,7 @@ from typing import BinaryIO
 from aiohttp import web
 
 from proxy.access.control import ANONYMOUS, Identity
-from proxy.errors import (
-    BlobUnknown,
-    NameUnknown,
-    RangeInvalid,
-    Unauthorized,
-    Unsupported,
-    UpstreamError,
-    UpstreamUnavailable,
-)
+from proxy.errors import BlobUnknown, NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
 from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import INDEX_TYPES, acceptable, parse_accept, parse_manifest, pick_platform
@@ -214,9 +205,7 @@ async def _send_cached(
     return response
 
 
-async def _sendfile(
-    request: web.Request, file: BinaryIO, start: int, end: int, *, source: str = "cache"
-) -> bool:
+async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) -> bool:
     """``loop.sendfile`` in pieces, each bounded by ``limits.send_timeout``; False when the
     client was cut off. A piece doubles (up to 16 MiB) while the client takes it within a
     16th of the timeout and halves (down to 1 MiB) past a quarter: a fast client costs a
@@ -246,16 +235,12 @@ async def _sendfile(
             piece = max(piece // 2, _PIECE_MIN)
         offset += count
         details.bytes += count
-        metrics = request.app[MIRROR].metrics
-        (metrics.served_from_cache if source == "cache" else metrics.served_from_upstream).inc(count)
+        request.app[MIRROR].metrics.served_from_cache.inc(count)
     return True
 
 
 async def _stream(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
-    """Stream a blob that is still downloading, honouring a single ``Range``. With a known
-    length the bytes go by ``sendfile`` from the download's file as they are written (the
-    last byte only once verified); what a disk-full download keeps in memory, and a blob of
-    unknown length (chunked encoding), go through ``flight.read``."""
+    """Stream a blob that is still downloading, honouring a single ``Range``."""
     start, end, status = 0, flight.size, 200
     range_header = request.headers.get("Range")
     if range_header and flight.size is not None:
@@ -266,12 +251,17 @@ async def _stream(request: web.Request, flight: Flight, headers: dict[str, str])
     if end is not None:
         response.content_length = end - start
     await response.prepare(request)
+    metrics = request.app[MIRROR].metrics
+    send_timeout = request.app[CONFIG].limits.send_timeout
     details = info(request)
     try:
-        if end is None:  # unknown length: chunked encoding, no sendfile
-            await _write_chunks(request, response, flight, start, end)
-        elif await _send_windows(request, response, flight, start, end) is None:
-            return response  # cut off: the client stopped reading
+        async for chunk in flight.read(start, end):
+            # A client that takes no byte for send_timeout is cut off. (A slow one only
+            # slows itself: the download writes to disk whatever clients do.)
+            async with asyncio.timeout(send_timeout):
+                await response.write(chunk)
+            details.bytes += len(chunk)
+            metrics.served_from_upstream.inc(len(chunk))
     except (UpstreamError, TimeoutError) as exc:
         # Headers are sent; the only honest signal left is a connection closed short of
         # Content-Length, so the client discards what it got.
@@ -281,49 +271,6 @@ async def _stream(request: web.Request, flight: Flight, headers: dict[str, str])
         return response
     await response.write_eof()
     return response
-
-
-async def _send_windows(
-    request: web.Request, response: web.StreamResponse, flight: Flight, start: int, end: int
-) -> int | None:
-    """``sendfile`` the readable windows of a download from a descriptor of our own (what
-    a disk-full download holds only in memory is written as bytes); the offset reached,
-    None when the client was cut off."""
-    try:
-        fd = await asyncio.to_thread(flight.open_for_reading)
-    except OSError as exc:
-        raise UpstreamUnavailable(f"reading the download failed: {exc.__class__.__name__}") from exc
-    offset = start
-    send_timeout = request.app[CONFIG].limits.send_timeout
-    with os.fdopen(fd, "rb", closefd=True) as file:
-        async for window in flight.windows(start, end):
-            if isinstance(window, bytes):  # a disk-full download's memory window
-                async with asyncio.timeout(send_timeout):
-                    await response.write(window)
-                info(request).bytes += len(window)
-                request.app[MIRROR].metrics.served_from_upstream.inc(len(window))
-                offset += len(window)
-                continue
-            window_start, count = window
-            if not await _sendfile(request, file, window_start, window_start + count, source="upstream"):
-                return None
-            offset = window_start + count
-    return offset
-
-
-async def _write_chunks(
-    request: web.Request, response: web.StreamResponse, flight: Flight, start: int, end: int | None
-) -> None:
-    metrics = request.app[MIRROR].metrics
-    send_timeout = request.app[CONFIG].limits.send_timeout
-    details = info(request)
-    async for chunk in flight.read(start, end):
-        # A client that takes no byte for send_timeout is cut off. (A slow one only
-        # slows itself: the download writes to disk whatever clients do.)
-        async with asyncio.timeout(send_timeout):
-            await response.write(chunk)
-        details.bytes += len(chunk)
-        metrics.served_from_upstream.inc(len(chunk))
 
 
 def _parse_range(header: str, size: int) -> tuple[int, int]:

@@ -14,10 +14,8 @@ attached reader still needs is also kept in memory, up to ``RECENT`` bytes: read
 up with the download (the usual case: clients at the pace of the upstream) take their bytes
 from there without a thread hop; a reader further behind reads ``READ_AHEAD`` bytes per hop.
 
-Readers that send the bytes to a socket as they are can take *windows* instead
-(``windows``): ranges of the temp file that are written (and, for the last byte, verified),
-which the HTTP layer sends with ``sendfile`` from its own descriptor — zero copies through
-Python for a cold blob fanned out to many clients, the same holding back of the last byte.
+The last byte is released as soon as the digest matches (``verified``), before the
+writer makes the file durable (fsync, rename): no client waits for the disk flush.
 
 When the disk fills (ENOSPC, EDQUOT, EFBIG) the download goes on in *pass-through* mode:
 later bytes are kept in a bounded memory window for the readers already attached, and the
@@ -42,7 +40,6 @@ from proxy.oci.digest import Digest
 CHUNK = 1 << 18
 RECENT = 8 << 20  # at most this much of the download's end is kept in memory for its readers
 READ_AHEAD = 1 << 20  # bytes per disk read for readers further behind
-MIN_WINDOW = 1 << 20  # bytes a sendfile reader waits for while the download runs
 SPILL_WINDOW = 64 << 20  # memory kept for readers of a pass-through download
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -196,55 +193,6 @@ class Flight:
                 os.close(own_fd)
             del self._readers[reader]
             self._maybe_close()
-
-    async def windows(self, start: int, end: int) -> AsyncIterator[tuple[int, int] | bytes]:
-        """``[start, end)`` as it becomes readable — up to ``written - 1`` while the
-        download runs, the last byte only once verified: ``(offset, count)`` ranges of the
-        file for the caller to ``sendfile``, or, past what a disk-full download could write,
-        the bytes themselves from its memory window. Raises the download's error if it fails."""
-        reader = self._next_reader
-        self._next_reader += 1
-        self._readers[reader] = start
-        try:
-            offset = start
-            while offset < end:
-                limit = min(end, self.written if self._complete else max(self.written - 1, 0))
-                if self.disk_bytes is not None and offset >= self.disk_bytes:
-                    if offset < limit:
-                        data = await self._chunk(-1, offset, limit)  # spilled: from memory
-                        offset += len(data)
-                        self._readers[reader] = offset
-                        yield data
-                        continue
-                elif self.disk_bytes is not None:
-                    limit = min(limit, self.disk_bytes)
-                # While the download runs, wait for a window worth a system call: many
-                # readers each sending every small write would cost more than the bytes.
-                worth = self._complete or self.state is not State.RUNNING or limit - offset >= MIN_WINDOW
-                if offset < limit and (worth or limit == end or limit == self.disk_bytes):
-                    yield offset, limit - offset
-                    offset = limit
-                    self._readers[reader] = offset
-                elif self._complete:
-                    return
-                elif self.state is State.FAILED:
-                    raise self.error or PullgateError("download failed")
-                else:
-                    await self._changed.wait()
-        finally:
-            del self._readers[reader]
-            self._maybe_close()
-
-    def open_for_reading(self) -> int:
-        """A read-only descriptor of the blob's bytes, the caller's to close (blocking: call
-        in a thread). The temp file while it exists; once committed, the final file (an
-        open descriptor survives the rename, so either is the same bytes)."""
-        try:
-            return os.open(self.temp, os.O_RDONLY)
-        except FileNotFoundError:
-            if self.final is None:
-                raise UpstreamUnavailable("the download ended before it could be read") from None
-            return os.open(self.final, os.O_RDONLY)
 
     async def _chunk(self, fd: int, offset: int, limit: int) -> bytes:
         if self.disk_bytes is None or offset < self.disk_bytes:
