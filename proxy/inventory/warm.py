@@ -163,6 +163,7 @@ class Warmer:
         async for chunk in found.read():
             received += len(chunk)
             task.advance(len(chunk))
+        await found.settled()  # the last byte comes once verified; the commit follows
         if self.mirror.store.size(descriptor.digest) is None:
             raise UpstreamError(f"{descriptor.digest} was served but not cached (cache disk full?)")
         return received

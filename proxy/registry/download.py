@@ -149,6 +149,13 @@ class Flight:
             self.started.exception()  # mark retrieved: nobody may be waiting
         self._notify()
 
+    async def settled(self) -> State:
+        """Wait until the writer is done with the blob: committed to the store (``DONE``; a
+        reader may have had every byte a moment before) or ``FAILED``."""
+        while self.state is State.RUNNING:
+            await self._changed.wait()
+        return self.state
+
     def writer_closed(self) -> None:
         self._writer_done = True
         self._maybe_close()
