@@ -21,9 +21,9 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from proxy.config.settings import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.http.app import create_app
 from tests.support import skopeo
+from tests.support.accesssetup import ALICE, public_and_private_config
 from tests.support.aio import ServerFactory
 from tests.support.certs import write_cert
 from tests.support.containerd import Containerd
@@ -36,8 +36,6 @@ from tests.support.tokenserver import TokenServer
 
 ROOT = Path(__file__).resolve().parent.parent
 # Written by Apache's `htpasswd -nbB -C 5 alice 'correct horse battery'`.
-ALICE = ("alice", "correct horse battery")
-ALICE_HASH = "$2y$05$yUu3giJw8xQTj8/1Y5xUfO0MfqeaBHkJgXz49OR8laMd.qY9O4RSK"
 WRONG = ("alice", "incorrect horse battery")
 
 
@@ -70,32 +68,8 @@ async def setup(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Setup:
-    user, password = token_server.creds
-    monkeypatch.setenv("PULLGATE_TEST_PRIVATE_PASSWORD", password)
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text(f"{ALICE[0]}:{ALICE_HASH}\n")
-    config = Config(
-        cache=CacheConfig(dir=tmp_path / "cache"),
-        upstreams=(
-            UpstreamConfig("docker.io", registry.url),
-            UpstreamConfig(
-                "ghcr.io",
-                auth_registry.url,
-                username=user,
-                password_env="PULLGATE_TEST_PRIVATE_PASSWORD",
-                auth_hosts=(token_server.url,),  # the token issuer's origin: another port of 127.0.0.1
-            ),
-        ),
-        default_upstream="docker.io",
-        timeouts=TimeoutConfig(connect=5, read=30, manifest=10, retries=1, backoff=0.05),
-        access=AccessConfig(
-            enabled=True,
-            htpasswd=htpasswd,
-            rules=(
-                AccessRule(repositories=("docker.io/library/**",), anonymous=True),
-                AccessRule(repositories=("ghcr.io/acme/**",), users=("alice",)),
-            ),
-        ),
+    config = public_and_private_config(
+        tmp_path, registry.url, auth_registry, token_server, monkeypatch, anonymous="docker.io/library/**"
     )
     seed = secrets.token_hex(4)
     public = image_factory.image("1", layers=[60_000], seed=seed)

@@ -28,16 +28,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy.config.settings import AccessConfig, AccessRule, CacheConfig, Config, TimeoutConfig, UpstreamConfig
 from proxy.http.app import create_app
+from tests.support.accesssetup import ALICE, public_and_private_config
 from tests.support.aio import ServerFactory
 from tests.support.images import ImageFactory, ImageInfo
 from tests.support.registry import Registry
 from tests.support.tokenserver import TokenServer
 
 # Written by Apache's `htpasswd -nbB -C 5 alice 'correct horse battery'`.
-ALICE = ("alice", "correct horse battery")
-ALICE_HASH = "$2y$05$yUu3giJw8xQTj8/1Y5xUfO0MfqeaBHkJgXz49OR8laMd.qY9O4RSK"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 # Distribution 2.8 checks that a layer exists in the repository unless it has `urls` that
@@ -125,32 +123,8 @@ async def attack(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Attack:
-    user, password = token_server.creds
-    monkeypatch.setenv("PULLGATE_TEST_PRIVATE_PASSWORD", password)
-    htpasswd = tmp_path / "htpasswd"
-    htpasswd.write_text(f"{ALICE[0]}:{ALICE_HASH}\n")
-    config = Config(
-        cache=CacheConfig(dir=tmp_path / "cache"),
-        upstreams=(
-            UpstreamConfig("docker.io", public_registry.url),
-            UpstreamConfig(
-                "ghcr.io",
-                auth_registry.url,
-                username=user,
-                password_env="PULLGATE_TEST_PRIVATE_PASSWORD",
-                auth_hosts=(token_server.url,),  # the token issuer runs on another port
-            ),
-        ),
-        default_upstream="docker.io",
-        timeouts=TimeoutConfig(connect=5, read=30, manifest=10, retries=1, backoff=0.05),
-        access=AccessConfig(
-            enabled=True,
-            htpasswd=htpasswd,
-            rules=(
-                AccessRule(repositories=("docker.io/**",), anonymous=True),
-                AccessRule(repositories=("ghcr.io/acme/**",), users=("alice",)),
-            ),
-        ),
+    config = public_and_private_config(
+        tmp_path, public_registry.url, auth_registry, token_server, monkeypatch, anonymous="docker.io/**"
     )
     suffix = secrets.token_hex(3)
     private = image_factory.image("1", layers=[40_000, 3_000], seed=suffix)

@@ -30,7 +30,7 @@ from proxy.policy import fields
 from proxy.policy.fields import FieldError
 from proxy.policy.rules.base import ImageContext, Origin, ResolutionFailed, Rule
 from proxy.policy.rules.signature import cache as build_cache
-from proxy.policy.rules.signers import SIGNER_FIELDS, parse_signers, public_key, threshold
+from proxy.policy.rules.signers import SIGNER_FIELDS, parse_signers, threshold, transparency_log_key
 from proxy.trust.attestations import StatementRequirements
 from proxy.trust.checks import Purpose
 from proxy.trust.identity import Matcher
@@ -89,11 +89,7 @@ def _requirement(value: object, path: str, origin: Origin) -> Requirement:
     predicate = fields.string(doc.get("predicateType"), f"{path}.predicateType")
     signers = parse_signers(doc, path, origin)
     count = threshold(doc.get("threshold", 1), f"{path}.threshold", signers.count)
-    log_key = None
-    if doc.get("transparencyLog") is not None:
-        where = f"{path}.transparencyLog"
-        log_doc = fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile"))
-        log_key = public_key(log_doc, where, origin.base)
+    log_key = transparency_log_key(doc, path, origin)
     conditions_doc = doc.get("conditions") or {}
     if not isinstance(conditions_doc, dict):
         raise FieldError(f"{path}.conditions", f"expected a mapping, got {fields.kind_of(conditions_doc)}")

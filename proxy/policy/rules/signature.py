@@ -40,7 +40,7 @@ from proxy.errors import ConfigError
 from proxy.policy import fields
 from proxy.policy.fields import FieldError
 from proxy.policy.rules.base import ImageContext, Origin, ResolutionFailed, Rule
-from proxy.policy.rules.signers import SIGNER_FIELDS, parse_signers, public_key, threshold
+from proxy.policy.rules.signers import SIGNER_FIELDS, parse_signers, threshold, transparency_log_key
 from proxy.trust.service import VerificationCache
 from proxy.trust.verification import SignaturePolicy
 
@@ -68,11 +68,7 @@ def build(value: object, path: str, origin: Origin) -> Rule | None:
     doc = fields.mapping(value, path, _FIELDS)
     signers = parse_signers(doc, path, origin)
     count = threshold(doc.get("threshold", 1), f"{path}.threshold", signers.count)
-    log_key = None
-    if doc.get("transparencyLog") is not None:
-        where = f"{path}.transparencyLog"
-        log_doc = fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile"))
-        log_key = public_key(log_doc, where, origin.base)
+    log_key = transparency_log_key(doc, path, origin)
     try:
         policy = SignaturePolicy(signers.keys, count, log_key, signers.identities, signers.trusted_root)
     except ConfigError as exc:

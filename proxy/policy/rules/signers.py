@@ -136,6 +136,15 @@ def public_key(doc: Mapping[str, Any], where: str, base: Path) -> VerifyingKey:
         raise FieldError(field_path, exc.message) from exc
 
 
+def transparency_log_key(doc: Mapping[str, Any], path: str, origin: Origin) -> VerifyingKey | None:
+    """The Rekor key of ``PATH.transparencyLog`` (``publicKey`` or ``publicKeyFile``), if any."""
+    if doc.get("transparencyLog") is None:
+        return None
+    where = f"{path}.transparencyLog"
+    log_doc = fields.mapping(doc["transparencyLog"], where, ("publicKey", "publicKeyFile"))
+    return public_key(log_doc, where, origin.base)
+
+
 def threshold(value: object, path: str, signers: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= signers:
         raise FieldError(path, f"must be a whole number from 1 to {signers}, got {value!r}")
