@@ -144,10 +144,14 @@ def test_redis_password_comes_from_the_environment() -> None:
         ("", {}, None),
         ("storage: {type: filesystem}\ncoordination: {type: local}\n", {}, None),
         ("storage: {type: s3}\n", {}, "storage.bucket: required for type s3"),
-        ("storage: {type: s3, bucket: pullgate}\n", {}, "storage.type: s3 is not served by this version yet"),
+        ("storage: {type: s3, bucket: pullgate}\n", {}, None),
+        ("storage: {type: s3, bucket: pullgate}\ncoordination: {type: redis, url: 'redis://r:6379',"
+         " advertise_url: 'http://10.0.0.7:5000'}\n", {}, None),
+        ("storage: {type: s3, bucket: pullgate}\ncoordination: {type: redis, url: 'redis://r:6379',"
+         " advertise_url: 'http://10.0.0.7:5000/x'}\n", {}, "coordination.advertise_url: the endpoint must not have"),
         ("", {"PULLGATE_COORDINATION__TYPE": "redis"}, "coordination.url: required for type redis"),
         ("coordination: {type: redis, url: 'redis://r:6379'}\n", {},
-         "coordination.type: redis is not served by this version yet"),
+         "coordination.type: redis needs storage.type: s3"),
         ("storage: {type: filesystem, bucket: x}\n", {}, "storage.bucket: only for type s3"),
     ],
 )
@@ -160,5 +164,6 @@ def test_blocks_in_the_config_file(tmp_path: Path, yaml_text: str, environ: dict
         assert str(info.value).startswith(error)
         return
     config = load_config(path, environ)
-    assert (config.storage, config.coordination) == (StorageConfig(), CoordinationConfig())
-    assert config.redacted()["storage"]["type"] == "filesystem"
+    if "s3" not in yaml_text:
+        assert (config.storage, config.coordination) == (StorageConfig(), CoordinationConfig())
+    assert config.redacted()["storage"]["type"] == ("s3" if "s3" in yaml_text else "filesystem")

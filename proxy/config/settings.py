@@ -403,18 +403,10 @@ def _check(config: Config) -> None:
     _check_access(config.access, names)
     check_storage(config.storage)
     check_coordination(config.coordination)
-    _check_scale_out_served(config)
-
-
-def _check_scale_out_served(config: Config) -> None:
-    # The S3 blob store and Redis coordination exist (proxy.registry.objectstore,
-    # proxy.registry.coordination) but the mirror does not use them yet (issue 17): refuse
-    # rather than accept a config that would silently keep blobs on local disk.
-    # Remove together with the wiring.
-    if config.storage.type != "filesystem":
-        raise ConfigError("storage.type: s3 is not served by this version yet (issue 17); use filesystem")
-    if config.coordination.type != "local":
-        raise ConfigError("coordination.type: redis is not served by this version yet (issue 17); use local")
+    if config.coordination.type == "redis" and config.storage.type != "s3":
+        # Replicas share blobs through the object store; Redis alone would elect one
+        # downloader per blob whose bytes the other replicas could not read afterwards.
+        raise ConfigError("coordination.type: redis needs storage.type: s3 (the blobs replicas share)")
 
 
 def _check_tuf(tuf: TufConfig) -> None:

@@ -123,6 +123,10 @@ class CoordinationConfig:
     key_prefix: str = "pullgate:"
     timeout: float = _duration("2s")  # one Redis command (connect included)
     lease_ttl: float = _duration("30s")  # a download lease expires unless renewed (every third of it)
+    # Where the other replicas reach this one's peer endpoint (streaming a blob while it
+    # downloads here), e.g. http://$(POD_IP):5000. None: no peer streaming; replicas wait
+    # for the downloader and read the object store.
+    advertise_url: str | None = field(default=None, metadata={"parse": _optional(_endpoint)})
 
     def password(self, environ: Mapping[str, str] | None = None) -> str | None:
         env = os.environ if environ is None else environ

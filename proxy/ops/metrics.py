@@ -110,6 +110,31 @@ class Metrics:
             registry=registry,
         )
         self.ready = Gauge("pullgate_ready", "1 while /readyz answers ready.", registry=registry)
+        self.coordination_up = Gauge(
+            "pullgate_coordination_up",
+            "1 while Redis coordination answers, 0 while replicas work alone (no cluster single flight); "
+            "1 with local coordination.",
+            registry=registry,
+        )
+        self.object_store_up = Gauge(
+            "pullgate_object_store_up",
+            "1 while the S3 object store answers, 0 while blobs pass through from upstream; "
+            "1 with filesystem storage.",
+            registry=registry,
+        )
+        self.shared_tier = Counter(
+            "pullgate_shared_tier_blobs_total",
+            "Blob downloads into the local tier by source: upstream (this replica held the cluster lease "
+            "or worked alone), object_store, peer (streamed from the replica downloading it).",
+            ["source"],
+            registry=registry,
+        )
+        self.object_uploads = Counter(
+            "pullgate_object_uploads_total",
+            "Blobs and manifests uploaded to the object store by result (stored, present, failed).",
+            ["result"],
+            registry=registry,
+        )
         self.trusted_root_refreshed = Gauge(
             "pullgate_trusted_root_last_refresh_timestamp_seconds",
             "When the Sigstore trusted root was last refreshed through TUF (0: never, shipped root).",

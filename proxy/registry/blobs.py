@@ -20,6 +20,7 @@ from proxy.errors import BlobUnknown, DigestMismatch, PullgateError, UpstreamErr
 from proxy.oci.digest import Digest
 from proxy.ops.metrics import Metrics
 from proxy.registry.catalog import Catalog
+from proxy.registry.cluster import Cluster
 from proxy.registry.download import CHUNK, Flight, State
 from proxy.registry.provenance import Provenance
 from proxy.registry.routing import Route
@@ -51,6 +52,8 @@ class BlobService:
         upstreams: dict[str, RegistryClient],
         metrics: Metrics,
         *,
+        cluster: Cluster | None = None,
+        session: aiohttp.ClientSession | None = None,
         on_stored: Callable[[], None] = lambda: None,
         on_full: Callable[[], None] = lambda: None,
     ) -> None:
@@ -61,6 +64,8 @@ class BlobService:
         self._provenance = provenance
         self._upstreams = upstreams
         self._metrics = metrics
+        self._cluster = cluster
+        self._session = session
         self._flights: dict[Digest, Flight] = {}
         self._sources: dict[Digest, Route] = {}  # whose request started each download
         self._tasks: set[asyncio.Task[None]] = set()

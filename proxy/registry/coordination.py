@@ -265,6 +265,18 @@ class Coordinator:
             return None
         return int(record["token"]), _text(record["value"])
 
+    # --- cluster secrets --------------------------------------------------------------------
+    async def shared_secret(self, name: str) -> str:
+        """One random value per cluster under ``name``: created by the first replica that
+        asks (``SET NX``), read by the others."""
+        key = f"{self.prefix}secret:{name}"
+        candidate = secrets.token_urlsafe(32)
+        await self._call("set", lambda: self._client.set(key, candidate, nx=True))
+        value = await self._call("get", lambda: self._client.get(key))
+        if value is None:  # removed between the two commands: ask again next time
+            raise CoordinationUnavailable(f"redis lost {name}")
+        return _text(value)
+
     # --- tags -------------------------------------------------------------------------------
     def _tag_key(self, upstream: str, repository: str, tag: str) -> str:
         # Repositories and tags cannot contain ':' (distribution spec), so the key is

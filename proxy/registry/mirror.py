@@ -26,6 +26,7 @@ from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import Supervisor
 from proxy.registry.blobs import BlobService
 from proxy.registry.catalog import Catalog, LocalCatalog
+from proxy.registry.cluster import Cluster
 from proxy.registry.content import MirrorContent
 from proxy.registry.eviction import digests, plan_eviction
 from proxy.registry.manifests import Manifest, ManifestCache, Resolution
@@ -53,6 +54,7 @@ class Mirror:
         self.store = BlobStore(root)
         self.catalog: Catalog = LocalCatalog(root / "catalog.db")
         self.provenance = Provenance(self.catalog)
+        self.cluster = Cluster(config, self.metrics)  # the object store and Redis, when configured
         self._log = structlog.get_logger("pullgate.mirror")
         self._tasks = Supervisor(self.metrics, self._log)
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
@@ -71,7 +73,7 @@ class Mirror:
         )  # fmt: skip
         self.blobs = BlobService(
             self.store, self.catalog, self.provenance, self.upstreams, self.metrics,
-            on_stored=self._check_quota, on_full=self._disk_full,
+            cluster=self.cluster, session=self._session, on_stored=self._check_quota, on_full=self._disk_full,
         )  # fmt: skip
         self._opened = False
         # Closed last to first: downloads may finish (and start an eviction) within the
@@ -79,6 +81,7 @@ class Mirror:
         self._closing = contextlib.AsyncExitStack()
         self._closing.push_async_callback(self.catalog.close)
         self._closing.push_async_callback(self._session.close)
+        self._closing.push_async_callback(self.cluster.close)
         self._closing.push_async_callback(self._tasks.close)
         self._closing.push_async_callback(self.blobs.close, config.shutdown_grace)
 
@@ -101,11 +104,14 @@ class Mirror:
             reason = (exc.strerror or exc.__class__.__name__).lower()
             raise ConfigError(f"cache.dir: {root} is not writable ({reason})") from exc
         await self.catalog.open()
+        await self.cluster.open()
         dropped = await self.catalog.reconcile(await self.store.scan())
         await self._update_size_metrics()
         self.metrics.cache_max_bytes.set(self.config.cache.max_size)
         self._tasks.start("cache_flush", self._flush_loop)
         self._tasks.start("loop_lag", lambda: watch_loop_lag(self.metrics.loop_lag))
+        if self.cluster.shared:
+            self._tasks.start("cluster_health", self.cluster.watch)
         self._opened = True
         self._log.info("cache_opened", dir=str(root), reconciled=dropped)
 
