@@ -50,6 +50,13 @@ class Cluster:
         metrics.object_store_up.set(1)
 
     @property
+    def storage_up(self) -> bool:
+        """False from a failed object-store call until one succeeds again (``check`` runs
+        every ``HEALTH_INTERVAL``): callers skip the store meanwhile instead of each
+        waiting for its timeout."""
+        return self._storage_up is not False
+
+    @property
     def shared(self) -> bool:
         return self.objects is not None
 
