@@ -117,6 +117,28 @@ async def test_a_peer_that_dies_mid_transfer_is_resumed_from_upstream(
         assert sources([other]) == {"upstream": 1.0}
 
 
+async def test_a_peer_asked_before_the_upstream_answered_it_waits_for_the_answer(
+    origin: tuple[Origin, TestServer], seaweedfs_engine: S3Engine, redis_server: RedisServer, key_prefix: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The holder takes the lease before its upstream GET is answered; a replica asking it
+    meanwhile must wait, not count it dead and fetch the blob a second time."""
+    upstream, _ = origin
+    image = upstream.add_image(REPO, "1", layers=[2 << 20])
+    upstream.answer_delay = 1.0
+    base = cluster_config(tmp_path, upstream_url(origin), engine=seaweedfs_engine, redis_url=redis_server.url,
+                          prefix=key_prefix)  # fmt: skip
+    async with start_replicas(tmp_path, base, 2, monkeypatch, seaweedfs_engine) as (first, second):
+        async with aiohttp.ClientSession() as session:
+            digest = max(image.blobs, key=lambda d: len(image.blobs[d]))
+            holder = asyncio.create_task(pull_blob(session, first, digest))
+            await eventually(lambda: upstream.count("GET", digest) == 1, timeout=10)
+            assert await pull_blob(session, second, digest) == image.blobs[digest]
+            assert await holder == image.blobs[digest]
+        assert upstream.count("GET", digest) == 1
+        assert sources([second]) == {"peer": 1.0}
+
+
 @pytest.mark.parametrize("broken", ["redis", "object_store"])
 async def test_a_dead_redis_or_object_store_degrades_to_working_alone(
     origin: tuple[Origin, TestServer], seaweedfs_engine: S3Engine, redis_server: RedisServer, key_prefix: str,

@@ -11,6 +11,7 @@ not exist. The bytes are checked by the receiving replica against the digest any
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from aiohttp import web
@@ -21,6 +22,8 @@ from proxy.http.pullapi import info, send_cached, stream_flight
 from proxy.oci.digest import Digest
 from proxy.registry.blobs import CachedBlob
 from proxy.registry.cluster import PEER_PATH
+
+_START_TIMEOUT = 60.0  # as long as a client of the holder waits for the upstream's first answer
 
 
 async def peer_blob(request: web.Request) -> web.StreamResponse:
@@ -43,6 +46,8 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
         details.cache = "hit"
         return await send_cached(request, mirror, found, headers)
     details.cache = "miss"
+    # The holder takes its lease before the upstream answered: a peer may ask that early.
+    await asyncio.wait_for(asyncio.shield(found.started), _START_TIMEOUT)
     return await stream_flight(request, found, headers)
 
 

@@ -12,6 +12,7 @@ import asyncio
 import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 import structlog
@@ -32,6 +33,7 @@ from proxy.registry.upstream.client import RegistryClient, describe_error
 _START_TIMEOUT = 60.0
 _WRITE_BEHIND = 4 << 20  # bytes received while a write runs before the download waits for it
 _MAX_SOURCES = 6  # sources one download tries (each failure mid-way resumes in the next)
+_RETRY_PAUSE = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,8 +171,10 @@ class BlobService:
         client = self._upstreams[route.upstream]
         hasher = flight.digest.hasher()
         dead: set[str] = set()  # peers (advertised URLs) that failed this download
-        for _ in range(_MAX_SOURCES):
-            source = await self._choose(client, route, flight, dead)
+        for attempt in range(_MAX_SOURCES):
+            # The last attempt goes to the upstream alone, whatever the cluster says.
+            alone = attempt == _MAX_SOURCES - 1
+            source = await self._choose(client, route, flight, dead, alone=alone)
             try:
                 async with source.open(flight.written) as body:
                     if not flight.started.done():
@@ -184,7 +188,10 @@ class BlobService:
                     offset=flight.written, error=exc.message,
                 )  # fmt: skip
                 if isinstance(source, PeerSource):
-                    dead.add(source.base)
+                    if exc.gone:
+                        dead.add(source.base)
+                    else:  # the holder has nothing to stream yet (or any more): look again shortly
+                        await asyncio.sleep(_RETRY_PAUSE)
                 continue
             self._metrics.shared_tier.labels(source.name).inc()
             if source.name == "upstream":
@@ -194,10 +201,13 @@ class BlobService:
             raise UpstreamUnavailable(f"no source delivered blob {flight.digest}")
         self._verify(route, flight, hasher.hexdigest())
 
-    async def _choose(self, client: RegistryClient, route: Route, flight: Flight, dead: set[str]) -> BlobSource:
+    async def _choose(
+        self, client: RegistryClient, route: Route, flight: Flight, dead: set[str], *, alone: bool
+    ) -> BlobSource:
         if self._sharing is None:
             return UpstreamSource(client, route, flight.digest)
-        return await self._sharing.choose(client, route, flight, dead, lambda: self._authorize(route, flight.digest))
+        authorize = partial(self._authorize, route, flight.digest)
+        return await self._sharing.choose(client, route, flight, dead, authorize, alone=alone)
 
     def _verify(self, route: Route, flight: Flight, actual: str) -> None:
         if flight.size is not None and flight.written != flight.size:
@@ -292,9 +302,10 @@ class BlobService:
 
     def local(self, digest: Digest) -> CachedBlob | Flight | None:
         """What this replica has of ``digest`` without asking anyone: the download running
-        here, or the blob on local disk (the peer endpoint serves these to other replicas)."""
+        here (maybe still connecting: wait for ``started``), or the blob on local disk (the
+        peer endpoint serves these to other replicas)."""
         flight = self._flights.get(digest)
-        if flight is not None and flight.started.done() and not flight.started.exception():
+        if flight is not None and not (flight.started.done() and flight.started.exception()):
             return flight
         size = self._store.size(digest)
         return CachedBlob(digest, size) if size is not None else None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 
 import aiohttp
@@ -55,17 +56,29 @@ class Sharing:
         self._session = session
         self._metrics = metrics
         self._uploads: set[asyncio.Task[None]] = set()
+        self._uploading: weakref.WeakSet[Flight] = weakref.WeakSet()  # flights with an uploader
         self._log = structlog.get_logger("pullgate.sharing")
 
     async def choose(
-        self, client: RegistryClient, route: Route, flight: Flight, dead: set[str], authorize: _Authorize
+        self,
+        client: RegistryClient,
+        route: Route,
+        flight: Flight,
+        dead: set[str],
+        authorize: _Authorize,
+        *,
+        alone: bool = False,
     ) -> BlobSource:
         """The source to read ``flight`` from next (from ``flight.written`` on). ``dead``:
-        peer URLs that failed this download already. Starts the upload to the object store
-        when the answer is the upstream."""
+        peer URLs that failed this download already; ``alone``: the upstream, whoever holds
+        the lease (the last resort of a download whose shared sources kept failing). Starts
+        the upload to the object store when the answer is the upstream."""
         upstream = UpstreamSource(client, route, flight.digest)
         objects = self._cluster.objects
         if objects is None:
+            return upstream
+        if alone:
+            self._upload(flight, None)
             return upstream
         if await self._stored(flight.digest):
             await authorize()
@@ -120,6 +133,9 @@ class Sharing:
             if lease is not None:
                 self._spawn(self._release(lease, None))
             return
+        if lease is None and flight in self._uploading:
+            return  # a download that went back to the upstream keeps its first uploader
+        self._uploading.add(flight)
         self._spawn(self._store(flight, lease))
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:

@@ -27,9 +27,15 @@ from proxy.registry.upstream.client import RegistryClient
 
 
 class SourceFailed(PullgateError):
-    """A shared source (object store, peer) stopped giving bytes: try the next source."""
+    """A shared source (object store, peer) stopped giving bytes: try the next source.
+    ``gone``: the source cannot be reached or broke mid-transfer (do not ask it again);
+    otherwise it answered but had nothing yet (a peer between two states): ask again."""
 
     code, status = "UNAVAILABLE", 503
+
+    def __init__(self, message: str, *, gone: bool = True) -> None:
+        super().__init__(message)
+        self.gone = gone
 
 
 @dataclass(slots=True)
@@ -112,7 +118,7 @@ class PeerSource:
         try:
             async with self._session.get(self.url, headers=headers, timeout=timeout, allow_redirects=False) as r:
                 if r.status not in (200, 206) or (r.status == 206) != bool(start):
-                    raise SourceFailed(f"peer answered {r.status}")
+                    raise SourceFailed(f"peer answered {r.status}", gone=r.status != 404)
                 size, skip = _sizes(r, start)
                 yield Body(size, _peer_chunks(r, skip))
         except (aiohttp.ClientError, TimeoutError) as exc:
