@@ -194,3 +194,30 @@ async def test_peer_endpoint_serves_only_replicas_and_only_what_it_holds(
             if status == 200:
                 assert await response.read() == image.blobs[known]
         assert upstream.count("GET", str(Digest.of(b"nothing"))) == 0
+
+
+async def test_a_planted_object_is_never_served_whole_and_is_removed(
+    origin: tuple[Origin, TestServer], seaweedfs_engine: S3Engine, key_prefix: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Someone with the bucket's keys writes other bytes under a digest key: the replica
+    hashes what it reads, so its client gets a truncated transfer (never the last byte of
+    wrong content); the object is deleted and the next pull fetches the real blob."""
+    upstream, _ = origin
+    image = upstream.add_image(REPO, "1", layers=[300_000])
+    digest = max(image.blobs, key=lambda d: len(image.blobs[d]))
+    real = image.blobs[digest]
+    key = f"{key_prefix}blobs/sha256/{digest[7:9]}/{digest[7:]}"
+    seaweedfs_engine.client().put_object(Bucket=BUCKET, Key=key, Body=b"X" + real[1:])
+    base = cluster_config(tmp_path, upstream_url(origin), engine=seaweedfs_engine, redis_url=None, prefix=key_prefix)
+    async with start_replicas(tmp_path, base, 1, monkeypatch, seaweedfs_engine) as (replica,):
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await pull_blob(session, replica, digest)
+            assert upstream.count("GET", digest) == 0  # read from the planted object
+            await eventually(lambda: digest[7:] not in stored_keys(seaweedfs_engine, key_prefix), timeout=10)
+            assert await pull_blob(session, replica, digest) == real
+        assert upstream.count("GET", digest) == 1
+        await eventually(lambda: digest[7:] in stored_keys(seaweedfs_engine, key_prefix), timeout=20)
+        stored = seaweedfs_engine.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert stored == real

@@ -171,10 +171,13 @@ class BlobService:
         client = self._upstreams[route.upstream]
         hasher = flight.digest.hasher()
         dead: set[str] = set()  # peers (advertised URLs) that failed this download
+        used: set[str] = set()  # names of the sources that gave bytes
         for attempt in range(_MAX_SOURCES):
             # The last attempt goes to the upstream alone, whatever the cluster says.
             alone = attempt == _MAX_SOURCES - 1
             source = await self._choose(client, route, flight, dead, alone=alone)
+            offset = flight.written
+            used.add(source.name)
             try:
                 async with source.open(flight.written) as body:
                     if not flight.started.done():
@@ -195,11 +198,18 @@ class BlobService:
                 continue
             self._metrics.shared_tier.labels(source.name).inc()
             if source.name == "upstream":
-                self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written)
+                self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written - offset)
             break
         else:
             raise UpstreamUnavailable(f"no source delivered blob {flight.digest}")
-        self._verify(route, flight, hasher.hexdigest())
+        try:
+            self._verify(route, flight, hasher.hexdigest())
+        except DigestMismatch:
+            if "object_store" in used and self._sharing is not None:
+                # Only verified uploads become objects: someone else wrote this one. Remove
+                # it, so the next download fetches the blob again instead of failing forever.
+                await self._sharing.discard(flight.digest)
+            raise
 
     async def _choose(
         self, client: RegistryClient, route: Route, flight: Flight, dead: set[str], *, alone: bool

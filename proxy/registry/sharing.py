@@ -127,6 +127,14 @@ class Sharing:
         self._cluster.storage_health(True)
         return size is not None
 
+    async def discard(self, digest: Digest) -> None:
+        """Remove an object whose bytes did not match its digest key."""
+        objects = self._cluster.objects
+        if objects is None:
+            return
+        self._log.error("object_store_corrupt", digest=str(digest))
+        await self._cluster.storage_call(lambda: objects.delete(digest))
+
     # --- uploads --------------------------------------------------------------------------
     def _upload(self, flight: Flight, lease: Lease | None) -> None:
         if self._cluster.objects is None or not self._cluster.storage_up:
