@@ -8,6 +8,7 @@ certificate in a real TLS handshake, and the node-mirror script writing real hos
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -171,6 +172,10 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         },
     },
 }
+# The shared tier several replicas need (storage s3, coordination redis).
+S3 = {"type": "s3", "endpoint": "https://rgw.internal", "bucket": "pullgate"}
+REDIS = {"type": "redis", "url": "redis://redis.internal:6379/0"}
+SHARED = {"storage": S3, "coordination": REDIS}
 # The example values files (charts/pullgate/examples), each rendered and checked like the rest.
 EXAMPLES = sorted(p.name for p in (CHART / "examples").glob("*.yaml"))
 COMBINATIONS.update({f"example {name}": yaml.safe_load((CHART / "examples" / name).read_text()) for name in EXAMPLES})
@@ -283,11 +288,11 @@ def test_rendered_objects_are_valid_kubernetes(chart: Any, combination: str) -> 
         ({"storage": {"type": "gcs"}}, "/storage/type"),
         ({"storage": {"bucket": "pullgate"}}, "/storage/bucket"),  # type filesystem: no bucket
         ({"storage": {"type": "s3", "bucket": "pg", "endpoint": "https://s3.example/pullgate"}}, "/storage/endpoint"),
-        ({"storage": {"type": "s3", "bucket": "pg", "credentialsSecret": {"name": "s", "secretKey": "k"}}}, "secretKey"),
-        ({"storage": {"type": "s3", "bucket": "pg", "secret_key": "hunter2"}}, "secret_key"),
-        ({"storage": {"type": "s3", "bucket": "pg"}, "coordination": {"type": "redis"}}, "/coordination/url"),
-        ({"storage": {"type": "s3", "bucket": "pg"}, "coordination": {"type": "redis", "url": "http://r:6379"}}, "url"),
-        ({"storage": {"type": "s3", "bucket": "pg"}, "coordination": {"type": "redis", "url": "redis://u:pw@r"}}, "url"),
+        ({"storage": {**S3, "credentialsSecret": {"name": "s", "secretKey": "k"}}}, "secretKey"),
+        ({"storage": {**S3, "secret_key": "hunter2"}}, "secret_key"),
+        ({"storage": S3, "coordination": {"type": "redis"}}, "/coordination/url"),
+        ({"storage": S3, "coordination": {"type": "redis", "url": "http://r:6379"}}, "url"),
+        ({"storage": S3, "coordination": {"type": "redis", "url": "redis://u:pw@r"}}, "url"),
         ({"coordination": {"type": "redis", "url": "redis://r:6379"}}, "/storage/type"),  # redis needs s3
         ({"coordination": {"url": "redis://r:6379"}}, "/coordination/url"),  # type local: no url
     ],
@@ -454,11 +459,13 @@ def test_config_overrides_reach_pullgate(chart: Any, tmp_path: Path) -> None:
     assert config.upstreams[0].username == "robot" and config.upstreams[0].password_env == "UPSTREAM_0_PASSWORD"
     assert config.shutdown_grace == 25 and config.shutdown_delay == 5
     storage, coordination = config.storage, config.coordination
-    assert (storage.type, storage.endpoint, storage.bucket, storage.region) == ("s3", "https://rgw.internal:8443", "pullgate", "eu-1")
+    assert (storage.type, storage.endpoint, storage.bucket) == ("s3", "https://rgw.internal:8443", "pullgate")
+    assert storage.region == "eu-1"
     assert (storage.prefix, storage.redirect, storage.redirect_ttl) == ("cache/", True, 300)
     assert (storage.part_size, storage.timeout) == (32 << 20, 20)
     assert (storage.access_key_env, storage.secret_key_env) == ("STORAGE_ACCESS_KEY", "STORAGE_SECRET_KEY")
-    assert (coordination.type, coordination.url, coordination.username) == ("redis", "rediss://redis.internal:6380/2", "pullgate")
+    assert (coordination.type, coordination.url) == ("redis", "rediss://redis.internal:6380/2")
+    assert coordination.username == "pullgate"
     assert (coordination.key_prefix, coordination.timeout, coordination.lease_ttl) == ("pg:", 1, 20)
     assert coordination.password_env == "COORDINATION_PASSWORD"
     env = {e["name"]: e.get("valueFrom") for e in container(render(chart, EVERYTHING))["env"]}
@@ -468,9 +475,6 @@ def test_config_overrides_reach_pullgate(chart: Any, tmp_path: Path) -> None:
 
 
 # --- several replicas ------------------------------------------------------------------------
-S3 = {"type": "s3", "endpoint": "https://rgw.internal", "bucket": "pullgate"}
-REDIS = {"type": "redis", "url": "redis://redis.internal:6379/0"}
-SHARED = {"storage": S3, "coordination": REDIS}
 POD_IP, POD_IP6 = "10.244.1.7", "fd00:10:244::7"
 
 
@@ -536,7 +540,7 @@ def test_several_replicas_need_the_shared_tier(
     assert env.get("PULLGATE_COORDINATION__ADVERTISE_URL") == advertise
     names = [e["name"] for e in container(objects).get("env", [])]
     if advertise is not None:
-        assert names.index("POD_IP") < names.index("PULLGATE_COORDINATION__ADVERTISE_URL"), "$(POD_IP) must be defined first"
+        assert names.index("POD_IP") < names.index("PULLGATE_COORDINATION__ADVERTISE_URL"), "POD_IP must come first"
     # What pullgate makes of the ConfigMap plus this pod's environment.
     text = find(objects, "ConfigMap", FULLNAME)["data"]["config.yaml"]
     (tmp_path / "config.yaml").write_text(text)
@@ -860,8 +864,26 @@ class Pod:
         config["shutdown_delay"] = "0s"  # no Service endpoints to drain here
         config_path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)]
-        self.proc = start_daemon(command, stdout=self.log, stderr=self.log, cwd=ROOT)
+        self.proc = start_daemon(command, stdout=self.log, stderr=self.log, cwd=ROOT, env=self.environment(main))
         return self
+
+    def environment(self, main: dict[str, Any]) -> dict[str, str]:
+        """This process's environment plus the container's, as the kubelet builds it: Secret
+        references from ``secrets``, the downward API's pod IP as 127.0.0.1, ``$(VAR)``
+        expanded; the container's ports moved to the local ones."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PULLGATE_")}
+        for var in main.get("env", []):
+            source = var.get("valueFrom", {})
+            if "value" in var:
+                value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+                for port in main["ports"]:
+                    value = value.replace(f":{port['containerPort']}", f":{self.ports[port['name']]}")
+            elif "secretKeyRef" in source:
+                value = self.secrets[source["secretKeyRef"]["name"]][source["secretKeyRef"]["key"]]
+            else:
+                value = {"status.podIP": "127.0.0.1", "metadata.name": "pod-0"}[source["fieldRef"]["fieldPath"]]
+            env[var["name"]] = value
+        return env
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
@@ -970,6 +992,45 @@ def test_node_mirror_routes_containerd_through_the_rendered_pod(
         served = [e for e in pod.events("http_request") if e.get("repository") == repo]
     assert digest == image.manifest_digest
     assert {e["endpoint"] for e in served} >= {"manifest", "blob"}, "containerd pulled through pullgate"
+
+
+def test_rendered_pods_share_a_real_object_store_and_redis(
+    chart: Any, tmp_path: Path, seaweedfs_engine: Any, redis_server: Any, key_prefix: str
+) -> None:
+    """Two pods as rendered with storage s3 (keys from a Secret) and coordination redis start
+    against a real S3 engine (SeaweedFS) and a real Redis, turn ready and report both up;
+    each advertises its own peer endpoint."""
+    values = {
+        "replicaCount": 2,
+        "webhook": {"enabled": False},
+        "storage": {
+            "type": "s3",
+            "endpoint": seaweedfs_engine.endpoint,
+            "bucket": "pullgate-test",  # tests/conftest.py S3_BUCKET
+            "prefix": key_prefix,
+            "credentialsSecret": {"name": "pullgate-s3"},
+        },
+        "coordination": {"type": "redis", "url": redis_server.url, "key_prefix": f"{key_prefix.rstrip('/')}:"},
+    }
+    objects = render(chart, values)
+    keys = {"access-key": seaweedfs_engine.keys.access_key, "secret-key": seaweedfs_engine.keys.secret_key}
+    with contextlib.ExitStack() as stack:
+        pods = [stack.enter_context(Pod(objects, tmp_path / f"pod-{i}", secrets={"pullgate-s3": keys})) for i in (0, 1)]
+        for pod in pods:
+            url = pod.url("http", "/readyz")
+            wait_until(functools.partial(status_is, url, 200), timeout=30, what="readyz", proc=pod.proc, log=pod.log)
+        for pod in pods:
+            metrics = metric_values(pod.url("http", "/metrics"))
+            assert metrics["pullgate_coordination_up"] == 1.0 and metrics["pullgate_object_store_up"] == 1.0, pod.log
+        advertised = [pod.environment(container(objects))["PULLGATE_COORDINATION__ADVERTISE_URL"] for pod in pods]
+    assert advertised == [f"http://127.0.0.1:{pod.ports['http']}" for pod in pods]
+    assert seaweedfs_engine.keys.secret_key not in json.dumps(objects), "keys only in the Secret"
+
+
+def metric_values(url: str) -> dict[str, float]:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as response:
+        text = response.read().decode()
+    return {name: float(value) for name, value in re.findall(r"^([a-z_:]+) ([0-9.eE+-]+|NaN)$", text, re.M)}
 
 
 def status_is(url: str, status: int) -> bool:
