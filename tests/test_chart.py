@@ -576,6 +576,20 @@ def test_replicas_may_reach_each_others_peer_endpoint(chart: Any) -> None:
     assert all("podSelector" not in peer for peer in find(alone, "NetworkPolicy")["spec"]["ingress"][0]["from"])
 
 
+def test_docs_deploy_typical_values_install(chart: Any, tmp_path: Path) -> None:
+    """docs/deploy.md's "typical values.yaml" (three replicas on the shared tier) installs."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M) if b.startswith("image:")]
+    values = yaml.safe_load(block)
+    objects = render(chart, values)
+    config = rendered_config(objects, tmp_path)
+    assert values["replicaCount"] == 3 and (config.storage.type, config.coordination.type) == ("s3", "redis")
+    assert find(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+            kubernetes_validate.validate(strip(obj), KUBE_VERSIONS[-1], strict=True)
+
+
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_example_values_render_a_shared_tier(chart: Any, tmp_path: Path, example: str) -> None:
     """Each example values file (Ceph RGW, MinIO, AWS S3 with IRSA, GCS interop) installs:
