@@ -236,7 +236,7 @@ def rendered_config(objects: list[dict[str, Any]], tmp_path: Path) -> Config:
 
 
 # --- lint and schemas ---------------------------------------------------------------------
-@pytest.mark.parametrize("combination", ["defaults", "everything"])
+@pytest.mark.parametrize("combination", ["defaults", "everything", "scale-out", *(f"example {e}" for e in EXAMPLES)])
 def test_helm_lint_is_clean(combination: str) -> None:
     report = helm.lint(str(CHART), COMBINATIONS[combination], strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
