@@ -80,7 +80,9 @@ def redirect_config(tmp_path: Path, origin: tuple[Origin, TestServer], engine: S
                     prefix: str) -> Config:  # fmt: skip
     base = cluster_config(tmp_path, str(origin[1].make_url("")).rstrip("/"), engine=engine, redis_url=None,
                           prefix=prefix, s3_endpoint=relay.endpoint)  # fmt: skip
-    return replace(base, storage=replace(base.storage, redirect=True))
+    # A generous S3 timeout: an upload that times out on a busy machine marks the store down
+    # (served here, not redirected) until the next health check.
+    return replace(base, storage=replace(base.storage, redirect=True, timeout=30.0))
 
 
 def with_access(config: Config, tmp_path: Path, users: tuple[str, ...]) -> Config:

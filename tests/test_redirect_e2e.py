@@ -44,7 +44,9 @@ async def relay(seaweedfs_engine: S3Engine) -> AsyncIterator[TcpRelay]:
 def redirect_config(tmp_path: Path, registry: Registry, engine: S3Engine, relay: TcpRelay, prefix: str) -> Config:
     base = cluster_config(tmp_path, registry.url, engine=engine, redis_url=None, prefix=prefix,
                           s3_endpoint=relay.endpoint)  # fmt: skip
-    return replace(base, storage=replace(base.storage, redirect=True))
+    # A generous S3 timeout: an upload that times out on a busy machine marks the store down
+    # (served here, not redirected) until the next health check.
+    return replace(base, storage=replace(base.storage, redirect=True, timeout=30.0))
 
 
 def in_bucket(engine: S3Engine, prefix: str) -> set[str]:
