@@ -168,6 +168,13 @@ async def blob(request: web.Request) -> web.StreamResponse:
         if head.size is not None:
             response.content_length = head.size
         return response
+    location = await mirror.blobs.redirect(route, digest)  # after _route's access check
+    if location is not None:
+        info(request).cache = "redirect"
+        # 307 keeps the method and the client's Range; the URL carries its own signature and
+        # expiry, so it must not be stored by anything between us and the client.
+        del headers["Content-Type"]
+        return web.Response(status=307, headers=dict(headers, Location=location, **{"Cache-Control": "no-store"}))
     found = await mirror.blobs.get(route, digest)
     if isinstance(found, CachedBlob):
         info(request).cache = "hit"

@@ -99,6 +99,18 @@ class BlobService:
         await asyncio.wait_for(asyncio.shield(flight.started), _START_TIMEOUT)
         return flight
 
+    async def redirect(self, route: Route, digest: Digest) -> str | None:
+        """Where to send a GET of ``digest`` with ``storage.redirect`` on: a presigned URL of
+        the object store's copy, given only after ``route`` is proven to hold the blob
+        (BlobUnknown otherwise). None: serve it here with ``get`` (redirects off, the blob
+        not in the object store yet, or the store down)."""
+        if self._sharing is None:
+            return None
+        url = await self._sharing.presigned(digest, lambda: self._authorize(route, digest))
+        if url is not None:
+            self._metrics.cache_results.labels("blob", "redirect").inc()
+        return url
+
     async def head(self, route: Route, digest: Digest) -> BlobInfo:
         flight = self._flights.get(digest)
         if flight is not None and flight.size is not None and self._sources.get(digest) == route:

@@ -42,6 +42,7 @@ class Cluster:
         self.objects: ObjectStore | None = None
         self.coordinator: Coordinator | None = None
         self.advertise_url = config.coordination.advertise_url
+        self.redirect = config.storage.type == "s3" and config.storage.redirect  # blob GETs answer 307
         self._peer_secret: str | None = None
         self._stack = contextlib.AsyncExitStack()
         self._storage_up: bool | None = None

@@ -115,6 +115,31 @@ class Sharing:
                 await authorize()
                 return ObjectSource(objects, flight.digest)
 
+    async def presigned(self, digest: Digest, authorize: _Authorize) -> str | None:
+        """Redirect mode (``storage.redirect``): a presigned GET URL of the blob, once the
+        object store holds it and ``authorize`` passed (raises BlobUnknown otherwise). None
+        when this replica serves the blob itself: redirects off, the blob not in the store
+        yet (its download uploads it), or the store not answering (no client sees an error
+        for it; the URL would only point at a dead store)."""
+        objects = self._cluster.objects
+        if objects is None or not self._cluster.redirect:
+            return None
+        if not await self._stored(digest):
+            self._metrics.redirects.labels("not_stored" if self._cluster.storage_up else "unavailable").inc()
+            return None
+        await authorize()  # before any URL exists: a client that may not have the blob gets none
+        try:
+            # Signed here, no request made. The client starts its GET at once, and S3 checks
+            # expiry only when a request starts (a long transfer outlives it), so redirect_ttl
+            # bounds how long a leaked URL works, not how long a pull may take.
+            url = await objects.presign(digest)
+        except StorageUnavailable as exc:  # e.g. credentials that cannot be refreshed
+            self._cluster.storage_health(False, exc)
+            self._metrics.redirects.labels("unavailable").inc()
+            return None
+        self._metrics.redirects.labels("redirected").inc()
+        return url
+
     async def _stored(self, digest: Digest) -> bool:
         objects = self._cluster.objects
         if objects is None or not self._cluster.storage_up:
