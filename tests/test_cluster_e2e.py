@@ -97,6 +97,18 @@ def assert_bucket_clean(engine: S3Engine, prefix: str) -> set[str]:
     return found
 
 
+def sharing_events(fleet: Fleet) -> str:
+    """What each replica did with the blobs (for a failure's message)."""
+    names = {"blob_source_failed", "blob_shared", "blob_share_failed", "blob_share_abandoned", "blob_cached",
+             "blob_fetch_failed", "coordination_down", "object_store_down"}  # fmt: skip
+    lines = [
+        f"{daemon.port} {event.get('timestamp', '')} {event.get('event')} "
+        + " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "timestamp", "level", "logger"))
+        for daemon in fleet.daemons for event in daemon.events() if event.get("event") in names
+    ]  # fmt: skip
+    return "\n".join(sorted(lines, key=lambda line: line.split(" ")[1]))
+
+
 async def slow_upstream(registry: Registry, aiohttp_server: ServerFactory) -> str:
     server: TestServer = await aiohttp_server(Relay(registry.url, chunk_delay=SLOW_CHUNK).app())
     return str(server.make_url("")).rstrip("/")
@@ -163,7 +175,7 @@ async def test_cold_storm_on_three_replicas_fetches_each_blob_once(
                 pulled = (tmp_path / f"skopeo-{i}" / digest.removeprefix("sha256:")).read_bytes()
                 assert hashlib.sha256(pulled).hexdigest() == digest.removeprefix("sha256:")
         gets = {digest: blob_gets(registry, digest, mark) for digest in image.blob_digests}
-        assert gets == dict.fromkeys(image.blob_digests, 1)
+        assert gets == dict.fromkeys(image.blob_digests, 1), sharing_events(fleet)
         # The holders upload what they fetched: the bucket fills with verified blobs only.
         await eventually(lambda: assert_bucket_clean(seaweedfs_engine, key_prefix) >= set(image.blob_digests),
                          timeout=30, step=0.5)  # fmt: skip

@@ -117,6 +117,30 @@ async def test_a_peer_that_dies_mid_transfer_is_resumed_from_upstream(
         assert sources([other]) == {"upstream": 1.0}
 
 
+async def test_a_peer_that_asks_before_the_holder_has_begun_waits_for_it(
+    origin: tuple[Origin, TestServer], seaweedfs_engine: S3Engine, redis_server: RedisServer, key_prefix: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The holder takes the lease before upstream answers; a peer that sees the lease in that
+    window is not turned away (a 404 would send it to upstream: a second GET)."""
+    upstream, _ = origin
+    image = upstream.add_image(REPO, "1", layers=[2 << 20])
+    (digest, data), = [(d, b) for d, b in image.blobs.items() if len(b) == 2 << 20]
+    upstream.first_byte_delay = 1.0
+    base = cluster_config(tmp_path, upstream_url(origin), engine=seaweedfs_engine, redis_url=redis_server.url,
+                          prefix=key_prefix)  # fmt: skip
+    async with (
+        start_replicas(tmp_path, base, 2, monkeypatch, seaweedfs_engine) as (holder, other),
+        aiohttp.ClientSession() as session,
+    ):
+        first = asyncio.create_task(pull_blob(session, holder, digest))
+        await eventually(lambda: upstream.count("GET", digest) == 1, timeout=10)  # leased, not begun
+        assert await pull_blob(session, other, digest) == data
+        assert await first == data
+    assert upstream.count("GET", digest) == 1
+    assert sources([other]) == {"peer": 1.0}
+
+
 @pytest.mark.parametrize("broken", ["redis", "object_store"])
 async def test_a_dead_redis_or_object_store_degrades_to_working_alone(
     origin: tuple[Origin, TestServer], seaweedfs_engine: S3Engine, redis_server: RedisServer, key_prefix: str,

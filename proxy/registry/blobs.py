@@ -9,6 +9,7 @@ store is shared, and one repository's digests must not leak through another's na
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -290,12 +291,19 @@ class BlobService:
     def in_flight(self) -> list[Digest]:
         return list(self._flights)
 
-    def local(self, digest: Digest) -> CachedBlob | Flight | None:
+    async def local(self, digest: Digest) -> CachedBlob | Flight | None:
         """What this replica has of ``digest`` without asking anyone: the download running
-        here, or the blob on local disk (the peer endpoint serves these to other replicas)."""
+        here, or the blob on local disk (the peer endpoint serves these to other replicas).
+
+        A download that has not begun is waited for: it is registered before it takes the
+        cluster lease, and a peer that saw the lease may ask before upstream has answered
+        (turned away, the peer would fetch from upstream too)."""
         flight = self._flights.get(digest)
-        if flight is not None and flight.started.done() and not flight.started.exception():
-            return flight
+        if flight is not None:
+            with contextlib.suppress(PullgateError, TimeoutError):  # failed or never began: not here
+                await asyncio.wait_for(asyncio.shield(flight.started), _START_TIMEOUT)
+            if flight.started.done() and flight.started.exception() is None:
+                return flight
         size = self._store.size(digest)
         return CachedBlob(digest, size) if size is not None else None
 
