@@ -38,7 +38,7 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound() from None
     details = info(request)
     details.reference, details.extra["peer"] = str(digest), request.remote or ""
-    found = await mirror.blobs.local(digest)
+    found = mirror.blobs.local(digest)
     if found is None:
         raise BlobUnknown(f"blob {digest} is not on this replica")
     headers = {"Docker-Content-Digest": str(digest), "Content-Type": "application/octet-stream"}

@@ -97,6 +97,11 @@ class Sharing:
                 self._upload(flight, None)
                 return upstream
             if lease is not None:
+                if await self._stored(flight.digest):
+                    # A holder finished (uploaded, released) between our look and our lease.
+                    await self._release(lease, None)
+                    await authorize()
+                    return ObjectSource(objects, flight.digest)
                 self._upload(flight, lease)
                 return upstream
             if holder is not None and holder.note and holder.note not in dead and holder.owner != coordinator.owner:
