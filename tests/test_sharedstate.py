@@ -60,7 +60,7 @@ Start = Callable[..., Awaitable[Replica]]
 
 def replica_config(
     root: Path, origin_url: str, engine: S3Engine | None, redis_url: str | None, prefix: str, *,
-    s3_endpoint: str | None = None,
+    s3_endpoint: str | None = None, tag_ttl: float = 300.0,
 ) -> Config:  # fmt: skip
     storage = StorageConfig(
         type="s3", endpoint=s3_endpoint or (engine.endpoint if engine else None), bucket=S3_BUCKET, prefix=prefix,
@@ -71,7 +71,7 @@ def replica_config(
         if redis_url else CoordinationConfig()
     )  # fmt: skip
     return Config(
-        cache=CacheConfig(dir=root / "cache"),
+        cache=CacheConfig(dir=root / "cache", tag_ttl=tag_ttl),
         upstreams=(UpstreamConfig(UPSTREAM, origin_url),),
         default_upstream=UPSTREAM,
         timeouts=TimeoutConfig(connect=2, read=10, manifest=5, retries=0, backoff=0.01),
@@ -92,10 +92,10 @@ async def start(
     origin_url = str(origin[1].make_url("")).rstrip("/")
     async with AsyncExitStack() as stack:
 
-        async def replica(name: str, *, redis_url: str | None = redis_server.url, s3_endpoint: str | None = None
-                          ) -> Replica:  # fmt: skip
+        async def replica(name: str, *, redis_url: str | None = redis_server.url, s3_endpoint: str | None = None,
+                          tag_ttl: float = 300.0) -> Replica:  # fmt: skip
             config = replica_config(tmp_path / name, origin_url, s3_engine, redis_url, key_prefix,
-                                    s3_endpoint=s3_endpoint)  # fmt: skip
+                                    s3_endpoint=s3_endpoint, tag_ttl=tag_ttl)  # fmt: skip
             client: Client = TestClient(TestServer(create_app(config)))
             await client.start_server()
             stack.push_async_callback(client.close)
@@ -127,6 +127,41 @@ async def test_a_tag_one_replica_resolved_costs_the_other_no_upstream_request(
     assert (await b.get(f"{APP}/manifests/{image.digest}"))[:2] == (200, image.manifest)
     assert manifest_requests(upstream) == before
     assert Digest.parse(image.digest) in b.mirror.manifests._memory  # kept in B's local tier
+
+
+async def test_a_tag_another_replica_saw_is_served_stale_while_the_upstream_is_down(
+    start: Start, origin: tuple[Origin, TestServer]
+) -> None:
+    upstream = origin[0]
+    image = upstream.add_image(APP, "1")
+    a, b = await start("a", tag_ttl=1.0), await start("b", tag_ttl=1.0)
+    assert (await a.get(f"{APP}/manifests/1"))[0] == 200
+    await a.published()
+    await asyncio.sleep(1.5)  # past tag_ttl: the shared record must be revalidated...
+    upstream.status = 503  # ...and cannot be: within max_stale it is served
+    assert (await b.get(f"{APP}/manifests/1"))[:2] == (200, image.manifest)
+    assert manifest_requests(upstream) == (1, 1)  # B's HEAD (refused), A's GET
+
+
+async def test_a_tampered_object_is_not_served_the_upstream_is_asked_instead(
+    start: Start, origin: tuple[Origin, TestServer], s3_engine: S3Engine
+) -> None:
+    upstream = origin[0]
+    image = upstream.add_image(APP, "1")
+    a, b = await start("a"), await start("b")
+    assert (await a.get(f"{APP}/manifests/1"))[0] == 200
+    await a.published()
+    objects = b.mirror.cluster.objects
+    assert objects is not None
+    forged = image.manifest.replace(b'"size": ', b'"size": 1', 1)
+    await asyncio.to_thread(s3_engine.client().put_object, Bucket=S3_BUCKET,
+                            Key=objects.key(Digest.parse(image.digest)), Body=forged)  # fmt: skip
+    assert (await b.get(f"{APP}/manifests/1"))[:2] == (200, image.manifest)
+    assert manifest_requests(upstream) == (0, 2)  # B fetched it again rather than serve the forgery
+    await b.published()  # ...and put the right bytes in its place
+    c = await start("c")
+    assert (await c.get(f"{APP}/manifests/1"))[:2] == (200, image.manifest)
+    assert manifest_requests(upstream) == (0, 2)
 
 
 async def test_a_manifest_by_digest_comes_from_the_object_store_while_the_upstream_is_down(

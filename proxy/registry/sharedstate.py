@@ -140,13 +140,22 @@ class SharedState:
             self._storage_answered()
             return None
         except DigestMismatch as exc:
+            # Not what its key promises (written by someone else with the bucket's keys): take
+            # it away, so the next replica to fetch the manifest stores the right bytes there.
             self._log.error("shared_manifest_invalid", digest=str(digest), error=exc.message)
+            await self._delete(objects, digest)
             return None
         except StorageUnavailable as exc:
             self._storage_failed(exc)
             return None
         self._storage_answered()
         return data
+
+    async def _delete(self, objects: ObjectStore, digest: Digest) -> None:
+        try:
+            await objects.delete(digest)
+        except StorageUnavailable as exc:
+            self._storage_failed(exc)
 
     async def put_manifest(self, digest: Digest, data: bytes) -> bool:
         """Store verified manifest bytes under their digest; False when not stored."""
