@@ -347,6 +347,8 @@ class ManifestCache:
     # --- sharing with the other replicas ----------------------------------------------------
     def _publish(self, job: Callable[[], Awaitable[None]]) -> None:
         """Share in the background: the client does not wait for Redis or the object store."""
+        if not self._shared.configured:
+            return
         done = asyncio.Event()
 
         async def run() -> None:

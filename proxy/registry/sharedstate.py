@@ -52,6 +52,12 @@ class SharedState:
         self._storage_retry = 0.0  # object-store calls are skipped until then (monotonic)
         self._log = structlog.get_logger("pullgate.sharedstate")
 
+    @property
+    def configured(self) -> bool:
+        """Whether there is anything to share with (a single replica skips the work)."""
+        cluster = self._cluster
+        return cluster is not None and (cluster.objects is not None or cluster.coordinator is not None)
+
     # --- which parts to ask -----------------------------------------------------------------
     def _redis(self) -> Coordinator | None:
         coordinator = self._cluster.coordinator if self._cluster is not None else None
