@@ -9,6 +9,14 @@ of a warm mirror). Concurrent misses and revalidations of the same manifest shar
 upstream request. A stored manifest is
 served by digest for a repository only with a proof that the repository holds it
 (``proxy.registry.provenance``); a tag is the repository's own, so what it points at is.
+
+Several replicas (``proxy.registry.sharedstate``): what one learns from the upstream — the
+manifest (object store), its proof and the tag's digest with its check time (Redis) — is
+published in the background. A replica without a fresh answer of its own asks them before
+the upstream: a tag another replica checked within ``tag_ttl`` is answered from there (and a
+staler one may serve while the upstream is down), a manifest by digest is read from the
+object store (verified) and served with a proof — so a cluster asks Docker Hub for each
+manifest once, not once per replica. Negative answers stay local.
 """
 
 from __future__ import annotations
@@ -103,7 +111,6 @@ class ManifestCache:
         self._on_stored = on_stored
         self._tasks = tasks
         self._shared = SharedState(cluster)
-        self._publishing: set[asyncio.Event] = set()  # publications not finished yet
 
     async def get(self, route: Route, reference: str, *, count: bool = True) -> Manifest:
         """The manifest for a tag or digest (``reference`` already validated); ``count``
@@ -347,25 +354,11 @@ class ManifestCache:
     # --- sharing with the other replicas ----------------------------------------------------
     def _publish(self, job: Callable[[], Awaitable[None]]) -> None:
         """Share in the background: the client does not wait for Redis or the object store."""
-        if not self._shared.configured:
-            return
-        done = asyncio.Event()
-
-        async def run() -> None:
-            try:
-                await job()
-            finally:
-                done.set()
-                self._publishing.discard(done)
-
-        self._publishing.add(done)
-        if not self._tasks.start("manifest_publish", run, restart=False):
-            self._publishing.discard(done)
+        self._shared.publish(self._tasks, job)
 
     async def published(self) -> None:
         """Wait until what this replica learned so far is shared (tests, benchmarks)."""
-        while self._publishing:
-            await next(iter(self._publishing)).wait()
+        await self._shared.published()
 
     async def _share_manifest(
         self,
@@ -379,11 +372,7 @@ class ManifestCache:
     ) -> None:
         """The object store first, then the proof and the tag in Redis: a replica that reads
         the tag finds the manifest without asking the upstream."""
-        if sniff(data, parsed.media_type) is None:
-            # Its type cannot be told from its bytes: another replica could not serve it as is.
-            self._log.info("manifest_not_shared", digest=str(digest), media_type=parsed.media_type)
-        else:
-            await self._shared.put_manifest(digest, data)
+        await self._shared.put_manifest(digest, data, parsed.media_type)
         await self._provenance.announce(route, digest, proved)
         if tag is not None and checked is not None:
             await self._share_tag(route, tag, digest, checked)

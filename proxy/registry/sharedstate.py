@@ -19,14 +19,16 @@ digest covers the type a replica serves.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import structlog
 
 from proxy.errors import BlobUnknown, DigestMismatch, ManifestInvalid
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import ParsedManifest, parse_manifest
+from proxy.ops.supervisor import Supervisor
 from proxy.registry.cluster import HEALTH_INTERVAL, Cluster
 from proxy.registry.coordination import CoordinationUnavailable, Coordinator, TagRecord
 from proxy.registry.objectstore import ObjectStore
@@ -50,6 +52,7 @@ class SharedState:
         self._cluster = cluster
         self._monotonic = monotonic
         self._storage_retry = 0.0  # object-store calls are skipped until then (monotonic)
+        self._publishing: set[asyncio.Event] = set()  # publications not finished yet
         self._log = structlog.get_logger("pullgate.sharedstate")
 
     @property
@@ -57,6 +60,28 @@ class SharedState:
         """Whether there is anything to share with (a single replica skips the work)."""
         cluster = self._cluster
         return cluster is not None and (cluster.objects is not None or cluster.coordinator is not None)
+
+    def publish(self, tasks: Supervisor, job: Callable[[], Awaitable[None]]) -> None:
+        """Run ``job`` (calls of this object) in the background, when anything is shared."""
+        if not self.configured:
+            return
+        done = asyncio.Event()
+
+        async def run() -> None:
+            try:
+                await job()
+            finally:
+                done.set()
+                self._publishing.discard(done)
+
+        self._publishing.add(done)
+        if not tasks.start("manifest_publish", run, restart=False):
+            self._publishing.discard(done)
+
+    async def published(self) -> None:
+        """Wait until every ``publish`` job started so far has ended."""
+        while self._publishing:
+            await next(iter(self._publishing)).wait()
 
     # --- which parts to ask -----------------------------------------------------------------
     def _redis(self) -> Coordinator | None:
@@ -163,10 +188,15 @@ class SharedState:
         except StorageUnavailable as exc:
             self._storage_failed(exc)
 
-    async def put_manifest(self, digest: Digest, data: bytes) -> bool:
-        """Store verified manifest bytes under their digest; False when not stored."""
+    async def put_manifest(self, digest: Digest, data: bytes, media_type: str) -> bool:
+        """Store verified manifest bytes (served as ``media_type``) under their digest;
+        False when not stored."""
         objects = self._objects()
         if objects is None:
+            return False
+        if sniff(data, media_type) is None:
+            # Its type cannot be told from its bytes: another replica could not serve it as is.
+            self._log.info("manifest_not_shared", digest=str(digest), media_type=media_type)
             return False
         try:
             async with objects.upload(digest, len(data)) as upload:
