@@ -225,7 +225,7 @@ async def test_a_proof_lets_another_replica_serve_without_a_head_but_only_that_r
 
 @pytest.mark.parametrize("outage", ["redis_dead_port", "redis_stopped", "s3_dead_port"])
 async def test_each_replica_serves_alone_when_a_shared_part_is_gone(
-    start: Start, origin: tuple[Origin, TestServer], tmp_path: Path, outage: str
+    start: Start, origin: tuple[Origin, TestServer], tmp_path: Path, outage: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     upstream = origin[0]
     image = upstream.add_image(APP, "1")
@@ -247,10 +247,26 @@ async def test_each_replica_serves_alone_when_a_shared_part_is_gone(
         # B went to the upstream itself: nothing shared reached it.
         assert manifest_requests(upstream)[1] == 2
         coordinator = b.mirror.cluster.coordinator
-        if outage != "s3_dead_port":
-            assert coordinator is not None and coordinator.up is False  # known down: not asked per request
-        else:
+        assert coordinator is not None
+        if outage == "s3_dead_port":
             assert b.mirror.metrics.registry.get_sample_value("pullgate_object_store_up") == 0
+            return
+        # Known down: Redis is not asked per request (the health check turns it back on).
+        assert coordinator.up is False
+        commands = 0
+        ask = coordinator._call
+
+        async def counted(operation: str, request: Callable[[], Awaitable[object]]) -> object:
+            nonlocal commands
+            commands += 1
+            return await ask(operation, request)
+
+        monkeypatch.setattr(coordinator, "_call", counted)
+        other = upstream.add_image(APP, "2")
+        assert (await b.get(f"{APP}/manifests/2"))[:2] == (200, other.manifest)
+        for digest, data in other.blobs.items():  # downloads record proofs: not in Redis now
+            assert (await b.get(f"{APP}/blobs/{digest}"))[:2] == (200, data)
+        assert commands == 0
 
 
 @pytest.mark.parametrize(
