@@ -53,8 +53,8 @@ class Mirror:
         root = config.cache.dir
         self.store = BlobStore(root)
         self.catalog: Catalog = LocalCatalog(root / "catalog.db")
-        self.provenance = Provenance(self.catalog)
         self.cluster = Cluster(config, self.metrics)  # the object store and Redis, when configured
+        self.provenance = Provenance(self.catalog, cluster=self.cluster)
         self._log = structlog.get_logger("pullgate.mirror")
         self._tasks = Supervisor(self.metrics, self._log)
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
@@ -69,7 +69,7 @@ class Mirror:
             )
         self.manifests = ManifestCache(
             self.store, self.catalog, self.provenance, self.upstreams, config.cache, self.metrics,
-            on_stored=self._check_quota, tasks=self._tasks,
+            on_stored=self._check_quota, tasks=self._tasks, cluster=self.cluster,
         )  # fmt: skip
         self.blobs = BlobService(
             self.store, self.catalog, self.provenance, self.upstreams, self.metrics,
