@@ -15,6 +15,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.oci.digest import Digest
+from tests.support.certs import write_cert
 from tests.support.images import sha256_digest
 from tests.support.origin import Image, Origin
 from tests.support.polling import eventually
@@ -33,7 +34,7 @@ def upstream_url(origin: tuple[Origin, TestServer]) -> str:
 
 async def pull_blob(session: aiohttp.ClientSession, replica: Replica, digest: str, start: int = 0) -> bytes:
     headers = {"Range": f"bytes={start}-"} if start else {}
-    async with session.get(f"{replica.url}/v2/{REPO}/blobs/{digest}", headers=headers) as response:
+    async with session.get(f"{replica.url}/v2/{REPO}/blobs/{digest}", headers=headers, ssl=False) as response:
         assert response.status == (206 if start else 200), await response.text()
         return await response.read()
 
@@ -137,6 +138,33 @@ async def test_a_peer_asked_before_the_upstream_answered_it_waits_for_the_answer
             assert await holder == image.blobs[digest]
         assert upstream.count("GET", digest) == 1
         assert sources([second]) == {"peer": 1.0}
+
+
+async def test_peers_over_https_pin_the_shared_certificate(
+    origin: tuple[Origin, TestServer], seaweedfs_engine: S3Engine, redis_server: RedisServer, key_prefix: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replicas serving TLS stream from each other at their pod addresses, which their
+    (shared) certificate does not name: the peer client pins that certificate instead."""
+    upstream, _ = origin
+    image = upstream.add_image(REPO, "1", layers=[2 << 20])
+    upstream.answer_delay = 0.5
+    (tmp_path / "tls").mkdir()
+    tls = write_cert(tmp_path / "tls", serial=7)  # names localhost only; replicas are reached at 127.0.0.1
+    base = cluster_config(tmp_path, upstream_url(origin), engine=seaweedfs_engine, redis_url=redis_server.url,
+                          prefix=key_prefix)  # fmt: skip
+    async with (
+        start_replicas(tmp_path, base, 2, monkeypatch, seaweedfs_engine, tls=tls) as (first, second),
+        aiohttp.ClientSession() as session,
+    ):
+        assert first.url.startswith("https://127.0.0.1:")
+        digest = max(image.blobs, key=lambda d: len(image.blobs[d]))
+        holder = asyncio.create_task(pull_blob(session, first, digest))
+        await eventually(lambda: upstream.count("GET", digest) == 1, timeout=10)
+        assert await pull_blob(session, second, digest) == image.blobs[digest]
+        assert await holder == image.blobs[digest]
+        assert sources([second]) == {"peer": 1.0}
+    assert upstream.count("GET", digest) == 1
 
 
 @pytest.mark.parametrize("broken", ["redis", "object_store"])

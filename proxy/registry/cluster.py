@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import ssl
 from collections.abc import Awaitable, Callable
 
+import aiohttp
 import structlog
 
 from proxy.config.settings import Config
@@ -131,6 +134,25 @@ class Cluster:
             with contextlib.suppress(CoordinationUnavailable):
                 self._peer_secret = await self.coordinator.shared_secret(_PEER_SECRET)
         return self._peer_secret
+
+    async def peer_tls(self) -> aiohttp.Fingerprint | bool:
+        """How a peer's https certificate is checked: every replica serves the same
+        certificate (the chart mounts one Secret in all pods), so a peer must present exactly
+        ours — pinned by its SHA-256 — whatever address it is reached at (a pod IP is rarely
+        in a certificate). Read on each call: the listener reloads a rotated certificate.
+        True (normal verification) when this replica serves plain HTTP."""
+        cert = self._config.tls_cert
+        if cert is None:
+            return True
+        try:
+            pem = await asyncio.to_thread(cert.read_text)
+            start = pem.index("-----BEGIN CERTIFICATE-----")
+            end = pem.index("-----END CERTIFICATE-----", start) + len("-----END CERTIFICATE-----")
+            der = ssl.PEM_cert_to_DER_cert(pem[start:end])
+        except (OSError, ValueError) as exc:  # mid-rotation: the peer is checked as any https server
+            self._log.warning("peer_certificate_unreadable", path=str(cert), error=exc.__class__.__name__)
+            return True
+        return aiohttp.Fingerprint(hashlib.sha256(der).digest())
 
     def peer_url(self, base: str, digest: str) -> str:
         return base.rstrip("/") + PEER_PATH + digest

@@ -109,7 +109,10 @@ class Sharing:
                 if token is not None:
                     await authorize()
                     url = self._cluster.peer_url(holder.note, str(flight.digest))
-                    return PeerSource(self._session, holder.note, url, token, timeout=coordinator.timeout * 5)
+                    tls = await self._cluster.peer_tls()
+                    return PeerSource(
+                        self._session, holder.note, url, token, timeout=coordinator.timeout * 5, tls=tls
+                    )
             if (holder is not None and holder.note in dead) or time.monotonic() >= deadline:
                 # The holder is unreachable (its lease outlives it until it expires) or
                 # slower than we wait: fetch alone rather than keep the clients waiting.

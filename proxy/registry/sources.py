@@ -100,8 +100,18 @@ class PeerSource:
 
     name = "peer"
 
-    def __init__(self, session: aiohttp.ClientSession, base: str, url: str, token: str, *, timeout: float) -> None:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base: str,
+        url: str,
+        token: str,
+        *,
+        timeout: float,
+        tls: aiohttp.Fingerprint | bool = True,
+    ) -> None:
         self._session = session
+        self._tls = tls
         self.base = base  # the holder's advertised URL
         self.url = url
         self._token = token
@@ -116,7 +126,10 @@ class PeerSource:
         # whole transfer has none: it lasts as long as the holder's download.
         timeout = aiohttp.ClientTimeout(total=None, connect=self._timeout, sock_read=self._timeout)
         try:
-            async with self._session.get(self.url, headers=headers, timeout=timeout, allow_redirects=False) as r:
+            request = self._session.get(
+                self.url, headers=headers, timeout=timeout, allow_redirects=False, ssl=self._tls
+            )
+            async with request as r:
                 if r.status not in (200, 206) or (r.status == 206) != bool(start):
                     raise SourceFailed(f"peer answered {r.status}", gone=r.status != 404)
                 size, skip = _sizes(r, start)

@@ -5,6 +5,7 @@ pods would run them. Each replica advertises its own URL for the peer endpoint."
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -66,8 +67,10 @@ def cluster_config(
 
 @contextlib.asynccontextmanager
 async def start_replicas(
-    tmp_path: Path, base: Config, count: int, monkeypatch: pytest.MonkeyPatch, engine: S3Engine | None
+    tmp_path: Path, base: Config, count: int, monkeypatch: pytest.MonkeyPatch, engine: S3Engine | None,
+    *, tls: tuple[Path, Path] | None = None,
 ) -> AsyncIterator[list[Replica]]:
+    """``tls``: (certificate, key) every replica serves, as the chart mounts one Secret in all pods."""
     if engine is not None:
         monkeypatch.setenv(ACCESS_ENV, engine.keys.access_key)
         monkeypatch.setenv(SECRET_ENV, engine.keys.secret_key)
@@ -75,18 +78,23 @@ async def start_replicas(
     try:
         for index in range(count):
             port = free_port()
-            url = f"http://127.0.0.1:{port}"
+            url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+            context = None
+            if tls is not None:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(*tls)
             coordination = base.coordination
             if coordination.type == "redis":
                 coordination = replace(coordination, advertise_url=url)
             config = replace(
-                base, cache=replace(base.cache, dir=tmp_path / f"replica-{index}"), coordination=coordination
-            )
+                base, cache=replace(base.cache, dir=tmp_path / f"replica-{index}"), coordination=coordination,
+                tls_cert=tls[0] if tls else None, tls_key=tls[1] if tls else None,
+            )  # fmt: skip
             app = create_app(config)
             # A short shutdown cuts running transfers when a replica stops, as a killed pod would.
             runner = web.AppRunner(app, shutdown_timeout=0.2)
             await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
+            await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
             replicas.append(Replica(url, app, runner))
         yield replicas
     finally:
