@@ -12,7 +12,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
+from proxy.config.settings import CacheConfig, Config
 from proxy.config.storage import CoordinationConfig, StorageConfig
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import OCI_MANIFEST, Descriptor, ParsedManifest
@@ -29,6 +30,7 @@ from proxy.registry.clustercatalog import ClusterCatalog
 from proxy.registry.clustereviction import ClusterEviction
 from proxy.registry.clusterindex import BYTES, REFS, SIZES, USED, ClusterIndex, IndexEntry
 from proxy.registry.coordination import Coordinator
+from proxy.registry.mirror import Mirror
 from proxy.registry.objectstore import ObjectStore
 from tests.conftest import S3_BUCKET
 from tests.support.procs import free_port
@@ -327,3 +329,31 @@ async def test_records_reach_redis_in_batches_and_local_eviction_does_not_touch_
         # No quota: rounds only keep the gauge.
         assert await node.eviction.evict() == 0
         assert node.sample("pullgate_object_store_bytes") == size_of(img)
+
+
+async def test_mirror_with_redis_records_and_evicts_the_bucket(
+    tmp_path: Path, coordination: CoordinationConfig, storage: StorageConfig, s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in s3_env.items():
+        monkeypatch.setenv(name, value)
+    a, b = image("a"), image("b")
+    config = Config(cache=CacheConfig(dir=tmp_path / "cache", low_water=1.0), coordination=coordination,
+                    storage=replace(storage, max_size=size_of(b)))
+    mirror = Mirror(config, Metrics(CollectorRegistry()))
+    await mirror.open()
+    try:
+        assert isinstance(mirror.catalog, ClusterCatalog)
+        assert mirror.cluster_eviction is not None and mirror.cluster.objects is not None
+        node = Replica(mirror.cluster.coordinator, mirror.cluster.objects, mirror.catalog,  # type: ignore[arg-type]
+                       mirror.cluster_eviction, CollectorRegistry())
+        await store(node, a)
+        await store(node, b)
+        # The last pull is b's: a goes (the round flushes the mirror's own records first).
+        mirror.catalog.touch("hub", "library/b", b.manifest)
+        assert await mirror.cluster_eviction.evict() == size_of(a)
+        assert await in_bucket(mirror.cluster.objects) == b.members
+        # The local tier is the replica's own: it still has a's rows.
+        assert await mirror.catalog.manifest(a.manifest) is not None
+    finally:
+        await mirror.close()
