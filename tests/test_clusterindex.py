@@ -357,3 +357,33 @@ async def test_mirror_with_redis_records_and_evicts_the_bucket(
         assert await mirror.catalog.manifest(a.manifest) is not None
     finally:
         await mirror.close()
+
+
+@pytest.mark.parametrize(
+    ("age", "manifest", "dropped"),
+    [
+        (2 * 3600.0, False, True),  # a blob recorded while the bucket was down: stops counting
+        (60.0, False, False),  # recorded a minute ago: its upload may still be finishing
+        (2 * 3600.0, True, False),  # manifest rows keep the references that protect shared layers
+    ],
+)
+async def test_reconcile_drops_rows_of_blobs_the_bucket_lacks(
+    tmp_path: Path, coordination: CoordinationConfig, storage: StorageConfig, s3_env: dict[str, str],
+    age: float, manifest: bool, dropped: bool,
+) -> None:
+    clock = Clock(now=time.time())
+    img = image("a")
+    phantom, data = blob(32 * KiB, "phantom")
+    async with replicas(1, tmp_path, coordination, storage, s3_env, clock, max_size=0, low_water=1.0) as (node,):
+        clock.now -= 3 * 3600  # old enough to be checked against the bucket too (and found)
+        await store(node, img)
+        clock.now += 3 * 3600
+        children = () if manifest else None
+        await node.eviction.index.record([IndexEntry(str(phantom), len(data), children, clock.now - age)])
+        await node.eviction.evict()
+        rows = await redis_rows(node)
+        assert (str(phantom) not in rows) is dropped
+        assert rows >= {str(d) for d in img.members}  # what the bucket holds stays recorded
+        expected = size_of(img) + (0 if dropped else len(data))
+        assert await node.eviction.index.total_bytes() == expected
+        assert node.sample("pullgate_object_store_bytes") == expected

@@ -13,13 +13,20 @@ references, and skips digests some replica is downloading (a live ``lease:blob:<
 The index rows go first, then the objects (``ObjectStore.delete``): an object whose delete
 failed is merely unrecorded, and reconcile finds it again.
 
-**Reconcile.** An object can reach the bucket without reaching the index (its replica was
-killed between the upload and the flush, or Redis was down for longer than the buffer
-holds). Each round reads a bounded number of keys from one ongoing listing of the bucket
-(continued across rounds, restarted at the end) and records the objects the index does
-not know and that are older than ``grace`` (a fresh upload's record may still be in its
-replica's buffer) as images of their own, last used at their upload time: they count
-toward the quota and, referenced by nothing, are the first to go.
+**Reconcile**, a bounded slice per round, both ways:
+
+- an object can reach the bucket without reaching the index (its replica was killed
+  between the upload and the flush, or Redis was away longer than the buffer holds). Each
+  round reads ``scan_budget`` keys of one ongoing listing of the bucket (continued across
+  rounds, restarted at the end) and records the objects the index does not know and that
+  are older than ``grace`` (a fresh upload's record may still be in its replica's buffer)
+  as images of their own, last used at their upload time: they count toward the quota
+  and, referenced by nothing, are the first to go;
+- a blob can be recorded without reaching the bucket (a replica cached it while the
+  object store was down). Each round checks ``check_budget`` recorded blobs (``HSCAN``,
+  continued across rounds) untouched for ``grace`` with a HEAD, and drops the rows of
+  those the bucket does not have, so they stop counting. Manifest rows stay: they carry
+  the references that keep shared layers.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ INTERVAL = 60.0  # between rounds; a stored blob pokes the task earlier (at most
 MIN_GAP = 5.0
 GRACE = 3600.0  # an unrecorded object younger than this may still be recorded by its replica
 SCAN_BUDGET = 5_000  # bucket keys reconciled per round
+CHECK_BUDGET = 50  # recorded blobs checked against the bucket per round (one HEAD each)
 _CHECK = 500  # keys looked up in the index per command
 
 
@@ -62,6 +70,7 @@ class ClusterEviction:
         on_storage: Callable[[bool, BaseException | None], None] = lambda up, error: None,
         grace: float = GRACE,
         scan_budget: int = SCAN_BUDGET,
+        check_budget: int = CHECK_BUDGET,
         interval: float = INTERVAL,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -75,6 +84,8 @@ class ClusterEviction:
         self._on_storage = on_storage
         self.grace = grace
         self.scan_budget = scan_budget
+        self.check_budget = check_budget
+        self._rows_cursor = 0
         self.interval = interval
         self._clock = clock
         self._listing: AsyncIterator[StoredObject] | None = None
@@ -122,6 +133,7 @@ class ClusterEviction:
     async def _round(self, lease: Lease, target: int | None) -> int:
         busy = await self.index.downloading()
         await self._reconcile(busy)
+        await self._check_rows(busy)
         total = await self.index.total_bytes()
         self._metrics.object_store_bytes.set(total)
         if target is None:
@@ -195,3 +207,22 @@ class ClusterEviction:
                 adopted += len(orphans)
         if adopted:
             self._log.info("cluster_orphans_recorded", objects=adopted, bytes=size)
+
+    async def _check_rows(self, busy: frozenset[str]) -> None:
+        """Drop the rows of up to ``check_budget`` recorded blobs the bucket does not hold."""
+        cursor, rows = await self.index.rows(self._rows_cursor, self.check_budget)
+        self._rows_cursor = cursor
+        cutoff = self._clock() - self.grace
+        missing: list[str] = []
+        for row in rows:
+            if row.manifest or row.used > cutoff or row.digest in busy:
+                continue
+            try:
+                if await self.objects.size(Digest.parse(row.digest)) is None:
+                    missing.append(row.digest)
+            except StorageUnavailable as exc:
+                self._on_storage(False, exc)
+                return  # the bucket cannot tell: drop nothing
+        if missing:
+            size = await self.index.forget(missing)
+            self._log.info("cluster_rows_dropped", objects=len(missing), bytes=size, reason="not in the bucket")

@@ -88,6 +88,16 @@ class IndexEntry:
     when: float
 
 
+@dataclass(frozen=True, slots=True)
+class IndexRow:
+    """One recorded object as ``rows`` reads it."""
+
+    digest: str
+    size: int
+    manifest: bool
+    used: float  # last pull or store time (0: none recorded)
+
+
 class ClusterIndex:
     """The Redis record above. Every method may raise ``CoordinationUnavailable``."""
 
@@ -132,6 +142,32 @@ class ClusterIndex:
         client, key = self._coordinator._client, self._coordinator.prefix + SIZES
         sizes: list[Any] = await self._coordinator._call("hmget", lambda: client.hmget(key, list(digests)))
         return {d for d, size in zip(digests, sizes, strict=True) if size is not None}
+
+    async def rows(self, cursor: int, count: int) -> tuple[int, list[IndexRow]]:
+        """About ``count`` recorded objects from ``cursor`` on (``HSCAN``: 0 starts, and a
+        returned 0 means the pass is complete)."""
+        prefix, client = self._coordinator.prefix, self._coordinator._client
+        step: tuple[int, Any] = await self._coordinator._call(
+            "hscan", partial(client.hscan, prefix + SIZES, cursor=cursor, count=count)
+        )
+        found: dict[str, str] = step[1]
+        digests = list(found)
+        if not digests:
+            return int(step[0]), []
+
+        async def details() -> list[Any]:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hmget(prefix + REFS, digests)
+                pipe.zmscore(prefix + USED, digests)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        refs, used = await self._coordinator._call("rows", details)
+        rows = [
+            IndexRow(d, int(found[d]), ref is not None, float(score or 0.0))
+            for d, ref, score in zip(digests, refs, used, strict=True)
+        ]
+        return int(step[0]), rows
 
     async def snapshot(self) -> CatalogSnapshot:
         """Sizes, references and last pulls of everything recorded, as one consistent cut."""

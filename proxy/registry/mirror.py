@@ -91,6 +91,8 @@ class Mirror:
         self._closing.push_async_callback(self.catalog.close)
         self._closing.push_async_callback(self._session.close)
         self._closing.push_async_callback(self.cluster.close)
+        if isinstance(self.catalog, ClusterCatalog):
+            self._closing.push_async_callback(self.catalog.push)  # while Redis is still open
         self._closing.push_async_callback(self._tasks.close)
         self._closing.push_async_callback(self.blobs.close, config.shutdown_grace)
 
