@@ -8,6 +8,7 @@ are found and counted, and with Redis down nothing is deleted and nothing raises
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ from proxy.registry.coordination import Coordinator
 from proxy.registry.mirror import Mirror
 from proxy.registry.objectstore import ObjectStore
 from tests.conftest import S3_BUCKET
+from tests.support.polling import eventually
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 from tests.support.s3engine import S3Engine
@@ -387,3 +389,29 @@ async def test_reconcile_drops_rows_of_blobs_the_bucket_lacks(
         expected = size_of(img) + (0 if dropped else len(data))
         assert await node.eviction.index.total_bytes() == expected
         assert node.sample("pullgate_object_store_bytes") == expected
+
+
+async def test_a_poke_over_the_quota_starts_a_round_without_waiting_for_the_interval(
+    tmp_path: Path, coordination: CoordinationConfig, storage: StorageConfig, s3_env: dict[str, str]
+) -> None:
+    clock = Clock()
+    a, b = image("a"), image("b")
+    async with replicas(1, tmp_path, coordination, storage, s3_env, clock,
+                        max_size=size_of(b), low_water=1.0, interval=3600.0) as (node,):
+        task = asyncio.create_task(node.eviction.run())
+        try:
+            for img in (a, b):
+                clock.now += 60
+                await store(node, img)
+            assert await node.catalog.push()
+            node.eviction.poke()  # what the mirror does when a blob is stored
+            objects = node.objects
+
+            async def only_b() -> bool:
+                return await in_bucket(objects) == b.members
+
+            await eventually(only_b, timeout=30.0, step=0.2)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

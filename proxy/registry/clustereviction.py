@@ -32,6 +32,7 @@ failed is merely unrecorded, and reconcile finds it again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -96,15 +97,26 @@ class ClusterEviction:
 
     # --- the task -------------------------------------------------------------------------------
     async def run(self) -> None:
+        """A full round (reconcile included) every ``interval``; between them, a poke costs
+        one Redis read, and a round only when the bucket is over its quota."""
+        last = time.monotonic()
         while True:
-            try:
-                async with asyncio.timeout(self.interval):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, last + self.interval - time.monotonic())):
                     await self._poked.wait()
-            except TimeoutError:
-                pass
             self._poked.clear()
-            await self.evict()
+            if time.monotonic() - last >= self.interval or await self._over_quota():
+                await self.evict()
+                last = time.monotonic()
             await asyncio.sleep(MIN_GAP)
+
+    async def _over_quota(self) -> bool:
+        if not self.max_size:
+            return False
+        try:
+            return await self.index.total_bytes() > self.max_size
+        except CoordinationUnavailable:
+            return False  # the next full round logs it
 
     def poke(self) -> None:
         self._poked.set()
