@@ -173,7 +173,8 @@ def size_of(*images: Image) -> int:
     ("quota", "busy", "evicted", "kept_layers"),
     [
         # Over the quota by a little: the least recently pulled image (a) goes; the layer it
-        # shares with b stays (b still needs it).
+        # shares with b stays (b still needs it). b's replica recorded that layer after a's:
+        # a layer's time must not make its older image look as recent as b.
         ("all-1", None, ["a"], ["shared"]),
         # Far over: a and b go (with the shared layer, nothing needs it any more), c stays.
         ("c", None, ["a", "b"], []),

@@ -8,7 +8,8 @@ Keys, under ``coordination.key_prefix`` (``P``):
 - ``P index:sizes`` hash: digest -> bytes, every object recorded (manifests and blobs);
 - ``P index:refs`` hash: manifest digest -> its children's digests, space-separated (a
   field here marks the digest as a manifest);
-- ``P index:used`` sorted set: digest -> last pull (or store) time, epoch seconds;
+- ``P index:used`` sorted set: digest -> last pull (or store) time, epoch seconds (for
+  planning, a blob some manifest references takes its image's time: ``snapshot``);
 - ``P index:bytes`` string: the sum of ``index:sizes`` (the quota check reads one key).
 
 Writes are Lua scripts so ``index:bytes`` moves with ``index:sizes`` atomically: a digest
@@ -183,11 +184,14 @@ class ClusterIndex:
 
         sizes, refs, used = await self._coordinator._call("snapshot", read)
         pairs = [(parent, child) for parent, children in refs.items() for child in children.split()]
+        # An image is as recent as its manifests: a layer's time says when some replica last
+        # copied it, and a layer shared with a newer image would make an old image look new.
+        referenced = {child for _, child in pairs} - set(refs)
         return CatalogSnapshot(
             sizes={d: int(s) for d, s in sizes.items()},
             manifests=set(refs),
             refs=pairs,
-            last_used={d: float(score) for d, score in used},
+            last_used={d: float(score) for d, score in used if d not in referenced},
         )
 
     async def downloading(self) -> frozenset[str]:
