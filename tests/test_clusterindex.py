@@ -159,7 +159,7 @@ async def in_bucket(objects: ObjectStore) -> set[Digest]:
 
 
 async def redis_rows(node: Replica) -> set[str]:
-    snapshot = await node.eviction.index.snapshot()
+    snapshot, _ = await node.eviction.index.snapshot()
     return set(snapshot.sizes)
 
 
@@ -416,3 +416,20 @@ async def test_a_poke_over_the_quota_starts_a_round_without_waiting_for_the_inte
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+async def test_a_manifest_recorded_while_the_snapshot_is_read_keeps_its_blobs(
+    tmp_path: Path, coordination: CoordinationConfig, storage: StorageConfig, s3_env: dict[str, str]
+) -> None:
+    """The snapshot is read page by page: a manifest whose references were read but whose
+    size was not (recorded in between) still protects what it references."""
+    clock = Clock()
+    layer, data = blob(4 * KiB, "layer")
+    async with replicas(1, tmp_path, coordination, storage, s3_env, clock, max_size=1, low_water=1.0) as (node,):
+        await put(node.objects, layer, data)
+        await node.catalog.add_blob(layer, len(data))  # an old blob nothing references yet...
+        assert await node.catalog.push()
+        client, prefix = node.coordinator._client, node.coordinator.prefix
+        await client.hset(prefix + REFS, "sha256:" + "ab" * 32, str(layer))  # ...until now
+        assert await node.eviction.evict() == 0
+        assert await in_bucket(node.objects) == {layer}

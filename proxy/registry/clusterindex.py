@@ -18,9 +18,10 @@ subtracted once. Times only move forward (``ZADD GT``), so a replica flushing an
 batch late cannot make an image look older than it is. A pull of a digest that is not
 recorded (evicted meanwhile) is not recorded either: ``index:used`` holds no strays.
 
-Snapshots read the three structures in one ``MULTI`` (a consistent cut). They are O(objects
-in the bucket); that is what the single-replica eviction reads from SQLite too, and it runs
-on one replica at a time (the ``evict`` lease), not per request.
+Snapshots read the three structures page by page (``HSCAN``/``ZSCAN``): each command stays
+within ``coordination.timeout`` and Redis and the event loop stay free in between. They are
+O(objects in the bucket), as the single-replica eviction's read of SQLite, and run on one
+replica at a time (the ``evict`` lease), not per request.
 """
 
 from __future__ import annotations
@@ -170,29 +171,42 @@ class ClusterIndex:
         ]
         return int(step[0]), rows
 
-    async def snapshot(self) -> CatalogSnapshot:
-        """Sizes, references and last pulls of everything recorded, as one consistent cut."""
-        prefix, client = self._coordinator.prefix, self._coordinator._client
-
-        async def read() -> list[Any]:
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.hgetall(prefix + SIZES)
-                pipe.hgetall(prefix + REFS)
-                pipe.zrange(prefix + USED, 0, -1, withscores=True)
-                result: list[Any] = await pipe.execute()
-                return result
-
-        sizes, refs, used = await self._coordinator._call("snapshot", read)
+    async def snapshot(self) -> tuple[CatalogSnapshot, frozenset[str]]:
+        """Sizes, references and last pulls of everything recorded, read page by page (each
+        page within the command timeout, the event loop free in between); and the digests
+        to keep whatever the plan says: children of manifests recorded while the pages were
+        read (their references arrived, their sizes not), which may need blobs the plan
+        would otherwise count as unreferenced. References are read last for that reason."""
+        sizes = {d: int(v) for d, v in (await self._scan("hscan", SIZES)).items()}
+        used = await self._scan("zscan", USED)
+        refs = await self._scan("hscan", REFS)
         pairs = [(parent, child) for parent, children in refs.items() for child in children.split()]
+        late = frozenset(child for parent, child in pairs if parent not in sizes)
         # An image is as recent as its manifests: a layer's time says when some replica last
         # copied it, and a layer shared with a newer image would make an old image look new.
         referenced = {child for _, child in pairs} - set(refs)
-        return CatalogSnapshot(
-            sizes={d: int(s) for d, s in sizes.items()},
+        snapshot = CatalogSnapshot(
+            sizes=sizes,
             manifests=set(refs),
             refs=pairs,
-            last_used={d: float(score) for d, score in used if d not in referenced},
+            last_used={d: float(score) for d, score in used.items() if d not in referenced},
         )
+        return snapshot, late
+
+    async def _scan(self, command: str, name: str) -> dict[str, Any]:
+        """A whole hash (``hscan``) or sorted set (``zscan``), ``_SCAN_COUNT`` entries a command."""
+        client, key = self._coordinator._client, self._coordinator.prefix + name
+        scan = client.hscan if command == "hscan" else client.zscan
+        found: dict[str, Any] = {}
+        cursor = 0
+        while True:
+            step: tuple[int, Any] = await self._coordinator._call(
+                command, partial(scan, key, cursor=cursor, count=_SCAN_COUNT)
+            )
+            cursor = int(step[0])
+            found.update(step[1])
+            if cursor == 0:
+                return found
 
     async def downloading(self) -> frozenset[str]:
         """Digests some replica holds the download lease of (``lease:blob:<digest>``)."""
