@@ -242,6 +242,7 @@ async def test_only_the_lease_holder_deletes(
         assert held is not None
         assert await nodes[0].eviction.evict() == 0
         assert await in_bucket(nodes[0].objects) == a.members | b.members
+        assert nodes[0].sample("pullgate_object_store_bytes") == size_of(a, b)  # the gauge is kept all the same
         await held.release()
         # Two replicas racing: one evicts a; the other got no lease, or came after and
         # found the bucket under its quota.
@@ -261,9 +262,9 @@ async def test_redis_down_deletes_nothing_and_raises_nothing(
     async with replicas(1, tmp_path, dead, storage, s3_env, clock, max_size=1, low_water=0.5) as (node,):
         with capture_logs() as logs:
             await store(node, img)  # the pull is served: the records wait in memory
-            assert node.catalog.pending == len(img.members) + 1  # objects + one pull
+            assert node.catalog.unpushed == len(img.members) + 1  # objects + one pull
             assert await node.catalog.flush() is True  # the local catalog's answer
-            assert node.catalog.pending == len(img.members) + 1  # kept for when Redis is back
+            assert node.catalog.unpushed == len(img.members) + 1  # kept for when Redis is back
             assert await node.eviction.evict() == 0
             assert await node.eviction.evict() == 0
         assert await in_bucket(node.objects) == img.members

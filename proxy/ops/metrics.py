@@ -138,7 +138,7 @@ class Metrics:
         self.object_store_bytes = Gauge(
             "pullgate_object_store_bytes",
             "Bytes of the objects the cluster index records in the bucket (orphans included once "
-            "reconcile found them), as of this replica's last eviction round.",
+            "reconcile found them), as of this replica's last eviction check (every minute).",
             registry=registry,
         )
         self.object_store_max_bytes = Gauge(

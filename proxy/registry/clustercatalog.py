@@ -48,7 +48,7 @@ class ClusterCatalog:
         return self.local.total_bytes
 
     @property
-    def pending(self) -> int:
+    def unpushed(self) -> int:
         """Records not yet pushed to the cluster index."""
         return len(self._objects) + len(self._pulls)
 
@@ -133,7 +133,7 @@ class ClusterCatalog:
             self._objects = {**objects, **self._objects}
             self._pulls = {**pulls, **self._pulls}
             self._trim()
-            self._log.debug("cluster_index_push_failed", error=exc.message, pending=self.pending)
+            self._log.debug("cluster_index_push_failed", error=exc.message, unpushed=self.unpushed)
             return False
         if self._dropped:
             self._log.warning("cluster_index_records_dropped", dropped=self._dropped, reason="redis was unavailable")

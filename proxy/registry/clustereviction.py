@@ -131,7 +131,8 @@ class ClusterEviction:
             await self._flush()  # this replica's buffered records take part in the plan
         try:
             async with self.coordinator.hold(LEASE) as lease:
-                if lease is None:
+                if lease is None:  # another replica's round: only keep the gauge true here
+                    self._metrics.object_store_bytes.set(await self.index.total_bytes())
                     return 0
                 evicted = await self._round(lease, target)
         except CoordinationUnavailable as exc:
