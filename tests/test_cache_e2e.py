@@ -170,6 +170,11 @@ async def test_quota_evicts_least_recently_pulled_and_spares_readers(
         for digest in images[name].blob_digests:
             _, got, _ = await fetch_digest(session, f"{mirror}/v2/{repo}/blobs/{digest}", 0)
             assert got == digest
+        # Clients get the last byte before the commit (fsync, rename): wait for it, as the
+        # pull order is what eviction is judged by.
+        store = app[MIRROR].store
+        await eventually(lambda: all(store.size(Digest.parse(d)) is not None for d in images[name].blob_digests),
+                         timeout=30)  # fmt: skip
 
     await pull("a")
     await pull("b")

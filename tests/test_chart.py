@@ -8,12 +8,14 @@ certificate in a real TLS handshake, and the node-mirror script writing real hos
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import hashlib
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import ssl
@@ -32,6 +34,7 @@ import pytest
 import yaml
 
 from proxy.config.settings import Config, load_config
+from proxy.config.storage import CoordinationConfig, StorageConfig
 from proxy.config.units import parse_duration
 from tests.support.certs import make_ca
 from tests.support.procs import free_port, http_status, start_daemon, stop_daemon, wait_until
@@ -74,6 +77,27 @@ EVERYTHING: dict[str, Any] = {
         "admission": {"on_timeout": "allow"},
     },
     "extraEnv": [{"name": "PULLGATE_CACHE__NEGATIVE_TTL", "value": "1m"}],
+    "storage": {
+        "type": "s3",
+        "endpoint": "https://rgw.internal:8443",
+        "bucket": "pullgate",
+        "region": "eu-1",
+        "prefix": "cache/",
+        "credentialsSecret": {"name": "pullgate-s3", "accessKeyKey": "id", "secretKeyKey": "key"},
+        "redirect": True,
+        "redirect_ttl": "5m",
+        "part_size": "32MiB",
+        "timeout": "20s",
+    },
+    "coordination": {
+        "type": "redis",
+        "url": "rediss://redis.internal:6380/2",
+        "username": "pullgate",
+        "passwordSecret": {"name": "pullgate-redis", "key": "pw"},
+        "key_prefix": "pg:",
+        "timeout": "1s",
+        "lease_ttl": "20s",
+    },
     "policies": {"files": {"no-latest.yaml": (ROOT / "policies" / "no-latest.yaml").read_text()}},
     "persistence": {"enabled": True, "size": "50Gi", "storageClassName": "fast"},
     "webhook": {
@@ -137,7 +161,24 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "service": {"clusterIP": "10.96.0.50"},
     },
     "everything": EVERYTHING,
+    "scale-out": {
+        "replicaCount": 2,
+        "storage": {"type": "s3", "endpoint": "http://minio.minio.svc:9000", "bucket": "pullgate"},
+        "coordination": {"type": "redis", "url": "redis://redis.redis.svc:6379/0"},
+        "networkPolicy": {
+            "enabled": True,
+            "mirrorFrom": [{"ipBlock": {"cidr": "10.0.0.0/16"}}],
+            "apiServer": {"cidrs": ["10.0.0.0/24"]},
+        },
+    },
 }
+# The shared tier several replicas need (storage s3, coordination redis).
+S3 = {"type": "s3", "endpoint": "https://rgw.internal", "bucket": "pullgate"}
+REDIS = {"type": "redis", "url": "redis://redis.internal:6379/0"}
+SHARED = {"storage": S3, "coordination": REDIS}
+# The example values files (charts/pullgate/examples), each rendered and checked like the rest.
+EXAMPLES = sorted(p.name for p in (CHART / "examples").glob("*.yaml"))
+COMBINATIONS.update({f"example {name}": yaml.safe_load((CHART / "examples" / name).read_text()) for name in EXAMPLES})
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -195,7 +236,7 @@ def rendered_config(objects: list[dict[str, Any]], tmp_path: Path) -> Config:
 
 
 # --- lint and schemas ---------------------------------------------------------------------
-@pytest.mark.parametrize("combination", ["defaults", "everything"])
+@pytest.mark.parametrize("combination", ["defaults", "everything", "scale-out", *(f"example {e}" for e in EXAMPLES)])
 def test_helm_lint_is_clean(combination: str) -> None:
     report = helm.lint(str(CHART), COMBINATIONS[combination], strict=True, namespace=NAMESPACE)
     problems = [m for m in report["messages"] if m["severity"] >= 2]
@@ -242,8 +283,20 @@ def test_rendered_objects_are_valid_kubernetes(chart: Any, combination: str) -> 
         ({"image": {"digest": "latest"}}, "digest"),
         ({"policies": {"files": {"policy.json": "{}"}}}, "policy.json"),
         ({"replicas": 3}, "replicas"),
+        ({"storage": {"type": "s3"}}, "/storage/bucket"),
+        ({"storage": {"type": "s3", "bucket": "x"}}, "/storage/bucket"),
+        ({"storage": {"type": "gcs"}}, "/storage/type"),
+        ({"storage": {"bucket": "pullgate"}}, "/storage/bucket"),  # type filesystem: no bucket
+        ({"storage": {"type": "s3", "bucket": "pg", "endpoint": "https://s3.example/pullgate"}}, "/storage/endpoint"),
+        ({"storage": {**S3, "credentialsSecret": {"name": "s", "secretKey": "k"}}}, "secretKey"),
+        ({"storage": {**S3, "secret_key": "hunter2"}}, "secret_key"),
+        ({"storage": S3, "coordination": {"type": "redis"}}, "/coordination/url"),
+        ({"storage": S3, "coordination": {"type": "redis", "url": "http://r:6379"}}, "url"),
+        ({"storage": S3, "coordination": {"type": "redis", "url": "redis://u:pw@r"}}, "url"),
+        ({"coordination": {"type": "redis", "url": "redis://r:6379"}}, "/storage/type"),  # redis needs s3
+        ({"coordination": {"url": "redis://r:6379"}}, "/coordination/url"),  # type local: no url
     ],
-)
+)  # fmt: skip
 def test_bad_values_fail_at_install_time(chart: Any, values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmValuesError) as failure:
         chart.render(values, name=NAME, namespace=NAMESPACE, is_install=True)
@@ -330,8 +383,34 @@ def test_values_schema_covers_pullgate_config() -> None:
         return out
 
     daemon, chart_keys = keys(Config), schema_keys(schema)
+    # storage and coordination: top-level values (with Secrets for the credentials), below.
+    owned |= {k for k in daemon if k.startswith(("storage.", "coordination."))}
     assert chart_keys <= daemon, f"schema allows keys pullgate does not know: {sorted(chart_keys - daemon)}"
     assert daemon - owned <= chart_keys, f"config keys the chart cannot set: {sorted(daemon - owned - chart_keys)}"
+
+
+@pytest.mark.parametrize(
+    ("section", "config_class", "secret_keys", "per_pod"),
+    [
+        ("storage", StorageConfig, {"credentialsSecret": {"access_key_env", "secret_key_env"}}, set()),
+        ("coordination", CoordinationConfig, {"passwordSecret": {"password_env"}}, {"advertise_url"}),
+    ],
+)
+def test_storage_and_coordination_values_cover_pullgate_config(
+    section: str, config_class: type[Any], secret_keys: dict[str, set[str]], per_pod: set[str]
+) -> None:
+    """The top-level ``storage``/``coordination`` values are pullgate's blocks key for key,
+    except the secrets (a Secret reference instead of an ``*_env`` name) and what is per pod
+    (set from the environment)."""
+    values = set(json.loads((CHART / "values.schema.json").read_text())["properties"][section]["properties"])
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    env_names = set().union(*secret_keys.values())
+    assert values - set(secret_keys) == fields - env_names, "values.schema.json and pullgate disagree"
+    assert per_pod <= values
+    documented = yaml.safe_load((CHART / "values.yaml").read_text())[section]
+    text = (CHART / "values.yaml").read_text()
+    for key in values:
+        assert key in documented or f"# {key}:" in text, f"values.yaml does not document {section}.{key}"
 
 
 # --- the generated config -------------------------------------------------------------------
@@ -350,10 +429,11 @@ def test_generated_config_is_accepted_by_pullgate(chart: Any, combination: str, 
     assert config.listen == ("0.0.0.0", ports["http"])
     # Credentials: only a reference to a Secret, in an env name that is not a config override.
     env = {e["name"]: e for e in main.get("env", [])}
-    for upstream in config.upstreams:
-        if upstream.password_env:
-            assert not upstream.password_env.startswith("PULLGATE_")
-            assert set(env[upstream.password_env]["valueFrom"]) == {"secretKeyRef"}
+    secret_envs = [u.password_env for u in config.upstreams]
+    secret_envs += [config.storage.access_key_env, config.storage.secret_key_env, config.coordination.password_env]
+    for name in filter(None, secret_envs):
+        assert not name.startswith("PULLGATE_")
+        assert set(env[name]["valueFrom"]) == {"secretKeyRef"}
     assert "hunter2" not in json.dumps(objects)
     webhook = values.get("webhook", {})
     if webhook.get("enabled", True):
@@ -378,6 +458,161 @@ def test_config_overrides_reach_pullgate(chart: Any, tmp_path: Path) -> None:
     assert [u.name for u in config.upstreams] == ["docker.io", "ghcr.io", "registry.internal:5001"]
     assert config.upstreams[0].username == "robot" and config.upstreams[0].password_env == "UPSTREAM_0_PASSWORD"
     assert config.shutdown_grace == 25 and config.shutdown_delay == 5
+    storage, coordination = config.storage, config.coordination
+    assert (storage.type, storage.endpoint, storage.bucket) == ("s3", "https://rgw.internal:8443", "pullgate")
+    assert storage.region == "eu-1"
+    assert (storage.prefix, storage.redirect, storage.redirect_ttl) == ("cache/", True, 300)
+    assert (storage.part_size, storage.timeout) == (32 << 20, 20)
+    assert (storage.access_key_env, storage.secret_key_env) == ("STORAGE_ACCESS_KEY", "STORAGE_SECRET_KEY")
+    assert (coordination.type, coordination.url) == ("redis", "rediss://redis.internal:6380/2")
+    assert coordination.username == "pullgate"
+    assert (coordination.key_prefix, coordination.timeout, coordination.lease_ttl) == ("pg:", 1, 20)
+    assert coordination.password_env == "COORDINATION_PASSWORD"
+    env = {e["name"]: e.get("valueFrom") for e in container(render(chart, EVERYTHING))["env"]}
+    assert env["STORAGE_ACCESS_KEY"] == {"secretKeyRef": {"name": "pullgate-s3", "key": "id"}}
+    assert env["STORAGE_SECRET_KEY"] == {"secretKeyRef": {"name": "pullgate-s3", "key": "key"}}
+    assert env["COORDINATION_PASSWORD"] == {"secretKeyRef": {"name": "pullgate-redis", "key": "pw"}}
+
+
+# --- several replicas ------------------------------------------------------------------------
+POD_IP, POD_IP6 = "10.244.1.7", "fd00:10:244::7"
+
+
+def pod_env(objects: list[dict[str, Any]], pod_ip: str = POD_IP) -> dict[str, str]:
+    """The container's literal environment as the kubelet builds it: downward-API fields
+    filled in (status.podIP = pod_ip) and ``$(VAR)`` references to earlier variables
+    expanded, in order (Kubernetes' dependent environment variables)."""
+    fields = {"status.podIP": pod_ip, "metadata.name": f"{FULLNAME}-0"}
+    out: dict[str, str] = {}
+    for var in container(objects).get("env", []):
+        if "value" in var:
+            out[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: out.get(m[1], m[0]), var["value"])
+        elif "fieldRef" in var.get("valueFrom", {}):
+            out[var["name"]] = fields[var["valueFrom"]["fieldRef"]["fieldPath"]]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("values", "error", "pdb", "advertise"),
+    [
+        ({}, None, False, None),  # the default: one replica, its own disk, no PDB
+        ({"replicaCount": 1, **SHARED}, None, False, f"http://{POD_IP}:5000"),
+        ({"replicaCount": 2}, "/storage/type", None, None),
+        ({"replicaCount": 2}, "/coordination/type", None, None),
+        ({"replicaCount": 2, "storage": S3}, "/coordination/type", None, None),
+        ({"replicaCount": 2, "storage": {"type": "s3"}, "coordination": REDIS}, "/storage/bucket", None, None),
+        ({"replicaCount": 2, "coordination": REDIS}, "/storage/type", None, None),
+        ({"replicaCount": 2, "storage": S3, "coordination": {"type": "redis"}}, "/coordination/url", None, None),
+        ({"autoscaling": {"enabled": True}}, "/storage/type", None, None),  # the HPA scales past one
+        ({"replicaCount": 2, **SHARED}, None, True, f"http://{POD_IP}:5000"),
+        ({"autoscaling": {"enabled": True}, **SHARED}, None, True, f"http://{POD_IP}:5000"),
+        ({"replicaCount": 3, **SHARED, "mirrorTLS": {"existingSecret": "mirror-tls"}, "nodeMirror": {"enabled": False}},
+         None, True, f"https://{POD_IP}:5000"),
+        ({"replicaCount": 3, **SHARED, "podDisruptionBudget": {"enabled": False}}, None, False, f"http://{POD_IP}:5000"),
+        ({"replicaCount": 2, "storage": S3, "coordination": {**REDIS, "advertise_url": "http://[$(POD_IP)]:5000"}},
+         None, True, f"http://[{POD_IP6}]:5000"),  # an IPv6 cluster's pod IP needs the brackets
+    ],
+)  # fmt: skip
+def test_several_replicas_need_the_shared_tier(
+    chart: Any, tmp_path: Path, values: dict[str, Any], error: str | None, pdb: bool | None, advertise: str | None
+) -> None:
+    """replicaCount > 1 (or the HPA) without storage s3 and coordination redis fails at
+    install time naming the key; with them each pod advertises its own peer endpoint, a
+    PodDisruptionBudget keeps all but one up and the pods spread over nodes."""
+    if error is not None:
+        with pytest.raises(helm.HelmValuesError) as failure:
+            chart.render(values, name=NAME, namespace=NAMESPACE, is_install=True)
+        assert error in str(failure.value)
+        return
+    objects = render(chart, values)
+    budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert bool(budgets) == pdb
+    if budgets:
+        assert budgets[0]["spec"]["maxUnavailable"] == 1
+        assert budgets[0]["spec"]["selector"]["matchLabels"] == workload(objects)["spec"]["selector"]["matchLabels"]
+    (spread,) = workload(objects)["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert (spread["topologyKey"], spread["whenUnsatisfiable"], spread["maxSkew"]) == (
+        "kubernetes.io/hostname",
+        "ScheduleAnyway",
+        1,
+    )
+    env = pod_env(objects, POD_IP6 if advertise and POD_IP6 in advertise else POD_IP)
+    assert env.get("PULLGATE_COORDINATION__ADVERTISE_URL") == advertise
+    names = [e["name"] for e in container(objects).get("env", [])]
+    if advertise is not None:
+        assert names.index("POD_IP") < names.index("PULLGATE_COORDINATION__ADVERTISE_URL"), "POD_IP must come first"
+    # What pullgate makes of the ConfigMap plus this pod's environment.
+    text = find(objects, "ConfigMap", FULLNAME)["data"]["config.yaml"]
+    (tmp_path / "config.yaml").write_text(text)
+    config = load_config(tmp_path / "config.yaml", environ={k: v for k, v in env.items() if k.startswith("PULLGATE_")})
+    assert config.coordination.advertise_url == (advertise.rstrip("/") if advertise else None)
+    shared = values.get("storage") == S3
+    assert (config.storage.type, config.coordination.type) == (("s3", "redis") if shared else ("filesystem", "local"))
+
+
+def test_spread_over_nodes_can_be_made_a_rule(chart: Any) -> None:
+    values = {
+        "replicaCount": 3,
+        **SHARED,
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule"}
+        ],
+    }
+    objects = render(chart, values)
+    (spread,) = workload(objects)["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["whenUnsatisfiable"] == "DoNotSchedule" and spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread["labelSelector"]["matchLabels"] == workload(objects)["spec"]["selector"]["matchLabels"]
+
+
+def test_replicas_may_reach_each_others_peer_endpoint(chart: Any) -> None:
+    """With a NetworkPolicy restricting the mirror port, the release's own pods are let in:
+    the other replicas stream blobs from it (the peer endpoint shares the mirror port)."""
+    objects = render(chart, COMBINATIONS["scale-out"])
+    mirror_rule = find(objects, "NetworkPolicy")["spec"]["ingress"][0]
+    assert mirror_rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    selector = workload(objects)["spec"]["selector"]["matchLabels"]
+    assert {"podSelector": {"matchLabels": selector}} in mirror_rule["from"]
+    alone = render(chart, {**COMBINATIONS["scale-out"], "replicaCount": 1, "storage": {}, "coordination": {}})
+    assert all("podSelector" not in peer for peer in find(alone, "NetworkPolicy")["spec"]["ingress"][0]["from"])
+
+
+def test_docs_deploy_typical_values_install(chart: Any, tmp_path: Path) -> None:
+    """docs/deploy.md's "typical values.yaml" (three replicas on the shared tier) installs."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", text, re.S | re.M) if b.startswith("image:")]
+    values = yaml.safe_load(block)
+    objects = render(chart, values)
+    config = rendered_config(objects, tmp_path)
+    assert values["replicaCount"] == 3 and (config.storage.type, config.coordination.type) == ("s3", "redis")
+    assert find(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM_KINDS:
+            kubernetes_validate.validate(strip(obj), KUBE_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_example_values_render_a_shared_tier(chart: Any, tmp_path: Path, example: str) -> None:
+    """Each example values file (Ceph RGW, MinIO, AWS S3 with IRSA, GCS interop) installs:
+    objects valid for Kubernetes (test_rendered_objects_are_valid_kubernetes), a config
+    pullgate accepts, credentials only as Secret references (none for IRSA)."""
+    values = COMBINATIONS[f"example {example}"]
+    objects = render(chart, values)
+    config = rendered_config(objects, tmp_path)
+    assert config.storage.type == "s3" and config.coordination.type == "redis"
+    assert config.storage.bucket == values["storage"]["bucket"]
+    env = {e["name"]: e for e in container(objects)["env"]}
+    secret = values["storage"].get("credentialsSecret", {}).get("name")
+    if secret:
+        assert config.storage.access_key_env and config.storage.secret_key_env
+        for name in (config.storage.access_key_env, config.storage.secret_key_env):
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == secret
+    else:  # the AWS default chain: IRSA through the ServiceAccount's role annotation
+        assert config.storage.access_key_env is None and config.storage.secret_key_env is None
+        annotations = find(objects, "ServiceAccount")["metadata"].get("annotations", {})
+        assert "eks.amazonaws.com/role-arn" in annotations
+    assert "PULLGATE_COORDINATION__ADVERTISE_URL" in env
+    if values.get("replicaCount", 1) > 1:
+        assert find(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
 # --- workload -------------------------------------------------------------------------------
@@ -399,7 +634,6 @@ def test_pod_is_locked_down_and_probed(chart: Any, combination: str) -> None:
     assert not {"Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"} & set(kinds(objects))
     spread = pod["topologySpreadConstraints"][0]
     assert spread["labelSelector"]["matchLabels"] == workload(objects)["spec"]["selector"]["matchLabels"]
-    assert find(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
 
 
 def test_persistence_makes_a_statefulset_with_a_claim(chart: Any) -> None:
@@ -425,7 +659,6 @@ def test_optional_objects_follow_values(chart: Any) -> None:
             "ConfigMap",
             "Deployment",
             "MutatingWebhookConfiguration",
-            "PodDisruptionBudget",
             "Secret",
             "Service",
             "ServiceAccount",
@@ -441,6 +674,7 @@ def test_optional_objects_follow_values(chart: Any) -> None:
         "DaemonSet",
         "Certificate",
         "StatefulSet",
+        "PodDisruptionBudget",
     ):
         assert kind in kinds(everything), kind
     hpa = find(everything, "HorizontalPodAutoscaler")
@@ -644,8 +878,26 @@ class Pod:
         config["shutdown_delay"] = "0s"  # no Service endpoints to drain here
         config_path.write_text(yaml.safe_dump(config))
         command = [sys.executable, "-m", "proxy", "serve", "--config", str(config_path)]
-        self.proc = start_daemon(command, stdout=self.log, stderr=self.log, cwd=ROOT)
+        self.proc = start_daemon(command, stdout=self.log, stderr=self.log, cwd=ROOT, env=self.environment(main))
         return self
+
+    def environment(self, main: dict[str, Any]) -> dict[str, str]:
+        """This process's environment plus the container's, as the kubelet builds it: Secret
+        references from ``secrets``, the downward API's pod IP as 127.0.0.1, ``$(VAR)``
+        expanded; the container's ports moved to the local ones."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PULLGATE_")}
+        for var in main.get("env", []):
+            source = var.get("valueFrom", {})
+            if "value" in var:
+                value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
+                for port in main["ports"]:
+                    value = value.replace(f":{port['containerPort']}", f":{self.ports[port['name']]}")
+            elif "secretKeyRef" in source:
+                value = self.secrets[source["secretKeyRef"]["name"]][source["secretKeyRef"]["key"]]
+            else:
+                value = {"status.podIP": "127.0.0.1", "metadata.name": "pod-0"}[source["fieldRef"]["fieldPath"]]
+            env[var["name"]] = value
+        return env
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
@@ -754,6 +1006,45 @@ def test_node_mirror_routes_containerd_through_the_rendered_pod(
         served = [e for e in pod.events("http_request") if e.get("repository") == repo]
     assert digest == image.manifest_digest
     assert {e["endpoint"] for e in served} >= {"manifest", "blob"}, "containerd pulled through pullgate"
+
+
+def test_rendered_pods_share_a_real_object_store_and_redis(
+    chart: Any, tmp_path: Path, seaweedfs_engine: Any, redis_server: Any, key_prefix: str
+) -> None:
+    """Two pods as rendered with storage s3 (keys from a Secret) and coordination redis start
+    against a real S3 engine (SeaweedFS) and a real Redis, turn ready and report both up;
+    each advertises its own peer endpoint."""
+    values = {
+        "replicaCount": 2,
+        "webhook": {"enabled": False},
+        "storage": {
+            "type": "s3",
+            "endpoint": seaweedfs_engine.endpoint,
+            "bucket": "pullgate-test",  # tests/conftest.py S3_BUCKET
+            "prefix": key_prefix,
+            "credentialsSecret": {"name": "pullgate-s3"},
+        },
+        "coordination": {"type": "redis", "url": redis_server.url, "key_prefix": f"{key_prefix.rstrip('/')}:"},
+    }
+    objects = render(chart, values)
+    keys = {"access-key": seaweedfs_engine.keys.access_key, "secret-key": seaweedfs_engine.keys.secret_key}
+    with contextlib.ExitStack() as stack:
+        pods = [stack.enter_context(Pod(objects, tmp_path / f"pod-{i}", secrets={"pullgate-s3": keys})) for i in (0, 1)]
+        for pod in pods:
+            url = pod.url("http", "/readyz")
+            wait_until(functools.partial(status_is, url, 200), timeout=30, what="readyz", proc=pod.proc, log=pod.log)
+        for pod in pods:
+            metrics = metric_values(pod.url("http", "/metrics"))
+            assert metrics["pullgate_coordination_up"] == 1.0 and metrics["pullgate_object_store_up"] == 1.0, pod.log
+        advertised = [pod.environment(container(objects))["PULLGATE_COORDINATION__ADVERTISE_URL"] for pod in pods]
+    assert advertised == [f"http://127.0.0.1:{pod.ports['http']}" for pod in pods]
+    assert seaweedfs_engine.keys.secret_key not in json.dumps(objects), "keys only in the Secret"
+
+
+def metric_values(url: str) -> dict[str, float]:
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(url, timeout=5) as response:
+        text = response.read().decode()
+    return {name: float(value) for name, value in re.findall(r"^([a-z_:]+) ([0-9.eE+-]+|NaN)$", text, re.M)}
 
 
 def status_is(url: str, status: int) -> bool:

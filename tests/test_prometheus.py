@@ -232,6 +232,8 @@ def test_every_alert_is_documented_and_labelled() -> None:
         "PullgateDigestMismatch",
         "PullgateAdmissionDenialsSpike",
         "PullgateWebhookSlow",
+        "PullgateCoordinationDown",
+        "PullgateObjectStoreDown",
     }
     assert required <= set(names)
 
@@ -287,6 +289,16 @@ SERIES = {
     'pullgate_signature_verifications_total{result="failed", key="other"}': "0+1x100",
     'pullgate_policy_reloads_total{result="error"}': "0 0 1x98",
     'pullgate_policy_reloads_total{result="ok"}': "0+1x100",
+    # shared tier: a cannot reach Redis, b cannot reach the object store, c's uploads fail from 3m.
+    'pullgate_coordination_up{instance="a"}': "0x100",
+    'pullgate_coordination_up{instance="b"}': "1x100",
+    'pullgate_coordination_up{instance="c"}': "1x100",
+    'pullgate_object_store_up{instance="a"}': "1x100",
+    'pullgate_object_store_up{instance="b"}': "0x100",
+    'pullgate_object_store_up{instance="c"}': "1x100",
+    'pullgate_object_uploads_total{instance="c", result="failed"}': "0 0 0 1+1x97",
+    'pullgate_object_uploads_total{instance="c", result="stored"}': "0+5x100",
+    'pullgate_object_uploads_total{instance="a", result="stored"}': "0+5x100",
 }
 # alert -> (evaluation time, grouping labels, the label sets the expression must return)
 EXPECTED: dict[str, tuple[str, str, list[str]]] = {
@@ -301,6 +313,9 @@ EXPECTED: dict[str, tuple[str, str, list[str]]] = {
     "PullgateWebhookSlow": ("20m", "endpoint", ['{endpoint="validate"}']),
     "PullgateSignatureVerificationErrors": ("10m", "key", ['{key="release"}']),
     "PullgatePolicyReloadFailed": ("5m", "", ["{}"]),
+    "PullgateCoordinationDown": ("20m", "instance", ['{instance="a"}']),
+    "PullgateObjectStoreDown": ("20m", "instance", ['{instance="b"}']),
+    "PullgateObjectUploadsFailing": ("20m", "instance", ['{instance="c"}']),
 }
 # ... and when it must stay quiet.
 QUIET = {"PullgateAdmissionDenialsSpike": "30m", "PullgateDigestMismatch": "30m", "PullgatePolicyReloadFailed": "30m"}

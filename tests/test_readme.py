@@ -42,7 +42,9 @@ from tests.support.daemon import OriginThread
 from tests.support.images import ImageFactory, ImageInfo
 from tests.support.origin import Origin
 from tests.support.procs import Completed, free_port, http_status, run, start_daemon, stop_daemon, wait_until
+from tests.support.redis_server import RedisServer
 from tests.support.registry import Registry
+from tests.support.seaweedfs import SeaweedFS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -55,6 +57,8 @@ ILLUSTRATIVE = {
     "flags verify the real legacy keyless signature through a real mirror in tests/test_verifytool.py",
     'container "app": policy github-release-keyless': "output of a denial, not a command; the message is produced "
     "by tests/test_keyless_e2e.py against a real registry and the real legacy keyless signature",
+    "                 containerd on every node": "a diagram of the scale-out design; the blocks after it "
+    "(config, Helm values) run below, the failure table's behaviour is the scale-out tests' (issue 17)",
 }
 SUBSTITUTIONS = {
     "kubectl get deploy -A -o yaml": (
@@ -113,6 +117,8 @@ RUN = {
     "trust:": "test_trust_tuf_config",
     "tls_cert: /etc/pullgate/tls/tls.crt": "test_access_config",
     "pullgate warm nginx:1.25 ghcr.io/acme/app:2.1": "test_cache_operations_and_air_gap",
+    "storage:": "test_scaling_out_config",
+    "replicaCount: 3": "test_scaling_out_helm_values",
 }
 
 
@@ -502,3 +508,68 @@ def test_trust_tuf_config(tmp_path: Path) -> None:
     assert config.trust.tuf.url == "https://tuf-repo-cdn.sigstore.dev"
     assert config.trust.tuf.interval == 24 * 3600
     assert config.trust.tuf.root is None  # the shipped Sigstore root.json
+
+
+# --- scaling out -----------------------------------------------------------------------------------
+def test_scaling_out_config(seaweedfs_engine: SeaweedFS, key_prefix: str, tmp_path: Path) -> None:
+    """The replica config, checked and served against a real S3 engine (SeaweedFS) and a real
+    Redis with a password: the replica turns ready with both reported up. Its addresses are
+    replaced by the local engines' (endpoint, bucket ``pullgate-test``, a prefix of this
+    test's own, the Redis URL, a loopback advertise_url); the secrets come from the
+    environment variables the block names."""
+    password = "readme-redis-password-for-tests"
+    with RedisServer(tmp_path / "redis", password=password) as redis:
+        port = free_port()
+        text = block("storage:").text
+        for old, new in (
+            ("https://rgw.example:443", seaweedfs_engine.endpoint),
+            ("bucket: pullgate\n", "bucket: pullgate-test\n"),  # tests/conftest.py S3_BUCKET
+            ("prefix: cache/", f"prefix: {key_prefix}"),
+            ("redis://redis.example:6379/0", redis.url),
+            ("http://10.0.0.11:5000", f"http://127.0.0.1:{port}"),
+        ):
+            assert old in text, old
+            text = text.replace(old, new)
+        (tmp_path / "pullgate.yaml").write_text(text)
+        env = environment(
+            S3_ACCESS_KEY=seaweedfs_engine.keys.access_key,
+            S3_SECRET_KEY=seaweedfs_engine.keys.secret_key,
+            REDIS_PASSWORD=password,
+            PULLGATE_LISTEN=f"127.0.0.1:{port}",
+            PULLGATE_CACHE__DIR=str(tmp_path / "cache"),
+        )
+        assert sh("pullgate config check pullgate.yaml", tmp_path, env).stdout == "ok: pullgate.yaml\n"
+        mirror = f"http://127.0.0.1:{port}"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with (
+            serving("pullgate serve --config pullgate.yaml", tmp_path, env, f"{mirror}/readyz"),
+            opener.open(f"{mirror}/metrics", timeout=10) as response,
+        ):
+            metrics = response.read().decode()
+    for gauge in ("pullgate_coordination_up", "pullgate_object_store_up"):
+        assert re.search(rf"^{gauge} 1\.0$", metrics, re.M), f"{gauge} is not 1"
+
+
+def test_scaling_out_helm_values(tmp_path: Path) -> None:
+    """The Helm values: three replicas install (the schema's requirement met), the rendered
+    config is the block above's shape, each pod advertises its own peer endpoint, with a
+    PodDisruptionBudget and a spread over nodes."""
+    helm = pytest.importorskip("helm_python", reason="pip install '.[test]' (helm-python-sdk)")
+    values = yaml.safe_load(block("replicaCount: 3").text)
+    with contextlib.closing(helm.Chart.load(str(ROOT / "charts" / "pullgate"))) as chart:
+        files = chart.render(values, name="pg", namespace="pullgate", is_install=True)
+        with pytest.raises(helm.HelmValuesError, match="/coordination/type"):
+            chart.render({**values, "coordination": {}}, name="pg", namespace="pullgate", is_install=True)
+    texts = [text for path, text in files.items() if path.endswith(".yaml")]
+    objects = [o for text in texts for o in yaml.safe_load_all(text) if o]
+    by_kind = {o["kind"]: o for o in objects if o["kind"] != "ConfigMap" or o["metadata"]["name"] == "pg-pullgate"}
+    (tmp_path / "config.yaml").write_text(by_kind["ConfigMap"]["data"]["config.yaml"])
+    config = load_config(tmp_path / "config.yaml", {})
+    assert (config.storage.type, config.storage.bucket, config.coordination.type) == ("s3", "pullgate", "redis")
+    assert config.storage.access_key_env and config.coordination.password_env
+    pod = by_kind["Deployment"]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["PULLGATE_COORDINATION__ADVERTISE_URL"]["value"] == "http://$(POD_IP):5000"
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert by_kind["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"

@@ -25,6 +25,7 @@ from proxy.http.appkeys import (
     Lifecycle,
 )
 from proxy.http.boundary import RequestIds, on_prepare, request_middleware
+from proxy.http.peerapi import add_peer_routes
 from proxy.http.pullapi import add_routes
 from proxy.http.trustrefresh import refresher
 from proxy.http.webhook_listener import serve_webhook
@@ -59,6 +60,8 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     app.cleanup_ctx.append(_trust_ctx)
     app.cleanup_ctx.append(_policies_ctx)
     add_routes(app)
+    if config.coordination.type == "redis":  # replicas stream blobs from each other
+        add_peer_routes(app)
     app.router.add_get("/healthz", healthz, name="healthz")
     app.router.add_get("/readyz", readyz, name="readyz")
     app.router.add_get("/metrics", metrics, name="metrics")

@@ -168,15 +168,22 @@ async def blob(request: web.Request) -> web.StreamResponse:
         if head.size is not None:
             response.content_length = head.size
         return response
+    location = await mirror.blobs.redirect(route, digest)  # after _route's access check
+    if location is not None:
+        info(request).cache = "redirect"
+        # 307 keeps the method and the client's Range; the URL carries its own signature and
+        # expiry, so it must not be stored by anything between us and the client.
+        del headers["Content-Type"]
+        return web.Response(status=307, headers=dict(headers, Location=location, **{"Cache-Control": "no-store"}))
     found = await mirror.blobs.get(route, digest)
     if isinstance(found, CachedBlob):
         info(request).cache = "hit"
-        return await _send_cached(request, mirror, found, headers)
+        return await send_cached(request, mirror, found, headers)
     info(request).cache = "miss"
-    return await _stream(request, found, headers)
+    return await stream_flight(request, found, headers)
 
 
-async def _send_cached(
+async def send_cached(
     request: web.Request, mirror: Mirror, blob: CachedBlob, headers: dict[str, str]
 ) -> web.StreamResponse:
     """A cached blob by ``sendfile``, honouring a single ``Range`` (containerd resumes with
@@ -239,7 +246,7 @@ async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) 
     return True
 
 
-async def _stream(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
+async def stream_flight(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
     """Stream a blob that is still downloading, honouring a single ``Range``."""
     start, end, status = 0, flight.size, 200
     range_header = request.headers.get("Range")

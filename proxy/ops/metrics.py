@@ -40,7 +40,8 @@ class Metrics:
         )
         self.cache_results = Counter(
             "pullgate_cache_requests_total",
-            "Cache lookups by object kind (manifest, blob, tag) and result (hit, miss, revalidated, stale, negative).",
+            "Cache lookups by object kind (manifest, blob, tag) and result (hit, miss, revalidated, stale, negative, "
+            "redirect: a blob GET answered 307 to the object store).",
             ["kind", "result"],
             registry=registry,
         )
@@ -127,6 +128,14 @@ class Metrics:
             "Blob downloads into the local tier by source: upstream (this replica held the cluster lease "
             "or worked alone), object_store, peer (streamed from the replica downloading it).",
             ["source"],
+            registry=registry,
+        )
+        self.redirects = Counter(
+            "pullgate_blob_redirects_total",
+            "Blob GETs with storage.redirect on, by outcome: redirected (307 to a presigned URL of the object "
+            "store), not_stored (served by pullgate: not in the object store yet), unavailable (served by "
+            "pullgate: the object store did not answer).",
+            ["result"],
             registry=registry,
         )
         self.object_uploads = Counter(

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 
 import aiohttp
 import structlog
@@ -21,14 +22,18 @@ from proxy.oci.digest import Digest
 from proxy.ops.metrics import Metrics
 from proxy.registry.catalog import Catalog
 from proxy.registry.cluster import Cluster
-from proxy.registry.download import CHUNK, Flight, State
+from proxy.registry.download import Flight, State
 from proxy.registry.provenance import Provenance
 from proxy.registry.routing import Route
+from proxy.registry.sharing import Sharing
+from proxy.registry.sources import BlobSource, PeerSource, SourceFailed, UpstreamSource
 from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, describe_error
 
 _START_TIMEOUT = 60.0
 _WRITE_BEHIND = 4 << 20  # bytes received while a write runs before the download waits for it
+_MAX_SOURCES = 6  # sources one download tries (each failure mid-way resumes in the next)
+_RETRY_PAUSE = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +69,8 @@ class BlobService:
         self._provenance = provenance
         self._upstreams = upstreams
         self._metrics = metrics
-        self._cluster = cluster
-        self._session = session
+        # The cluster side (object store, peers), when blobs are shared with other replicas.
+        self._sharing = Sharing(cluster, session, metrics) if cluster is not None and session is not None else None
         self._flights: dict[Digest, Flight] = {}
         self._sources: dict[Digest, Route] = {}  # whose request started each download
         self._tasks: set[asyncio.Task[None]] = set()
@@ -93,6 +98,18 @@ class BlobService:
             flight = self._start(route, digest)
         await asyncio.wait_for(asyncio.shield(flight.started), _START_TIMEOUT)
         return flight
+
+    async def redirect(self, route: Route, digest: Digest) -> str | None:
+        """Where to send a GET of ``digest`` with ``storage.redirect`` on: a presigned URL of
+        the object store's copy, given only after ``route`` is proven to hold the blob
+        (BlobUnknown otherwise). None: serve it here with ``get`` (redirects off, the blob
+        not in the object store yet, or the store down)."""
+        if self._sharing is None:
+            return None
+        url = await self._sharing.presigned(digest, lambda: self._authorize(route, digest))
+        if url is not None:
+            self._metrics.cache_results.labels("blob", "redirect").inc()
+        return url
 
     async def head(self, route: Route, digest: Digest) -> BlobInfo:
         flight = self._flights.get(digest)
@@ -133,18 +150,11 @@ class BlobService:
         return flight
 
     async def _download(self, route: Route, flight: Flight) -> None:
-        client = self._upstreams[route.upstream]
         log = self._log.bind(upstream=route.upstream, repository=route.repository, digest=str(flight.digest))
         self._metrics.inflight_fetches.inc()
         try:
             await flight.create()
-            async with client.open("GET", route.repository, f"blobs/{flight.digest}") as response:
-                if response.status == 404:
-                    raise BlobUnknown(f"blob {flight.digest} is unknown to repository {route.repository}")
-                if response.status != 200:
-                    raise UpstreamError(f"upstream answered {response.status} for blob GET")
-                flight.begin(response.content_length)
-                await self._receive(route, flight, response)
+            await self._fill(route, flight)
             await self._keep(route, flight)
         except PullgateError as exc:
             flight.fail(exc)
@@ -167,6 +177,78 @@ class BlobService:
             if flight.final is None:
                 await asyncio.to_thread(flight.temp.unlink, missing_ok=True)
 
+    async def _fill(self, route: Route, flight: Flight) -> None:
+        """Receive every byte of the blob and verify it. A shared source (object store,
+        peer) that fails mid-way is followed by the next one from the offset reached."""
+        client = self._upstreams[route.upstream]
+        hasher = flight.digest.hasher()
+        dead: set[str] = set()  # peers (advertised URLs) that failed this download
+        used: set[str] = set()  # names of the sources that gave bytes
+        for attempt in range(_MAX_SOURCES):
+            # The last attempt goes to the upstream alone, whatever the cluster says.
+            alone = attempt == _MAX_SOURCES - 1
+            source = await self._choose(client, route, flight, dead, alone=alone)
+            offset = flight.written
+            used.add(source.name)
+            try:
+                async with source.open(flight.written) as body:
+                    if not flight.started.done():
+                        flight.begin(body.size)
+                    elif body.size is not None and flight.size is not None and body.size != flight.size:
+                        raise SourceFailed(f"{source.name} gave size {body.size}, expected {flight.size}")
+                    await self._receive(flight, body.chunks, hasher.update)
+            except SourceFailed as exc:
+                self._log.warning(
+                    "blob_source_failed", digest=str(flight.digest), source=source.name,
+                    offset=flight.written, error=exc.message,
+                )  # fmt: skip
+                if isinstance(source, PeerSource):
+                    if exc.gone:
+                        dead.add(source.base)
+                    else:  # the holder has nothing to stream yet (or any more): look again shortly
+                        await asyncio.sleep(_RETRY_PAUSE)
+                continue
+            self._metrics.shared_tier.labels(source.name).inc()
+            if source.name == "upstream":
+                self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written - offset)
+            break
+        else:
+            raise UpstreamUnavailable(f"no source delivered blob {flight.digest}")
+        try:
+            self._verify(route, flight, hasher.hexdigest())
+        except DigestMismatch:
+            if "object_store" in used and self._sharing is not None:
+                # Only verified uploads become objects: someone else wrote this one. Remove
+                # it, so the next download fetches the blob again instead of failing forever.
+                await self._sharing.discard(flight.digest)
+            raise
+
+    async def _choose(
+        self, client: RegistryClient, route: Route, flight: Flight, dead: set[str], *, alone: bool
+    ) -> BlobSource:
+        if self._sharing is None:
+            return UpstreamSource(client, route, flight.digest)
+        authorize = partial(self._authorize, route, flight.digest)
+        return await self._sharing.choose(client, route, flight, dead, authorize, alone=alone)
+
+    def _verify(self, route: Route, flight: Flight, actual: str) -> None:
+        if flight.size is not None and flight.written != flight.size:
+            self._metrics.upstream_errors.labels(route.upstream, "short_read").inc()
+            raise UpstreamUnavailable(f"upstream sent {flight.written} of {flight.size} bytes")
+        if not flight.digest.matches(actual):
+            self._metrics.digest_mismatches.labels(route.upstream, "blob").inc()
+            self._log.error(
+                "digest_mismatch",
+                upstream=route.upstream,
+                repository=route.repository,
+                expected=str(flight.digest),
+                actual=f"{flight.digest.algorithm}:{actual}",
+            )
+            raise DigestMismatch(f"upstream content for {flight.digest} does not match its digest")
+        # Verified: readers may have the last byte now, while the file is made durable
+        # (fsync, rename) for later clients — a client never waits for the disk flush.
+        flight.verified()
+
     async def _keep(self, route: Route, flight: Flight) -> None:
         """Commit a verified download to the store — unless the disk filled, in which case
         the clients got their bytes straight through and nothing is cached."""
@@ -187,48 +269,31 @@ class BlobService:
         log.info("blob_cached", size=flight.written)
         self._on_stored()
 
-    async def _receive(self, route: Route, flight: Flight, response: aiohttp.ClientResponse) -> None:
-        hasher = flight.digest.hasher()
+    async def _receive(
+        self, flight: Flight, chunks: AsyncIterator[bytes], update: Callable[[bytes], object]
+    ) -> None:
         # Bytes are written (and hashed) in a worker thread while the next ones arrive; what
         # arrives meanwhile is written in one go next (at most _WRITE_BEHIND bytes wait).
         writing: asyncio.Future[None] | None = None
         pending: list[bytes] = []
-        waiting = received = 0
+        waiting = 0
         try:
-            async for chunk in response.content.iter_chunked(CHUNK):
+            async for chunk in chunks:
                 pending.append(chunk)
                 waiting += len(chunk)
-                received += len(chunk)
                 if writing is None or writing.done() or waiting >= _WRITE_BEHIND:
-                    writing = await self._write_next(flight, writing, pending, hasher.update)
+                    writing = await self._write_next(flight, writing, pending, update)
                     pending, waiting = [], 0
-                if flight.size is not None and received > flight.size:
+                if flight.size is not None and flight.written + waiting > flight.size:
                     break
-            writing = await self._write_next(flight, writing, pending, hasher.update)
-            await self._write_next(flight, writing, [], hasher.update)
+            writing = await self._write_next(flight, writing, pending, update)
+            await self._write_next(flight, writing, [], update)
         finally:
             # The descriptor must outlive a write still running in its thread.
             if writing is not None and not writing.done():
                 await asyncio.wait([writing])
             if writing is not None and writing.done() and not writing.cancelled():
                 writing.exception()  # retrieved: the error that matters is already propagating
-        self._metrics.upstream_bytes.labels(route.upstream).inc(flight.written)
-        if flight.size is not None and flight.written != flight.size:
-            self._metrics.upstream_errors.labels(route.upstream, "short_read").inc()
-            raise UpstreamUnavailable(f"upstream sent {flight.written} of {flight.size} bytes")
-        if not flight.digest.matches(hasher.hexdigest()):
-            self._metrics.digest_mismatches.labels(route.upstream, "blob").inc()
-            self._log.error(
-                "digest_mismatch",
-                upstream=route.upstream,
-                repository=route.repository,
-                expected=str(flight.digest),
-                actual=f"{flight.digest.algorithm}:{hasher.hexdigest()}",
-            )
-            raise DigestMismatch(f"upstream content for {flight.digest} does not match its digest")
-        # Verified: readers may have the last byte now, while the file is made durable
-        # (fsync, rename) for later clients — a client never waits for the disk flush.
-        flight.verified()
 
     async def _write_next(
         self,
@@ -257,9 +322,25 @@ class BlobService:
     def in_flight(self) -> list[Digest]:
         return list(self._flights)
 
+    def local(self, digest: Digest) -> CachedBlob | Flight | None:
+        """What this replica has of ``digest`` without asking anyone: the download running
+        here (maybe still connecting: wait for ``started``), or the blob on local disk (the
+        peer endpoint serves these to other replicas)."""
+        flight = self._flights.get(digest)
+        if flight is not None and not (flight.started.done() and flight.started.exception()):
+            return flight
+        size = self._store.size(digest)
+        return CachedBlob(digest, size) if size is not None else None
+
     async def close(self, grace: float) -> None:
         """Let running downloads finish within ``grace`` seconds (they are cached for the
-        next start), then cancel the rest: their temp files are removed."""
+        next start), then cancel the rest: their temp files are removed. Uploads to the
+        object store follow."""
+        await self._close_downloads(grace)
+        if self._sharing is not None:
+            await self._sharing.close()
+
+    async def _close_downloads(self, grace: float) -> None:
         if not self._tasks:
             return
         _, pending = await asyncio.wait(set(self._tasks), timeout=grace)

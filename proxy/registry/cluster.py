@@ -42,12 +42,20 @@ class Cluster:
         self.objects: ObjectStore | None = None
         self.coordinator: Coordinator | None = None
         self.advertise_url = config.coordination.advertise_url
+        self.redirect = config.storage.type == "s3" and config.storage.redirect  # blob GETs answer 307
         self._peer_secret: str | None = None
         self._stack = contextlib.AsyncExitStack()
         self._storage_up: bool | None = None
         self._log = structlog.get_logger("pullgate.cluster")
         metrics.coordination_up.set(1)
         metrics.object_store_up.set(1)
+
+    @property
+    def storage_up(self) -> bool:
+        """False from a failed object-store call until one succeeds again (``check`` runs
+        every ``HEALTH_INTERVAL``): callers skip the store meanwhile instead of each
+        waiting for its timeout."""
+        return self._storage_up is not False
 
     @property
     def shared(self) -> bool:

@@ -1,6 +1,7 @@
 """What replicas agree on through Redis: a lease per name (one downloader per digest in the
-cluster) with fencing tokens, tag -> digest records with a TTL, and whether Redis answers
-(``up``, exported as ``pullgate_coordination_up``).
+cluster) with fencing tokens, tag -> digest records with a TTL, provenance proofs (which
+repository an upstream showed holds a digest, ``proxy.registry.provenance``), and whether
+Redis answers (``up``, exported as ``pullgate_coordination_up``).
 
 Leases follow the single-instance pattern of https://redis.io/docs/latest/develop/use/patterns/distributed-locks/:
 the key is created only if absent (``SET NX PX`` semantics) with a value unique to the holder;
@@ -307,6 +308,39 @@ class Coordinator:
 
     async def forget_tag(self, upstream: str, repository: str, tag: str) -> None:
         key = self._tag_key(upstream, repository, tag)
+        await self._call("del", lambda: self._client.delete(key))
+
+
+    # --- proofs (proxy.registry.provenance) --------------------------------------------------
+    def _proof_key(self, upstream: str, repository: str, digest: Digest) -> str:
+        # A digest is ``algorithm:hex`` with exactly one ':' and a repository has none
+        # (distribution spec), so read from the right the key names one (upstream,
+        # repository, digest): a proof for one repository can never be read as another's.
+        if ":" in repository:
+            raise ValueError(f"repository cannot contain ':': {repository!r}")
+        return f"{self.prefix}proof:{upstream}:{repository}:{digest}"
+
+    async def set_proof(
+        self, upstream: str, repository: str, digest: Digest, *, checked: float, ttl: float
+    ) -> None:
+        """``upstream`` showed at ``checked`` that ``repository`` holds ``digest``; kept ``ttl`` seconds."""
+        key = self._proof_key(upstream, repository, digest)
+        await self._call("set", lambda: self._client.set(key, repr(checked), px=_ms(ttl)))
+
+    async def get_proof(self, upstream: str, repository: str, digest: Digest) -> float | None:
+        """When the proof was last shown (epoch seconds), or None."""
+        key = self._proof_key(upstream, repository, digest)
+        value = await self._call("get", lambda: self._client.get(key))
+        if value is None:
+            return None
+        try:
+            return float(_text(value))
+        except ValueError:
+            self._log.warning("coordination_record_invalid", key=key)
+            return None
+
+    async def forget_proof(self, upstream: str, repository: str, digest: Digest) -> None:
+        key = self._proof_key(upstream, repository, digest)
         await self._call("del", lambda: self._client.delete(key))
 
 

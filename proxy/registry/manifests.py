@@ -9,13 +9,21 @@ of a warm mirror). Concurrent misses and revalidations of the same manifest shar
 upstream request. A stored manifest is
 served by digest for a repository only with a proof that the repository holds it
 (``proxy.registry.provenance``); a tag is the repository's own, so what it points at is.
+
+Several replicas (``proxy.registry.sharedstate``): what one learns from the upstream — the
+manifest (object store), its proof and the tag's digest with its check time (Redis) — is
+published in the background. A replica without a fresh answer of its own asks them before
+the upstream: a tag another replica checked within ``tag_ttl`` is answered from there (and a
+staler one may serve while the upstream is down), a manifest by digest is read from the
+object store (verified) and served with a proof — so a cluster asks Docker Hub for each
+manifest once, not once per replica. Negative answers stay local.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -37,9 +45,11 @@ from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import MANIFEST_TYPES, UPSTREAM_ACCEPT, ParsedManifest, parse_manifest
 from proxy.ops.metrics import Metrics
 from proxy.ops.supervisor import Supervisor
-from proxy.registry.catalog import Catalog
+from proxy.registry.catalog import Catalog, TagEntry
+from proxy.registry.cluster import Cluster
 from proxy.registry.provenance import Provenance
 from proxy.registry.routing import Route
+from proxy.registry.sharedstate import SharedState, sniff
 from proxy.registry.store import BlobStore
 from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
 
@@ -77,8 +87,11 @@ class ManifestCache:
         tasks: Supervisor,
         on_stored: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        cluster: Cluster | None = None,
     ) -> None:
-        """``tasks`` runs the index prefetches; ``on_stored``: something was added to the store."""
+        """``tasks`` runs the index prefetches and what is shared with the other replicas;
+        ``on_stored``: something was added to the store; ``cluster``: the object store and
+        Redis shared with the other replicas, when configured."""
         self._store = store
         self._catalog = catalog
         self._provenance = provenance
@@ -97,6 +110,7 @@ class ManifestCache:
         self._log = structlog.get_logger("pullgate.manifests")
         self._on_stored = on_stored
         self._tasks = tasks
+        self._shared = SharedState(cluster)
 
     async def get(self, route: Route, reference: str, *, count: bool = True) -> Manifest:
         """The manifest for a tag or digest (``reference`` already validated); ``count``
@@ -160,6 +174,9 @@ class ManifestCache:
     async def _by_digest(self, route: Route, digest: Digest) -> Manifest:
         cached = await self._cached(digest)
         if cached is None:
+            shared = await self._from_object_store(route, digest)
+            if shared is not None:
+                return shared
             response = await self._upstream(route, str(digest), "GET")
             return await self._store_manifest(route, response, digest, "miss")
         # Stored — perhaps for another repository: served here only if upstream showed
@@ -184,12 +201,20 @@ class ManifestCache:
         now = self._clock()
         if entry is not None and cached is not None and now - entry.checked < self._config.tag_ttl:
             return Manifest(entry.digest, cached[0], cached[1], "hit")
+        # No fresh answer here: perhaps another replica checked the tag more recently.
+        shared = await self._shared_tag(route, tag, entry if cached is not None else None)
+        if shared is not None:
+            entry, cached = shared
+            if now - entry.checked < self._config.tag_ttl:
+                await self._catalog.set_tag(*key, entry.digest, entry.checked)
+                return Manifest(entry.digest, cached[0], cached[1], "hit")
         try:
             if entry is not None and cached is not None:
                 head = await self._upstream(route, tag, "HEAD")
                 moved = head.headers.get("Docker-Content-Digest")
                 if moved == str(entry.digest):
                     await self._catalog.set_tag(*key, entry.digest, now)
+                    self._publish(partial(self._share_tag, route, tag, entry.digest, now))
                     return Manifest(entry.digest, cached[0], cached[1], "revalidated")
             response = await self._upstream(route, tag, "GET")
         except ManifestUnknown:
@@ -209,9 +234,59 @@ class ManifestCache:
             )
             return Manifest(entry.digest, cached[0], cached[1], "stale")
         claimed = response.headers.get("Docker-Content-Digest")
-        manifest = await self._store_manifest(route, response, Digest.parse(claimed) if claimed else None, "miss")
+        manifest = await self._store_manifest(
+            route, response, Digest.parse(claimed) if claimed else None, "miss", tag=tag, checked=now
+        )
         await self._catalog.set_tag(*key, manifest.digest, now)
         return manifest
+
+    async def _shared_tag(
+        self, route: Route, tag: str, local: TagEntry | None
+    ) -> tuple[TagEntry, tuple[str, bytes]] | None:
+        """The tag as another replica last saw it (Redis), if more recent than ``local``,
+        with its manifest from the local store or the object store (no upstream request)."""
+        record = await self._shared.tag(route.upstream, route.repository, tag)
+        if record is None or (local is not None and record.checked <= local.checked):
+            return None
+        checked = min(record.checked, self._clock())  # a clock ahead of ours earns no extra life
+        # The upstream showed the tag in this repository: what it names is the repository's own.
+        found = await self._load(route, record.digest, checked)
+        return None if found is None else (TagEntry(record.digest, checked), found)
+
+    async def _load(self, route: Route, digest: Digest, proved: float) -> tuple[str, bytes] | None:
+        """(media type, bytes) of a manifest ``route`` is known to hold (shown at ``proved``),
+        from the local store or the object store; None when neither has it."""
+        cached = await self._cached(digest)
+        if cached is not None:
+            if not await self._catalog.has_image(route.upstream, route.repository, digest):
+                parsed = parse_manifest(cached[1], cached[0])
+                await self._catalog.add_manifest(
+                    route.upstream, route.repository, digest, len(cached[1]), parsed, proved=proved
+                )
+            return cached
+        found = await self._object_store_manifest(digest)
+        if found is None:
+            return None
+        await self._keep(route, digest, *found, proved)
+        return found[1].media_type, found[0]
+
+    async def _from_object_store(self, route: Route, digest: Digest) -> Manifest | None:
+        """A manifest another replica stored in the object store, served here with a proof
+        that the route's repository holds it (from this replica, Redis, or an upstream HEAD —
+        which Docker Hub does not count as a pull, as it does a GET)."""
+        found = await self._object_store_manifest(digest)
+        if found is None:
+            return None
+        await self._provenance.establish(route, digest, lambda: self._upstream(route, str(digest), "HEAD"))
+        proved = await self._catalog.proof(route.upstream, route.repository, digest) or self._clock()
+        await self._keep(route, digest, *found, proved)
+        return Manifest(digest, found[1].media_type, found[0], "hit")
+
+    async def _object_store_manifest(self, digest: Digest) -> tuple[bytes, ParsedManifest] | None:
+        """Verified bytes of ``digest`` from the object store, parsed from themselves alone."""
+        data = await self._shared.manifest(digest, self._config.max_manifest_size)
+        parsed = sniff(data) if data is not None else None
+        return None if data is None or parsed is None else (data, parsed)
 
     # --- upstream and storage ---------------------------------------------------------------
     async def _upstream(self, route: Route, reference: str, method: str) -> UpstreamResponse:
@@ -232,9 +307,17 @@ class ManifestCache:
         return response
 
     async def _store_manifest(
-        self, route: Route, response: UpstreamResponse, expected: Digest | None, result: str
+        self,
+        route: Route,
+        response: UpstreamResponse,
+        expected: Digest | None,
+        result: str,
+        *,
+        tag: str | None = None,
+        checked: float | None = None,
     ) -> Manifest:
-        """Verify a fetched manifest against the digest asked for (or claimed), then keep it."""
+        """Verify a fetched manifest against the digest asked for (or claimed), keep it, and
+        share it with the other replicas (with ``tag`` as checked at ``checked``)."""
         algorithm = expected.algorithm if expected else "sha256"
         digest = Digest.of(response.body, algorithm)
         if expected is not None and digest != expected:
@@ -249,18 +332,55 @@ class ManifestCache:
             )
             raise DigestMismatch(f"upstream manifest does not match digest {expected}")
         parsed = parse_manifest(response.body, response.headers.get("Content-Type"))
+        proved = self._clock()
+        # Fetched from this repository: the proof it holds the manifest.
+        await self._keep(route, digest, response.body, parsed, proved)
+        self._publish(partial(self._share_manifest, route, digest, response.body, parsed, proved, tag, checked))
+        return Manifest(digest, parsed.media_type, response.body, result)
+
+    async def _keep(self, route: Route, digest: Digest, data: bytes, parsed: ParsedManifest, proved: float) -> None:
+        """Store verified manifest bytes of ``route``'s repository (shown to hold them at
+        ``proved``) in the local tier."""
         if self._store.size(digest) is None:
-            await self._store.put(response.body, digest)
-        # Fetched from this repository: the proof it holds the manifest. Durable before the
-        # client hears of it (CatalogLocked, a 503, while another process holds the lock).
-        await self._catalog.add_manifest(
-            route.upstream, route.repository, digest, len(response.body), parsed, proved=self._clock()
-        )
-        self._remember(digest, response.body)
+            await self._store.put(data, digest)
+        # Durable before the client hears of it (CatalogLocked, a 503, while another process
+        # holds the lock).
+        await self._catalog.add_manifest(route.upstream, route.repository, digest, len(data), parsed, proved=proved)
+        self._remember(digest, data)
         self._on_stored()
         if parsed.is_index:
             self._prefetch(route, parsed)
-        return Manifest(digest, parsed.media_type, response.body, result)
+
+    # --- sharing with the other replicas ----------------------------------------------------
+    def _publish(self, job: Callable[[], Awaitable[None]]) -> None:
+        """Share in the background: the client does not wait for Redis or the object store."""
+        self._shared.publish(self._tasks, job)
+
+    async def published(self) -> None:
+        """Wait until what this replica learned so far is shared (tests, benchmarks)."""
+        await self._shared.published()
+
+    async def _share_manifest(
+        self,
+        route: Route,
+        digest: Digest,
+        data: bytes,
+        parsed: ParsedManifest,
+        proved: float,
+        tag: str | None,
+        checked: float | None,
+    ) -> None:
+        """The object store first, then the proof and the tag in Redis: a replica that reads
+        the tag finds the manifest without asking the upstream."""
+        await self._shared.put_manifest(digest, data, parsed.media_type)
+        await self._provenance.announce(route, digest, proved)
+        if tag is not None and checked is not None:
+            await self._share_tag(route, tag, digest, checked)
+
+    async def _share_tag(self, route: Route, tag: str, digest: Digest, checked: float) -> None:
+        # Kept as long as a replica may still serve it (stale, while the upstream is down).
+        ttl = self._config.tag_ttl + self._config.max_stale - (self._clock() - checked)
+        await self._shared.set_tag(route.upstream, route.repository, tag, digest, checked=checked, ttl=ttl)
 
     def _prefetch(self, route: Route, index: ParsedManifest) -> None:
         """Cache every platform manifest of a new index in the background (they are small):

@@ -63,7 +63,7 @@ class Mirror:
         if config.coordination.type == "redis":
             # The cluster's image graph and pull times follow the local catalog's writes.
             self.catalog = ClusterCatalog(self.catalog, self._cluster_index, clock=time.time)
-        self.provenance = Provenance(self.catalog)
+        self.provenance = Provenance(self.catalog, cluster=self.cluster)
         self._log = structlog.get_logger("pullgate.mirror")
         self._tasks = Supervisor(self.metrics, self._log)
         connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, ttl_dns_cache=300)
@@ -78,7 +78,7 @@ class Mirror:
             )
         self.manifests = ManifestCache(
             self.store, self.catalog, self.provenance, self.upstreams, config.cache, self.metrics,
-            on_stored=self._check_quota, tasks=self._tasks,
+            on_stored=self._check_quota, tasks=self._tasks, cluster=self.cluster,
         )  # fmt: skip
         self.blobs = BlobService(
             self.store, self.catalog, self.provenance, self.upstreams, self.metrics,

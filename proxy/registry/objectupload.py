@@ -83,7 +83,7 @@ class ObjectUpload:
         return len(self._parts)
 
     # --- writing ----------------------------------------------------------------------------
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | memoryview) -> None:
         if self._finished:
             raise RuntimeError("write after commit or abort")
         self._hasher.update(data)

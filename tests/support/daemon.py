@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +71,19 @@ class OriginThread:
 
 
 class Daemon:
-    """``python -m proxy serve`` as a subprocess, configured through a YAML file."""
+    """``python -m proxy serve`` as a subprocess, configured through a YAML file.
 
-    def __init__(self, tmp: Path, upstream: str, **settings: Any) -> None:
+    ``port``: listen there (a replica advertises its URL in its own config, so the caller
+    picks the port first); ``env``: variables added to the daemon's environment (secrets
+    named by ``*_env`` settings, e.g. the S3 keys)."""
+
+    def __init__(
+        self, tmp: Path, upstream: str, *, port: int | None = None, env: Mapping[str, str] | None = None,
+        **settings: Any,
+    ) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
+        self.env = dict(env or {})
         self.log = tmp / "daemon.log"
         self.config = tmp / "config.yaml"
         config: dict[str, Any] = {
@@ -100,13 +109,16 @@ class Daemon:
         """Start (or restart, on the same port and cache) and, with ``wait``, poll the plain
         HTTP ``/readyz`` until ready (a TLS listener's test polls on its own)."""
         command = [sys.executable, "-m", "proxy", "serve", "--config", str(self.config)]
-        self.proc = start_daemon(command, stdout=self.log, stderr=self.log, cwd=ROOT)
-        if not wait:
-            return self
-        wait_until(
-            lambda: http_status(self.url("/readyz")) == 200, timeout=15, what="pullgate", proc=self.proc, log=self.log
-        )
+        env = {**os.environ, **self.env} if self.env else None
+        self.proc = start_daemon(command, stdout=self.log, stderr=self.log, cwd=ROOT, env=env)
+        if wait:
+            self.wait_ready()
         return self
+
+    def wait_ready(self, timeout: float = 15) -> None:
+        """Poll the plain HTTP ``/readyz`` until it answers 200 (fails if the process died)."""
+        wait_until(lambda: http_status(self.url("/readyz")) == 200, timeout=timeout, what="pullgate",
+                   proc=self.proc, log=self.log)  # fmt: skip
 
     def stop(self) -> None:
         if self.proc is not None:

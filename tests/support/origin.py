@@ -44,6 +44,7 @@ class Origin:
     truncate: set[str] = field(default_factory=set)  # digests cut off halfway (connection closed)
     status: int | None = None  # answer everything with this status when set
     chunk_delay: float = 0.0  # seconds between 64 KiB chunks of a blob
+    answer_delay: float = 0.0  # seconds before a blob GET is answered at all
     lie_about_digest: bool = False  # send a wrong Docker-Content-Digest for manifests
 
     # --- content ----------------------------------------------------------------------
@@ -137,6 +138,8 @@ class Origin:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
         if digest in self.corrupt:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
+        if self.answer_delay and request.method == "GET":
+            await asyncio.sleep(self.answer_delay)
         response = web.StreamResponse(
             headers={"Content-Type": "application/octet-stream", "Docker-Content-Digest": digest}
         )

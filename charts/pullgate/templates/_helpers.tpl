@@ -117,6 +117,8 @@ docker.io
 {{- if .Values.accessSecret.tokenSecretKey }}{{ $_ := set $access "token_secret_env" "ACCESS_TOKEN_SECRET" }}{{ end -}}
 {{- $_ := set $cfg "access" $access -}}
 {{- end -}}
+{{- with (include "pullgate.storageConfig" . | fromYaml) }}{{ $_ := set $cfg "storage" . }}{{ end -}}
+{{- with (include "pullgate.coordinationConfig" . | fromYaml) }}{{ $_ := set $cfg "coordination" . }}{{ end -}}
 {{- $_ := set $cfg "shutdown_grace" (printf "%ds" (int .Values.shutdownGraceSeconds)) -}}
 {{- $_ := set $cfg "shutdown_delay" (printf "%ds" (int .Values.shutdownDelaySeconds)) -}}
 {{- $admission := deepCopy (default (dict) (get $cfg "admission")) -}}
@@ -134,4 +136,93 @@ docker.io
 {{- end -}}
 {{- $_ := set $cfg "admission" $admission -}}
 {{- toYaml $cfg -}}
+{{- end -}}
+
+
+{{/* More than one replica, now or through the HPA: the shared tier (storage s3, coordination redis) is required. */}}
+{{- define "pullgate.severalReplicas" -}}
+{{- if or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Environment variables carrying the object store's keys and the Redis password (not PULLGATE_*: those are config overrides). */}}
+{{- define "pullgate.storageAccessKeyEnv" -}}STORAGE_ACCESS_KEY{{- end -}}
+{{- define "pullgate.storageSecretKeyEnv" -}}STORAGE_SECRET_KEY{{- end -}}
+{{- define "pullgate.coordinationPasswordEnv" -}}COORDINATION_PASSWORD{{- end -}}
+
+{{/* pullgate's storage block from .Values.storage ({} for filesystem: nothing to configure). */}}
+{{- define "pullgate.storageConfig" -}}
+{{- $s := .Values.storage | default dict -}}
+{{- if eq ($s.type | default "filesystem") "s3" -}}
+{{- $o := dict "type" "s3" -}}
+{{- range $key := list "endpoint" "bucket" "region" "prefix" "redirect_ttl" "part_size" "timeout" -}}
+{{- with (get $s $key) }}{{ $_ := set $o $key . }}{{ end -}}
+{{- end -}}
+{{- $_ := set $o "redirect" ($s.redirect | default false) -}}
+{{- if ($s.credentialsSecret | default dict).name -}}
+{{- $_ := set $o "access_key_env" (include "pullgate.storageAccessKeyEnv" .) -}}
+{{- $_ := set $o "secret_key_env" (include "pullgate.storageSecretKeyEnv" .) -}}
+{{- end -}}
+{{- toYaml $o -}}
+{{- end -}}
+{{- end -}}
+
+{{/* pullgate's coordination block from .Values.coordination ({} for local). advertise_url is
+per pod: set in the environment (pullgate.coordinationEnv), not here. */}}
+{{- define "pullgate.coordinationConfig" -}}
+{{- $c := .Values.coordination | default dict -}}
+{{- if eq ($c.type | default "local") "redis" -}}
+{{- $o := dict "type" "redis" -}}
+{{- range $key := list "url" "username" "key_prefix" "timeout" "lease_ttl" -}}
+{{- with (get $c $key) }}{{ $_ := set $o $key . }}{{ end -}}
+{{- end -}}
+{{- if ($c.passwordSecret | default dict).name -}}
+{{- $_ := set $o "password_env" (include "pullgate.coordinationPasswordEnv" .) -}}
+{{- end -}}
+{{- toYaml $o -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Container env for the shared tier: Secret references for the keys and the Redis
+password, and this pod's peer endpoint (downward API) for the other replicas. */}}
+{{- define "pullgate.sharedTierEnv" -}}
+{{- $s := .Values.storage | default dict -}}
+{{- $c := .Values.coordination | default dict -}}
+{{- if eq ($s.type | default "filesystem") "s3" -}}
+{{- with $s.credentialsSecret -}}
+{{- if .name }}
+- name: {{ include "pullgate.storageAccessKeyEnv" $ }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name }}
+      key: {{ .accessKeyKey | default "access-key" }}
+- name: {{ include "pullgate.storageSecretKeyEnv" $ }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name }}
+      key: {{ .secretKeyKey | default "secret-key" }}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if eq ($c.type | default "local") "redis" -}}
+{{- with $c.passwordSecret -}}
+{{- if .name }}
+- name: {{ include "pullgate.coordinationPasswordEnv" $ }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .name }}
+      key: {{ .key | default "password" }}
+{{- end -}}
+{{- end }}
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+# Where the other replicas stream a blob from while this pod downloads it (peer endpoint).
+- name: PULLGATE_COORDINATION__ADVERTISE_URL
+  value: {{ $c.advertise_url | default (printf "%s://$(POD_IP):5000" (include "pullgate.mirrorScheme" $ | lower)) | quote }}
+{{- end -}}
 {{- end -}}
