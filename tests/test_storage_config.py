@@ -63,6 +63,11 @@ def coordination(data: dict[str, Any]) -> CoordinationConfig:
         ({**S3, "timeout": 0}, None, "storage.timeout: must be positive"),
         ({**S3, "region": "US East"}, None, "storage.region: expected a region name"),
         ({**S3, "secret_key": "x"}, None, "storage.secret_key: unknown key"),
+        ({**S3}, {"max_size": 0}, None),  # unlimited by default
+        ({**S3, "max_size": "2TiB"}, {"max_size": 2 << 40}, None),
+        ({**S3, "max_size": "1MiB"}, None, "storage.max_size: 0 (unlimited) or at least 5MiB"),
+        ({**S3, "max_size": "lots"}, None, "storage.max_size: not a size"),
+        ({"type": "filesystem", "max_size": "1GiB"}, None, "storage.max_size: only for type s3"),
     ],
 )
 def test_storage_config(data: dict[str, Any], expected: dict[str, Any] | None, error: str | None) -> None:
@@ -153,6 +158,10 @@ def test_redis_password_comes_from_the_environment() -> None:
         ("coordination: {type: redis, url: 'redis://r:6379'}\n", {},
          "coordination.type: redis needs storage.type: s3"),
         ("storage: {type: filesystem, bucket: x}\n", {}, "storage.bucket: only for type s3"),
+        ("storage: {type: s3, bucket: pullgate, max_size: 1TiB}\n", {},
+         "storage.max_size: needs coordination.type: redis"),
+        ("storage: {type: s3, bucket: pullgate, max_size: 1TiB}\ncoordination: {type: redis, url: 'redis://r:6379'}\n",
+         {}, None),
     ],
 )
 def test_blocks_in_the_config_file(tmp_path: Path, yaml_text: str, environ: dict[str, str], error: str | None) -> None:

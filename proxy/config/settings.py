@@ -407,6 +407,10 @@ def _check(config: Config) -> None:
         # Replicas share blobs through the object store; Redis alone would elect one
         # downloader per blob whose bytes the other replicas could not read afterwards.
         raise ConfigError("coordination.type: redis needs storage.type: s3 (the blobs replicas share)")
+    if config.storage.max_size and config.coordination.type != "redis":
+        # The bucket's image graph and pull times live in Redis: without it no replica can
+        # tell which objects a kept image still needs, so the quota would silently not hold.
+        raise ConfigError("storage.max_size: needs coordination.type: redis (the cluster-wide image graph)")
 
 
 def _check_tuf(tuf: TufConfig) -> None:

@@ -98,6 +98,10 @@ class StorageConfig:
     redirect_ttl: float = _duration("10m")
     part_size: int = _size("16MiB")  # multipart part; an upload holds about three in memory
     timeout: float = _duration("30s")  # one S3 request, including botocore's retries
+    # Quota of the bucket, kept by whole-image LRU eviction on one replica at a time (needs
+    # coordination: redis). 0: unlimited — the bucket's size is the operator's budget, and
+    # without Redis no replica knows the whole image graph to evict safely.
+    max_size: int = _size("0")
 
     def credentials(self, environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
         """The access key pair from the environment (never stored in the config)."""
@@ -160,6 +164,8 @@ def check_storage(storage: StorageConfig, key: str = "storage") -> None:
         raise ConfigError(f"{key}.part_size: must be between 5MiB and 5GiB")
     if storage.timeout <= 0:
         raise ConfigError(f"{key}.timeout: must be positive")
+    if storage.max_size and storage.max_size < MIN_PART_SIZE:
+        raise ConfigError(f"{key}.max_size: 0 (unlimited) or at least 5MiB")
     if not 1 <= storage.redirect_ttl <= MAX_PRESIGN_TTL:
         raise ConfigError(f"{key}.redirect_ttl: must be between 1s and 7d (the limit of presigned URLs)")
 

@@ -144,6 +144,25 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.object_store_bytes = Gauge(
+            "pullgate_object_store_bytes",
+            "Bytes of the objects the cluster index records in the bucket (orphans included once "
+            "reconcile found them), as of this replica's last eviction check (every minute).",
+            registry=registry,
+        )
+        self.object_store_max_bytes = Gauge(
+            "pullgate_object_store_max_size_bytes", "Configured bucket quota (storage.max_size; 0: none).",
+            registry=registry,
+        )  # fmt: skip
+        self.cluster_evictions = Counter(
+            "pullgate_cluster_evictions_total",
+            "Images evicted from the object store for storage.max_size (by the replica holding the lease).",
+            registry=registry,
+        )
+        self.cluster_evicted_bytes = Counter(
+            "pullgate_cluster_evicted_bytes_total", "Bytes evicted from the object store for storage.max_size.",
+            registry=registry,
+        )  # fmt: skip
         self.trusted_root_refreshed = Gauge(
             "pullgate_trusted_root_last_refresh_timestamp_seconds",
             "When the Sigstore trusted root was last refreshed through TUF (0: never, shipped root).",

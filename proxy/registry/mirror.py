@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import time
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -27,6 +28,9 @@ from proxy.ops.supervisor import Supervisor
 from proxy.registry.blobs import BlobService
 from proxy.registry.catalog import Catalog, LocalCatalog
 from proxy.registry.cluster import Cluster
+from proxy.registry.clustercatalog import ClusterCatalog
+from proxy.registry.clustereviction import ClusterEviction
+from proxy.registry.clusterindex import ClusterIndex
 from proxy.registry.content import MirrorContent
 from proxy.registry.eviction import digests, plan_eviction
 from proxy.registry.manifests import Manifest, ManifestCache, Resolution
@@ -37,6 +41,7 @@ from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
 
 _FLUSH_INTERVAL = 5.0
 _EVICT = "cache_evict"  # one eviction at a time
+_CLUSTER_EVICT = "cluster_evict"
 _MAX_LIST_BODY = 4 << 20
 
 
@@ -54,6 +59,10 @@ class Mirror:
         self.store = BlobStore(root)
         self.catalog: Catalog = LocalCatalog(root / "catalog.db")
         self.cluster = Cluster(config, self.metrics)  # the object store and Redis, when configured
+        self.cluster_eviction: ClusterEviction | None = None  # with Redis, once opened
+        if config.coordination.type == "redis":
+            # The cluster's image graph and pull times follow the local catalog's writes.
+            self.catalog = ClusterCatalog(self.catalog, self._cluster_index, clock=time.time)
         self.provenance = Provenance(self.catalog, cluster=self.cluster)
         self._log = structlog.get_logger("pullgate.mirror")
         self._tasks = Supervisor(self.metrics, self._log)
@@ -82,6 +91,8 @@ class Mirror:
         self._closing.push_async_callback(self.catalog.close)
         self._closing.push_async_callback(self._session.close)
         self._closing.push_async_callback(self.cluster.close)
+        if isinstance(self.catalog, ClusterCatalog):
+            self._closing.push_async_callback(self.catalog.push)  # while Redis is still open
         self._closing.push_async_callback(self._tasks.close)
         self._closing.push_async_callback(self.blobs.close, config.shutdown_grace)
 
@@ -112,6 +123,13 @@ class Mirror:
         self._tasks.start("loop_lag", lambda: watch_loop_lag(self.metrics.loop_lag))
         if self.cluster.shared:
             self._tasks.start("cluster_health", self.cluster.watch)
+        if self.cluster.objects is not None and self.cluster.coordinator is not None:
+            self.cluster_eviction = ClusterEviction(
+                self.cluster.objects, self.cluster.coordinator, self.metrics,
+                max_size=self.config.storage.max_size, low_water=self.config.cache.low_water,
+                flush=self.catalog.flush, on_storage=self.cluster.storage_health,
+            )  # fmt: skip
+            self._tasks.start(_CLUSTER_EVICT, self.cluster_eviction.run)
         self._opened = True
         self._log.info("cache_opened", dir=str(root), reconciled=dropped)
 
@@ -131,8 +149,13 @@ class Mirror:
             await self.catalog.flush()
             await self._update_size_metrics()
 
+    def _cluster_index(self) -> ClusterIndex | None:
+        return self.cluster_eviction.index if self.cluster_eviction is not None else None
+
     # --- quota ---------------------------------------------------------------------------
     def _check_quota(self) -> None:
+        if self.cluster_eviction is not None:
+            self.cluster_eviction.poke()  # the bucket may be over its quota: the task checks
         if self.catalog.total_bytes > self.config.cache.max_size and not self._tasks.active(_EVICT):
             self._tasks.start(_EVICT, self.evict)
 

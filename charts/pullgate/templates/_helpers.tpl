@@ -154,7 +154,7 @@ docker.io
 {{- $s := .Values.storage | default dict -}}
 {{- if eq ($s.type | default "filesystem") "s3" -}}
 {{- $o := dict "type" "s3" -}}
-{{- range $key := list "endpoint" "bucket" "region" "prefix" "redirect_ttl" "part_size" "timeout" -}}
+{{- range $key := list "endpoint" "bucket" "region" "prefix" "redirect_ttl" "part_size" "timeout" "max_size" -}}
 {{- with (get $s $key) }}{{ $_ := set $o $key . }}{{ end -}}
 {{- end -}}
 {{- $_ := set $o "redirect" ($s.redirect | default false) -}}
