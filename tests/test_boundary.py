@@ -75,6 +75,9 @@ async def cached_blob(client: Client, origin: Origin, size: int) -> tuple[str, P
     assert await (await client.get(f"/v2/app/blobs/{digest}")).read() == image.layers[0]
     store = client.app[MIRROR].store
     await eventually(lambda: store.size(Digest.parse(digest)) == size)
+    # The file is in place before the download records it and lets go of it (later GETs
+    # would join the download, not read the file): wait for that too.
+    await eventually(lambda: not client.app[MIRROR].blobs.in_flight())
     # The client has every byte before the handler returns: wait until this request has
     # been logged and counted, so it does not land in the next test step's logs.
     registry = client.app[METRICS].registry
