@@ -22,13 +22,9 @@ raw numbers to bench/results/.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_mirror as bm
+import harness
 
 from tests.support.fleet import BUCKET, Fleet
 from tests.support.images import ImageInfo, build_image
@@ -168,39 +165,20 @@ def table(r: dict[str, Any], plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test, well under a minute)")
+    parser = harness.parser(__doc__, "cluster", "small sizes (smoke test, well under a minute)")
     parser.add_argument("--clients", type=int, help="clients in the storm (default 60; --quick 10)")
-    parser.add_argument("--out", type=Path, help="JSON result file (default: bench/results/cluster-<time>.json)")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, caches) for inspection")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.clients:
         plan = Plan(plan.layers_mib, args.clients, plan.sample_every, plan.deadline)
-    bm.signal.signal(bm.signal.SIGALRM, bm._alarm)
-    bm.signal.alarm(plan.deadline)
-    started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="pullgate-cluster-"))
-    try:
-        result = {"mode": "quick" if args.quick else "full", "plan": plan.__dict__, "env": bm.environment(),
-                  **measure(plan, work)}  # fmt: skip
-    finally:
-        bm.signal.alarm(0)
-        if args.keep:
-            bm.log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    result["seconds"] = round(time.monotonic() - started, 1)
+    result = harness.run("cluster", args, plan, plan.deadline, lambda work: measure(plan, work))
     result["verdicts"] = verdicts(result)
-    out = args.out or bm.ROOT / "bench" / "results" / f"cluster-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = harness.save("cluster", args, result)
     print(table(result, plan))
     mib = result["image_bytes"] / MiB
     print(f"\n{result['mode']} run, {result['seconds']} s, {plan.clients} clients x {mib:.0f} MiB image "
           f"({len(plan.layers_mib)} layers), {result['env']['cpus']} CPUs, loopback; JSON: {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,14 +21,10 @@ markdown table row set and writes the raw numbers to bench/results/.
 
 from __future__ import annotations
 
-import argparse
 import http.client
-import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +32,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import bench_mirror as bm
+import harness
 import yaml
 
 from tests.support.images import ImageInfo, build_image
@@ -159,36 +156,17 @@ def table(r: dict[str, Any], plan: Plan) -> str:
          f"{r['local']['gbps']:.2f}", "-", ""),
     ]
     head = ("measurement", "pullgate", "object store direct (presigned GET)", "ratio")
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join(row) + " |" for row in rows])
+    return harness.markdown(head, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test, seconds)")
-    parser.add_argument("--out", type=Path, help="JSON result file (default: bench/results/redirect-<time>.json)")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs) for inspection")
-    args = parser.parse_args(argv)
+    args = harness.parser(__doc__, "redirect", "small sizes (smoke test, seconds)").parse_args(argv)
     plan = QUICK if args.quick else FULL
-    bm.signal.signal(bm.signal.SIGALRM, bm._alarm)
-    bm.signal.alarm(plan.deadline)
-    work = Path(tempfile.mkdtemp(prefix="pullgate-redirect-"))
-    try:
-        result = {"mode": "quick" if args.quick else "full", "plan": plan.__dict__, "env": bm.environment(),
-                  **measure(plan, work)}  # fmt: skip
-    finally:
-        bm.signal.alarm(0)
-        if args.keep:
-            bm.log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-    out = args.out or bm.ROOT / "bench" / "results" / f"redirect-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = harness.run("redirect", args, plan, plan.deadline, lambda work: measure(plan, work))
+    out = harness.save("redirect", args, result)
     print(table(result, plan))
     print(f"\n{result['mode']} run, {result['env']['cpus']} CPUs, loopback; JSON: {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,14 +22,10 @@ the raw numbers to bench/results/.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
-import json
-import shutil
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -39,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_mirror as bm
+import harness
 
 from tests.support.images import ImageInfo, build_image
 from tests.support.registry import Registry
@@ -221,37 +218,18 @@ def table(r: dict[str, Any], plan: Plan) -> str:
          f"p50 {ms(r['manifest_p50_seconds'])}, {r['manifest_probes']} probes", "< 50", mark[ok["manifest_p99"]]),
     ]
     head = ("measurement", "pullgate", "context", "target", "met")
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join(row) + " |" for row in rows])
+    return harness.markdown(head, rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test, a few seconds)")
-    parser.add_argument("--out", type=Path, help="JSON result file (default: bench/results/storm-<time>.json)")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, caches) for inspection")
-    args = parser.parse_args(argv)
+    args = harness.parser(__doc__, "storm", "small sizes (smoke test, a few seconds)").parse_args(argv)
     plan = QUICK if args.quick else FULL
-    bm.signal.signal(bm.signal.SIGALRM, bm._alarm)
-    bm.signal.alarm(plan.deadline)
-    work = Path(tempfile.mkdtemp(prefix="pullgate-storm-"))
-    try:
-        result = {"mode": "quick" if args.quick else "full", "plan": plan.__dict__, "env": bm.environment(),
-                  **measure(plan, work)}
-    finally:
-        bm.signal.alarm(0)
-        if args.keep:
-            bm.log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+    result = harness.run("storm", args, plan, plan.deadline, lambda work: measure(plan, work))
     result["verdicts"] = verdicts(result)
-    out = args.out or bm.ROOT / "bench" / "results" / f"storm-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = harness.save("storm", args, result)
     print(table(result, plan))
     print(f"\n{result['mode']} run, {result['env']['cpus']} CPUs, loopback; JSON: {out}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -216,6 +217,22 @@ async def test_kill_9_of_the_lease_holder_mid_download_loses_no_client_and_leave
             assert daemon.proc is not None and daemon.proc.poll() is None
 
 
+async def storm_losing(
+    fleet: Fleet, image: ImageInfo, repo: str, redis_url: str, stop: Callable[[], None], metric: str
+) -> None:
+    """A storm that loses one shared part (``stop``) while the big layer downloads: no
+    client notices, and every replica reports the part down on ``metric``."""
+    task = await run_storm(fleet, image, repo, FAULT_STORM)
+    await leased(redis_url, fleet, image.layer_digests[0])
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(stop)
+    assert not task.done()  # stopped mid-storm
+    results = await finish(task)
+    assert_all_complete(results, image)
+    assert not [r.failures for r in results if r.failures]
+    await reports(fleet, metric, 0)
+
+
 # --- 3. Redis stopped mid-storm -----------------------------------------------------------------
 async def test_redis_stopped_mid_storm_pulls_continue(
     registry: Registry, cold_image: tuple[ImageInfo, str], seaweedfs_engine: SeaweedFS,
@@ -226,16 +243,7 @@ async def test_redis_stopped_mid_storm_pulls_continue(
     with RedisServer(tmp_path / "redis") as own_redis, Fleet(
         tmp_path, upstream, 3, engine=seaweedfs_engine, redis_url=own_redis.url, prefix=key_prefix
     ) as fleet:
-        task = await run_storm(fleet, image, repo, FAULT_STORM)
-        big = image.layer_digests[0]
-        await leased(own_redis.url, fleet, big)
-        await asyncio.sleep(0.5)
-        await asyncio.to_thread(own_redis.stop)
-        assert not task.done()  # stopped mid-storm
-        results = await finish(task)
-        assert_all_complete(results, image)
-        assert not [r.failures for r in results if r.failures]
-        await reports(fleet, "pullgate_coordination_up", 0)
+        await storm_losing(fleet, image, repo, own_redis.url, own_redis.stop, "pullgate_coordination_up")
         # Still serving, from local tiers and the bucket.
         again = await asyncio.to_thread(storm, fleet.urls, image, repo, 3)
         assert_all_complete(again, image)
@@ -251,13 +259,4 @@ async def test_object_store_stopped_mid_storm_pulls_continue_through_pass_throug
     with SeaweedFS(tmp_path / "seaweedfs") as own_store:
         own_store.create_bucket(BUCKET)
         with Fleet(tmp_path, upstream, 3, engine=own_store, redis_url=redis_server.url, prefix=key_prefix) as fleet:
-            task = await run_storm(fleet, image, repo, FAULT_STORM)
-            big = image.layer_digests[0]
-            await leased(redis_server.url, fleet, big)
-            await asyncio.sleep(0.5)
-            await asyncio.to_thread(own_store.stop)
-            assert not task.done()  # stopped mid-storm
-            results = await finish(task)
-            assert_all_complete(results, image)
-            assert not [r.failures for r in results if r.failures]
-            await reports(fleet, "pullgate_object_store_up", 0)
+            await storm_losing(fleet, image, repo, redis_server.url, own_store.stop, "pullgate_object_store_up")
