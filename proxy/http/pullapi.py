@@ -34,10 +34,14 @@ _MAX_PAGE = 10_000
 _PIECE_MIN, _PIECE_MAX = 1 << 20, 16 << 20  # bytes per sendfile call on the cached path
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestInfo:
-    """What a handler learned, for the middleware's log event and metrics."""
+    """One request's state, made once by the boundary's middleware: its id, the response
+    whose headers went out (``prepared``), and what a handler learned, for the log event
+    and metrics."""
 
+    request_id: str = ""
+    prepared: web.StreamResponse | None = None
     upstream: str | None = None
     repository: str | None = None
     reference: str | None = None
@@ -46,15 +50,15 @@ class RequestInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-INFO = "pullgate_info"
+INFO = web.RequestKey("pullgate_info", RequestInfo)
 
 
 def info(request: web.Request) -> RequestInfo:
-    found = request.get(INFO)
-    if not isinstance(found, RequestInfo):
-        found = RequestInfo()
-        request[INFO] = found
-    return found
+    try:
+        return request[INFO]
+    except KeyError:  # a handler run without the boundary (the middleware makes it first)
+        found = request[INFO] = RequestInfo()
+        return found
 
 
 async def _route(request: web.Request) -> tuple[Mirror, Route]:
