@@ -129,12 +129,15 @@ async def token(request: web.Request) -> web.Response:
 async def manifest(request: web.Request) -> web.Response:
     mirror, route = await _route(request)
     reference = request.match_info["reference"]
-    if Digest.looks_like(reference):
-        reference = str(Digest.parse(reference))
-    else:
-        validate_tag(reference)
+    # A warm manifest is answered from memory without awaiting (validated when first seen).
+    found = mirror.manifests.peek(route, reference)
+    if found is None:
+        if Digest.looks_like(reference):
+            reference = str(Digest.parse(reference))
+        else:
+            validate_tag(reference)
+        found = await mirror.manifest(route, reference)
     info(request).reference = reference
-    found = await mirror.manifest(route, reference)
     pulled = [found.digest]
     if found.media_type in INDEX_TYPES and not acceptable(found.media_type, _accepted(request)):
         # A client that cannot take an index gets the linux/amd64 image, as Distribution does.
