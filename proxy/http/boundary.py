@@ -30,6 +30,7 @@ from functools import lru_cache, partial
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import istr
 from structlog.typing import FilteringBoundLogger
 
 from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
@@ -38,6 +39,7 @@ from proxy.http.pullapi import API_VERSION, INFO, RequestInfo, info
 from proxy.ops.metrics import Metrics
 
 CLIENT_CLOSED = 499  # the client left before any response was sent
+X_REQUEST_ID = istr("X-Request-Id")  # case-insensitive once, not per lookup
 
 
 class InternalError(PullgateError):
@@ -64,7 +66,7 @@ def request_middleware(ids: RequestIds, max_url_length: int) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
-        details = request[INFO] = RequestInfo(request.headers.get("X-Request-Id", "")[:64] or ids.next())
+        details = request[INFO] = RequestInfo(request.headers.get(X_REQUEST_ID, "")[:64] or ids.next())
         endpoint = "other"
         try:
             _check_path(request, max_url_length)
@@ -93,7 +95,7 @@ def request_middleware(ids: RequestIds, max_url_length: int) -> Middleware:
             raise
         except Exception as exc:  # noqa: BLE001 - the last resort: a bug must still answer in the spec's terms
             response = _unhandled(request, exc, endpoint)
-        response.headers["X-Request-Id"] = details.request_id
+        response.headers[X_REQUEST_ID] = details.request_id
         status = details.prepared.status if details.prepared is not None else response.status
         _observe(request, details, status, endpoint, time.monotonic() - started)
         return response
@@ -106,7 +108,7 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     learns that headers went out."""
     details = info(request)
     if details.request_id:
-        response.headers["X-Request-Id"] = details.request_id
+        response.headers[X_REQUEST_ID] = details.request_id
     details.prepared = response
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from proxy.access.control import ANONYMOUS, Identity
 from proxy.errors import BlobUnknown, NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
@@ -24,6 +25,7 @@ from proxy.oci.reference import validate_tag
 from proxy.ops.limits import FETCH_CLIENT, client_key
 from proxy.registry.blobs import CachedBlob
 from proxy.registry.download import Flight
+from proxy.registry.manifests import Manifest
 from proxy.registry.mirror import Mirror
 from proxy.registry.routing import Route
 
@@ -32,6 +34,10 @@ _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 _MAX_PAGE = 10_000
 _PIECE_MIN, _PIECE_MAX = 1 << 20, 16 << 20  # bytes per sendfile call on the cached path
+_HEADERS_REMEMBERED = 1024
+# A manifest response's headers by (digest, media type, ns echoed): built once, copied into
+# each response (cheaper than building them from a dict every time).
+MANIFEST_HEADERS = web.AppKey("manifest_headers", dict[tuple[Digest, str, str | None], CIMultiDict[str]])
 
 
 @dataclass(slots=True)
@@ -66,7 +72,8 @@ async def _route(request: web.Request) -> tuple[Mirror, Route]:
     cache lookup or upstream contact, on the canonical (upstream, repository)."""
     identity = await _identify(request)
     mirror = request.app[MIRROR]
-    route = mirror.router.route(request.match_info["name"], request.query.get("ns"))
+    ns = request.query.get("ns") if request.query_string else None  # no query: nothing to parse
+    route = mirror.router.route(request.match_info["name"], ns)
     details = info(request)
     details.upstream, details.repository = route.upstream, route.repository
     access = request.app.get(ACCESS)
@@ -156,8 +163,20 @@ async def manifest(request: web.Request) -> web.Response:
     details.bytes = len(found.data) if request.method == "GET" else 0
     metrics = mirror.metrics
     (metrics.served_from_upstream if found.result == "miss" else metrics.served_from_cache).inc(details.bytes)
-    headers = _headers(route, **{"Docker-Content-Digest": str(found.digest), "Content-Type": found.media_type})
-    return web.Response(body=found.data, headers=headers)
+    return web.Response(body=found.data, headers=_manifest_headers(request.app[MANIFEST_HEADERS], route, found))
+
+
+def _manifest_headers(
+    known: dict[tuple[Digest, str, str | None], CIMultiDict[str]], route: Route, found: Manifest
+) -> CIMultiDict[str]:
+    key = (found.digest, found.media_type, route.namespace)
+    headers = known.get(key)
+    if headers is None:
+        if len(known) >= _HEADERS_REMEMBERED:
+            known.clear()
+        extra = {"Docker-Content-Digest": str(found.digest), "Content-Type": found.media_type}
+        headers = known[key] = CIMultiDict(_headers(route, **extra))
+    return headers
 
 
 def _accepted(request: web.Request) -> frozenset[str]:
@@ -334,6 +353,7 @@ async def unsupported(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[MANIFEST_HEADERS] = {}
     name = r"{name:[^?#]+?}"
     app.router.add_get("/v2/", api_base, name="base")
     app.router.add_get("/auth/token", token, name="token")
