@@ -16,7 +16,7 @@ from typing import BinaryIO
 from aiohttp import web
 from multidict import CIMultiDict
 
-from proxy.access.control import ANONYMOUS, Identity
+from proxy.access.control import ANONYMOUS, Access, Identity
 from proxy.errors import BlobUnknown, NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
 from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
 from proxy.oci.digest import Digest
@@ -70,13 +70,13 @@ def info(request: web.Request) -> RequestInfo:
 async def _route(request: web.Request) -> tuple[Mirror, Route]:
     """Route the request, then check the client may pull that repository — before any
     cache lookup or upstream contact, on the canonical (upstream, repository)."""
-    identity = await _identify(request)
+    access = request.app.get(ACCESS)
+    identity = ANONYMOUS if access is None else await _identify(request, access)
     mirror = request.app[MIRROR]
     ns = request.query.get("ns") if request.query_string else None  # no query: nothing to parse
     route = mirror.router.route(request.match_info["name"], ns)
     details = info(request)
     details.upstream, details.repository = route.upstream, route.repository
-    access = request.app.get(ACCESS)
     if access is not None:
         scope = f"repository:{request.match_info['name']}:pull"
         access.authorize(identity, route, access.challenge(token_realm(request), scope))
@@ -85,8 +85,7 @@ async def _route(request: web.Request) -> tuple[Mirror, Route]:
     return mirror, route
 
 
-async def _identify(request: web.Request) -> Identity:
-    access = request.app.get(ACCESS)
+async def _identify(request: web.Request, access: Access | None) -> Identity:
     if access is None:
         return ANONYMOUS
     challenge = access.challenge(token_realm(request))
@@ -116,8 +115,8 @@ async def api_base(request: web.Request) -> web.Response:
     # With access on, a request without credentials gets the Bearer challenge (as Docker Hub
     # does): clients decide from this ping whether to authenticate at all, and fetch an
     # anonymous token when they have no credentials (see proxy.access.tokens).
-    await _identify(request)
     access = request.app.get(ACCESS)
+    await _identify(request, access)
     if access is not None and "Authorization" not in request.headers:
         raise Unauthorized("authentication required", headers=access.challenge(token_realm(request)))
     return web.json_response({}, headers=API_VERSION)
@@ -144,7 +143,8 @@ async def manifest(request: web.Request) -> web.Response:
         else:
             validate_tag(reference)
         found = await mirror.manifest(route, reference)
-    info(request).reference = reference
+    details = info(request)
+    details.reference = reference
     pulled = [found.digest]
     if found.media_type in INDEX_TYPES and not acceptable(found.media_type, _accepted(request)):
         # A client that cannot take an index gets the linux/amd64 image, as Distribution does.
@@ -158,7 +158,6 @@ async def manifest(request: web.Request) -> web.Response:
     if request.method == "GET":  # a HEAD (containerd's resolve) is not a pull
         for digest in pulled:
             mirror.record_pull(route, digest)
-    details = info(request)
     details.cache = found.result
     details.bytes = len(found.data) if request.method == "GET" else 0
     metrics = mirror.metrics
