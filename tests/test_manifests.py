@@ -125,6 +125,40 @@ async def test_an_index_naming_another_repositorys_manifest_does_not_make_it_ser
     assert not await parts.catalog.has_image("docker.io", OTHER, Digest.parse(image.digest))
 
 
+@pytest.mark.parametrize(
+    ("reference", "repository", "before", "after", "evict", "answered"),
+    [
+        ("tag", APP, 0.0, 0.5, False, True),  # what get answered from memory, without awaiting
+        ("digest", APP, 0.0, 0.5, False, True),
+        ("tag", APP, 0.0, 1.5, False, False),  # reused for at most a second: then get looks again
+        ("digest", APP, 0.0, 1.5, False, False),
+        ("tag", APP, TTL - 0.5, 0.6, False, False),  # never past the tag's tag_ttl
+        ("tag", APP, 0.0, 0.0, True, False),  # evicted: forgotten
+        ("digest", APP, 0.0, 0.0, True, False),
+        ("tag", OTHER, 0.0, 0.0, False, False),  # another repository's tag of the same name
+    ],
+)
+async def test_peek_answers_only_what_get_just_answered_from_memory(
+    parts: Parts, image: Image, reference: str, repository: str, before: float, after: float, evict: bool,
+    answered: bool,
+) -> None:  # fmt: skip
+    ref = "1" if reference == "tag" else image.digest
+    assert parts.manifests.peek(parts.route(APP), ref) is None
+    assert (await parts.manifests.get(parts.route(APP), "1")).result == "miss"
+    assert parts.manifests.peek(parts.route(APP), ref) is None, "only the fast path's answers are kept"
+    parts.clock.advance(before)
+    hit = await parts.manifests.get(parts.route(APP), ref)
+    assert hit.result == "hit"
+    parts.clock.advance(after)
+    if evict:
+        parts.manifests.forget(hit.digest)
+    hits = {"kind": "manifest", "result": "hit"}
+    before_hits = parts.metrics.registry.get_sample_value("pullgate_cache_requests_total", hits) or 0
+    found = parts.manifests.peek(parts.route(repository), ref)
+    assert found == (hit if answered else None)
+    assert parts.metrics.registry.get_sample_value("pullgate_cache_requests_total", hits) == before_hits + answered
+
+
 async def test_concurrent_misses_share_one_upstream_request(
     parts: Parts, origin: tuple[Origin, TestServer], image: Image
 ) -> None:

@@ -71,6 +71,7 @@ def exported() -> dict[str, set[str]]:
             continue
         labels = set(getattr(collector, "_labelnames", ()))
         for family in describe():
+            labels = set(getattr(collector, "label_names", {}).get(family.name, labels))  # several families
             if family.type == "counter":
                 names[f"{family.name}_total"] = labels
             elif family.type == "histogram":

@@ -70,11 +70,12 @@ CONFIG = Config(
 )
 def test_route(name: str, ns: str | None, expected: Route | None, error: type[Exception] | None) -> None:
     router = Router(CONFIG)
-    if error:
-        with pytest.raises(error):
-            router.route(name, ns)
-    else:
-        assert router.route(name, ns) == expected
+    for _ in range(2):  # the second answer comes from the router's memory; a refusal is never remembered
+        if error:
+            with pytest.raises(error):
+                router.route(name, ns)
+        else:
+            assert router.route(name, ns) == expected
 
 
 def test_no_default_upstream() -> None:

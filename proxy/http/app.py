@@ -39,7 +39,7 @@ from proxy.trust.trustroot import RootHolder
 
 def create_app(config: Config, registry: CollectorRegistry | None = None) -> web.Application:
     app = web.Application(
-        middlewares=[request_middleware(RequestIds())],
+        middlewares=[request_middleware(RequestIds(), config.limits.max_url_length)],
         client_max_size=64 << 10,
         handler_args=handler_args(config.limits),
     )

@@ -30,16 +30,16 @@ from functools import lru_cache, partial
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from multidict import istr
 from structlog.typing import FilteringBoundLogger
 
 from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
-from proxy.http.appkeys import CONFIG, METRICS
-from proxy.http.pullapi import API_VERSION, info
+from proxy.http.appkeys import METRICS
+from proxy.http.pullapi import API_VERSION, INFO, RequestInfo, info
 from proxy.ops.metrics import Metrics
 
-REQUEST_ID = web.RequestKey("pullgate_request_id", str)
-PREPARED = web.RequestKey("pullgate_prepared", web.StreamResponse)  # headers are on the wire
 CLIENT_CLOSED = 499  # the client left before any response was sent
+X_REQUEST_ID = istr("X-Request-Id")  # case-insensitive once, not per lookup
 
 
 class InternalError(PullgateError):
@@ -58,47 +58,46 @@ class RequestIds:
         return f"{self._prefix}-{next(self._counter):x}"
 
 
-def request_middleware(ids: RequestIds) -> Middleware:
+def request_middleware(ids: RequestIds, max_url_length: int) -> Middleware:
     """The mirror's boundary (see the module docstring); ``ids`` names the requests whose
-    client sent no ``X-Request-Id`` of its own."""
+    client sent no ``X-Request-Id`` of its own. Runs on every request: one ``RequestInfo``
+    carries the request's state (no further lookups in the request's mapping)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.monotonic()
-        request_id = request.headers.get("X-Request-Id", "")[:64] or ids.next()
-        request[REQUEST_ID] = request_id
+        details = request[INFO] = RequestInfo(request.headers.get(X_REQUEST_ID, "")[:64] or ids.next())
         endpoint = "other"
         try:
-            _check_path(request)
-            if request.match_info.route.name:
-                endpoint = request.match_info.route.name
+            _check_path(request, max_url_length)
+            endpoint = request.match_info.route.name or endpoint
             response = await handler(request)
         except PullgateError as exc:
             response = _sent_or(request, exc.code, partial(error_response, exc))
         except web.HTTPException as exc:
             # Unrouted paths under /v2/ still get spec-shaped error bodies.
             if not request.path.startswith("/v2/") or exc.status not in (404, 405):
-                _observe(request, exc.status, endpoint, request_id, time.monotonic() - started)
+                _observe(request, details, exc.status, endpoint, time.monotonic() - started)
                 raise
             if request.method in ("GET", "HEAD"):
                 response = error_response(NameUnknown("no such endpoint"))
             else:
                 response = error_response(Unsupported("pullgate is a read-only mirror"))
         except ConnectionError as exc:
-            gone = _gone(request) or PREPARED in request  # a write to a client that left
+            gone = _gone(request) or details.prepared is not None  # a write to a client that left
             response = _client_gone(request) if gone else _unhandled(request, exc, endpoint)
         except asyncio.CancelledError:
             # The server cancels a handler whose client left (handler_cancellation) or that
             # outlived the shutdown grace: the request still leaves its event.
-            info(request).extra.setdefault("aborted", "CLIENT_GONE" if _gone(request) else "CANCELLED")
-            status = request[PREPARED].status if PREPARED in request else CLIENT_CLOSED
-            _observe(request, status, endpoint, request_id, time.monotonic() - started)
+            details.extra.setdefault("aborted", "CLIENT_GONE" if _gone(request) else "CANCELLED")
+            status = details.prepared.status if details.prepared is not None else CLIENT_CLOSED
+            _observe(request, details, status, endpoint, time.monotonic() - started)
             raise
         except Exception as exc:  # noqa: BLE001 - the last resort: a bug must still answer in the spec's terms
             response = _unhandled(request, exc, endpoint)
-        response.headers["X-Request-Id"] = request_id
-        status = request[PREPARED].status if PREPARED in request else response.status
-        _observe(request, status, endpoint, request_id, time.monotonic() - started)
+        response.headers[X_REQUEST_ID] = details.request_id
+        status = details.prepared.status if details.prepared is not None else response.status
+        _observe(request, details, status, endpoint, time.monotonic() - started)
         return response
 
     return middleware
@@ -107,9 +106,10 @@ def request_middleware(ids: RequestIds) -> Middleware:
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: every response carries the request id, and the boundary
     learns that headers went out."""
-    if REQUEST_ID in request:
-        response.headers["X-Request-Id"] = request[REQUEST_ID]
-    request[PREPARED] = response
+    details = info(request)
+    if details.request_id:
+        response.headers[X_REQUEST_ID] = details.request_id
+    details.prepared = response
 
 
 def _gone(request: web.Request) -> bool:
@@ -118,21 +118,23 @@ def _gone(request: web.Request) -> bool:
 
 def _sent_or(request: web.Request, reason: str, respond: Callable[[], web.StreamResponse]) -> web.StreamResponse:
     """The response already on the wire, cut off (``reason`` goes to the log), or a fresh one."""
-    if PREPARED in request:
+    prepared = info(request).prepared
+    if prepared is not None:
         info(request).extra.setdefault("aborted", reason)
         if request.transport is not None:
             request.transport.abort()
-        return request[PREPARED]
+        return prepared
     return respond()
 
 
 def _client_gone(request: web.Request) -> web.StreamResponse:
-    info(request).extra.setdefault("aborted", "CLIENT_GONE")
-    return request[PREPARED] if PREPARED in request else web.Response(status=CLIENT_CLOSED)
+    details = info(request)
+    details.extra.setdefault("aborted", "CLIENT_GONE")
+    return details.prepared if details.prepared is not None else web.Response(status=CLIENT_CLOSED)
 
 
 def _unhandled(request: web.Request, exc: BaseException, endpoint: str) -> web.StreamResponse:
-    request_id = request.get(REQUEST_ID, "")
+    request_id = info(request).request_id
     request.app[METRICS].unhandled_errors.labels("mirror").inc()
     structlog.get_logger("pullgate.http").error(
         "unhandled_error", request_id=request_id, method=request.method, endpoint=endpoint, exc_info=exc
@@ -141,13 +143,14 @@ def _unhandled(request: web.Request, exc: BaseException, endpoint: str) -> web.S
     return _sent_or(request, "INTERNAL_ERROR", partial(error_response, InternalError(message)))
 
 
-def _check_path(request: web.Request) -> None:
+def _check_path(request: web.Request, max_url_length: int) -> None:
     """Reject encoded separators and dot segments before routing: a repository name must
     never be able to climb out of its place or smuggle a '/'."""
     if not request.path.startswith("/v2/"):
         return
-    raw = request.raw_path.partition("?")[0]
-    too_long = len(request.raw_path) > request.app[CONFIG].limits.max_url_length
+    raw_path = request.raw_path
+    raw = raw_path.partition("?")[0]
+    too_long = len(raw_path) > max_url_length
     if too_long or "%" in raw or "/../" in raw + "/" or "/./" in raw or "//" in raw:
         raise NameInvalid("invalid characters or path segments in the request path")
 
@@ -159,16 +162,15 @@ def error_response(exc: PullgateError) -> web.Response:
     return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
-def _observe(request: web.Request, status: int, endpoint: str, request_id: str, elapsed: float) -> None:
+def _observe(request: web.Request, details: RequestInfo, status: int, endpoint: str, elapsed: float) -> None:
     request.app[METRICS].request_done(endpoint, request.method, status, elapsed)
     if endpoint in ("metrics", "healthz", "readyz"):
         return
     if not _emits_info(structlog.get_config()["wrapper_class"]):
         return  # the event would be filtered: not worth building
-    details = info(request)
     structlog.get_logger("pullgate.http").info(
         "http_request",
-        request_id=request_id,
+        request_id=details.request_id,
         method=request.method,
         endpoint=endpoint,
         status=status,

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from aiohttp import web
+from multidict import CIMultiDict
 
-from proxy.access.control import ANONYMOUS, Identity
+from proxy.access.control import ANONYMOUS, Access, Identity
 from proxy.errors import BlobUnknown, NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
 from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
 from proxy.oci.digest import Digest
@@ -24,6 +25,7 @@ from proxy.oci.reference import validate_tag
 from proxy.ops.limits import FETCH_CLIENT, client_key
 from proxy.registry.blobs import CachedBlob
 from proxy.registry.download import Flight
+from proxy.registry.manifests import Manifest
 from proxy.registry.mirror import Mirror
 from proxy.registry.routing import Route
 
@@ -32,12 +34,20 @@ _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 _MAX_PAGE = 10_000
 _PIECE_MIN, _PIECE_MAX = 1 << 20, 16 << 20  # bytes per sendfile call on the cached path
+_HEADERS_REMEMBERED = 1024
+# A manifest response's headers by (digest, media type, ns echoed): built once, copied into
+# each response (cheaper than building them from a dict every time).
+MANIFEST_HEADERS = web.AppKey("manifest_headers", dict[tuple[Digest, str, str | None], CIMultiDict[str]])
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestInfo:
-    """What a handler learned, for the middleware's log event and metrics."""
+    """One request's state, made once by the boundary's middleware: its id, the response
+    whose headers went out (``prepared``), and what a handler learned, for the log event
+    and metrics."""
 
+    request_id: str = ""
+    prepared: web.StreamResponse | None = None
     upstream: str | None = None
     repository: str | None = None
     reference: str | None = None
@@ -46,26 +56,27 @@ class RequestInfo:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-INFO = "pullgate_info"
+INFO = web.RequestKey("pullgate_info", RequestInfo)
 
 
 def info(request: web.Request) -> RequestInfo:
-    found = request.get(INFO)
-    if not isinstance(found, RequestInfo):
-        found = RequestInfo()
-        request[INFO] = found
-    return found
+    try:
+        return request[INFO]
+    except KeyError:  # a handler run without the boundary (the middleware makes it first)
+        found = request[INFO] = RequestInfo()
+        return found
 
 
 async def _route(request: web.Request) -> tuple[Mirror, Route]:
     """Route the request, then check the client may pull that repository — before any
     cache lookup or upstream contact, on the canonical (upstream, repository)."""
-    identity = await _identify(request)
+    access = request.app.get(ACCESS)
+    identity = ANONYMOUS if access is None else await _identify(request, access)
     mirror = request.app[MIRROR]
-    route = mirror.router.route(request.match_info["name"], request.query.get("ns"))
+    ns = request.query.get("ns") if request.query_string else None  # no query: nothing to parse
+    route = mirror.router.route(request.match_info["name"], ns)
     details = info(request)
     details.upstream, details.repository = route.upstream, route.repository
-    access = request.app.get(ACCESS)
     if access is not None:
         scope = f"repository:{request.match_info['name']}:pull"
         access.authorize(identity, route, access.challenge(token_realm(request), scope))
@@ -74,8 +85,7 @@ async def _route(request: web.Request) -> tuple[Mirror, Route]:
     return mirror, route
 
 
-async def _identify(request: web.Request) -> Identity:
-    access = request.app.get(ACCESS)
+async def _identify(request: web.Request, access: Access | None) -> Identity:
     if access is None:
         return ANONYMOUS
     challenge = access.challenge(token_realm(request))
@@ -105,8 +115,8 @@ async def api_base(request: web.Request) -> web.Response:
     # With access on, a request without credentials gets the Bearer challenge (as Docker Hub
     # does): clients decide from this ping whether to authenticate at all, and fetch an
     # anonymous token when they have no credentials (see proxy.access.tokens).
-    await _identify(request)
     access = request.app.get(ACCESS)
+    await _identify(request, access)
     if access is not None and "Authorization" not in request.headers:
         raise Unauthorized("authentication required", headers=access.challenge(token_realm(request)))
     return web.json_response({}, headers=API_VERSION)
@@ -125,12 +135,16 @@ async def token(request: web.Request) -> web.Response:
 async def manifest(request: web.Request) -> web.Response:
     mirror, route = await _route(request)
     reference = request.match_info["reference"]
-    if Digest.looks_like(reference):
-        reference = str(Digest.parse(reference))
-    else:
-        validate_tag(reference)
-    info(request).reference = reference
-    found = await mirror.manifest(route, reference)
+    # A warm manifest is answered from memory without awaiting (validated when first seen).
+    found = mirror.manifests.peek(route, reference)
+    if found is None:
+        if Digest.looks_like(reference):
+            reference = str(Digest.parse(reference))
+        else:
+            validate_tag(reference)
+        found = await mirror.manifest(route, reference)
+    details = info(request)
+    details.reference = reference
     pulled = [found.digest]
     if found.media_type in INDEX_TYPES and not acceptable(found.media_type, _accepted(request)):
         # A client that cannot take an index gets the linux/amd64 image, as Distribution does.
@@ -144,13 +158,24 @@ async def manifest(request: web.Request) -> web.Response:
     if request.method == "GET":  # a HEAD (containerd's resolve) is not a pull
         for digest in pulled:
             mirror.record_pull(route, digest)
-    details = info(request)
     details.cache = found.result
     details.bytes = len(found.data) if request.method == "GET" else 0
     metrics = mirror.metrics
     (metrics.served_from_upstream if found.result == "miss" else metrics.served_from_cache).inc(details.bytes)
-    headers = _headers(route, **{"Docker-Content-Digest": str(found.digest), "Content-Type": found.media_type})
-    return web.Response(body=found.data, headers=headers)
+    return web.Response(body=found.data, headers=_manifest_headers(request.app[MANIFEST_HEADERS], route, found))
+
+
+def _manifest_headers(
+    known: dict[tuple[Digest, str, str | None], CIMultiDict[str]], route: Route, found: Manifest
+) -> CIMultiDict[str]:
+    key = (found.digest, found.media_type, route.namespace)
+    headers = known.get(key)
+    if headers is None:
+        if len(known) >= _HEADERS_REMEMBERED:
+            known.clear()
+        extra = {"Docker-Content-Digest": str(found.digest), "Content-Type": found.media_type}
+        headers = known[key] = CIMultiDict(_headers(route, **extra))
+    return headers
 
 
 def _accepted(request: web.Request) -> frozenset[str]:
@@ -327,6 +352,7 @@ async def unsupported(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app[MANIFEST_HEADERS] = {}
     name = r"{name:[^?#]+?}"
     app.router.add_get("/v2/", api_base, name="base")
     app.router.add_get("/auth/token", token, name="token")

@@ -55,6 +55,9 @@ from proxy.registry.upstream.client import RegistryClient, UpstreamResponse
 
 _MEMORY_BYTES = 64 << 20  # manifests are small; keep the hot ones in memory
 _NEGATIVE_MAX = 10_000  # "unknown tag" answers remembered
+# ``peek``: the fast path's answers reused for at most this long without looking again.
+_HOT_SECONDS = 1.0
+_HOT_ENTRIES, _HOT_BYTES = 1024, 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +110,34 @@ class ManifestCache:
             maxsize=_NEGATIVE_MAX, ttl=config.negative_ttl, timer=clock
         )
         self._inflight: dict[tuple[str, str, str], asyncio.Task[Manifest]] = {}
+        # The fast path's answers by (upstream, repository, reference), each with the time it
+        # stops being fresh: ``peek`` answers them without awaiting anything.
+        self._hot: dict[tuple[str, str, str], tuple[Manifest, float]] = {}
+        self._hot_bytes = 0
         self._log = structlog.get_logger("pullgate.manifests")
         self._on_stored = on_stored
         self._tasks = tasks
         self._shared = SharedState(cluster)
+
+    def peek(self, route: Route, reference: str) -> Manifest | None:
+        """What ``get`` answered from memory for this (route, reference) — a fresh tag or a
+        proven digest, checked as ``get`` checks them within the last ``_HOT_SECONDS`` and
+        still fresh — without awaiting; counted as a hit. None: ask ``get``. A reference
+        found here was validated when it was first answered."""
+        hot = self._hot.get((route.upstream, route.repository, reference))
+        if hot is None or self._clock() >= hot[1]:
+            return None
+        self._hits.inc()
+        return hot[0]
+
+    def _keep_hot(self, key: tuple[str, str, str], manifest: Manifest, fresh_until: float) -> None:
+        old = self._hot.pop(key, None)
+        self._hot_bytes -= len(old[0].data) if old is not None else 0
+        if len(self._hot) >= _HOT_ENTRIES or self._hot_bytes + len(manifest.data) > _HOT_BYTES:
+            self._hot.clear()  # bounded by emptying: it refills from the next requests
+            self._hot_bytes = 0
+        self._hot[key] = (manifest, min(fresh_until, self._clock() + _HOT_SECONDS))
+        self._hot_bytes += len(manifest.data)
 
     async def get(self, route: Route, reference: str, *, count: bool = True) -> Manifest:
         """The manifest for a tag or digest (``reference`` already validated); ``count``
@@ -120,13 +147,15 @@ class ManifestCache:
         is_digest = Digest.looks_like(reference)
         task = self._inflight.get(key)
         if task is None:
-            found = await (self._fresh_digest(route, Digest.parse(reference)) if is_digest else self._fresh_tag(key))
+            fresh = self._fresh_digest(route, key, Digest.parse(reference)) if is_digest else self._fresh_tag(key)
+            found = await fresh
             if found is not None:  # answered from memory, as the slow path would have
                 if count:
                     self._hits.inc()
                 return found
             task = self._inflight.get(key)  # another request may have started it meanwhile
         if task is None:
+            self._hot.pop(key, None)  # the slow way decides now (e.g. a tag just found unknown)
             coro = self._by_digest(route, Digest.parse(reference)) if is_digest else self._by_tag(route, reference)
             task = asyncio.ensure_future(coro)
             self._inflight[key] = task
@@ -138,7 +167,7 @@ class ManifestCache:
             self._metrics.cache_results.labels("manifest", manifest.result).inc()
         return manifest
 
-    async def _fresh_digest(self, route: Route, digest: Digest) -> Manifest | None:
+    async def _fresh_digest(self, route: Route, key: tuple[str, str, str], digest: Digest) -> Manifest | None:
         """A hit without a task or the upstream: in memory, with a fresh proof that the
         route's repository holds it and its image row (what ``_by_digest`` would check);
         None sends the request the slow way."""
@@ -146,11 +175,14 @@ class ManifestCache:
         if data is None:
             return None
         info = await self._catalog.manifest(digest)
-        if info is None or not await self._provenance.proven(route, digest):
+        proven_until = await self._provenance.proven_until(route, digest) if info is not None else None
+        if info is None or proven_until is None:
             return None
         if not await self._catalog.has_image(route.upstream, route.repository, digest):
             return None
-        return Manifest(digest, info.media_type, data, "hit")
+        manifest = Manifest(digest, info.media_type, data, "hit")
+        self._keep_hot(key, manifest, proven_until)
+        return manifest
 
     async def _fresh_tag(self, key: tuple[str, str, str]) -> Manifest | None:
         """A hit without a task or the upstream: a tag checked within ``tag_ttl`` whose
@@ -164,7 +196,9 @@ class ManifestCache:
         info = await self._catalog.manifest(entry.digest) if data is not None else None
         if data is None or info is None:
             return None
-        return Manifest(entry.digest, info.media_type, data, "hit")
+        manifest = Manifest(entry.digest, info.media_type, data, "hit")
+        self._keep_hot(key, manifest, entry.checked + self._config.tag_ttl)
+        return manifest
 
     def pulled(self, route: Route, digest: Digest) -> None:
         """A client GET the manifest: count a pull (``cache ls``, eviction order)."""
@@ -418,3 +452,5 @@ class ManifestCache:
     def forget(self, digest: Digest) -> None:
         """Drop a manifest from memory (eviction)."""
         self._memory.pop(digest, None)
+        self._hot.clear()
+        self._hot_bytes = 0

@@ -61,8 +61,15 @@ class Provenance:
 
     async def proven(self, route: Route, digest: Digest) -> bool:
         """A fresh proof exists locally (a memory lookup once memoized)."""
+        return await self.proven_until(route, digest) is not None
+
+    async def proven_until(self, route: Route, digest: Digest) -> float | None:
+        """When the fresh local proof that ``route`` holds ``digest`` expires (on the clock);
+        None without a fresh proof here."""
         checked = await self._catalog.proof(route.upstream, route.repository, digest)
-        return checked is not None and self._clock() - checked < self._ttl
+        if checked is None or self._clock() - checked >= self._ttl:
+            return None
+        return checked + self._ttl
 
     async def establish(self, route: Route, digest: Digest, ask: Ask) -> None:
         """Return if ``route`` may be served ``digest``, asking the other replicas (Redis)

@@ -29,6 +29,8 @@ from proxy.oci.reference import (
     split_host,
 )
 
+_ROUTES_REMEMBERED = 4096  # (name, ns) pairs; a warm mirror serves far fewer repositories
+
 
 @dataclass(frozen=True, slots=True)
 class Route:
@@ -68,8 +70,21 @@ class Router:
             if DOCKER_HUB in hosts:
                 self._docker_hub.add(upstream.name)
         self._default = config.default_upstream
+        # Routing is a pure function of the (immutable) config: the answers for names seen
+        # recently are remembered (every request is routed; parsing costs a few µs). Bounded
+        # by emptying when full; refusals are not remembered.
+        self._routes: dict[tuple[str, str | None], Route] = {}
 
     def route(self, name: str, ns: str | None) -> Route:
+        found = self._routes.get((name, ns))
+        if found is None:
+            found = self._route(name, ns)
+            if len(self._routes) >= _ROUTES_REMEMBERED:
+                self._routes.clear()
+            self._routes[(name, ns)] = found
+        return found
+
+    def _route(self, name: str, ns: str | None) -> Route:
         if ns is not None:
             upstream = self._named(ns)
             return Route(upstream.name, self._repository(upstream, name), ns)
