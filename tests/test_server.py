@@ -154,6 +154,9 @@ async def test_blob_miss_then_hit_and_range(mirror: tuple[Client, Origin]) -> No
     # request is a cache hit once the commit is done.
     store = client.app[MIRROR].store
     await eventually(lambda: store.size(Digest.parse(digest)) == len(layer))
+    # The file is in place a moment before the download lets go of it; until then a GET
+    # joins the download instead of reading the file.
+    await eventually(lambda: not client.app[MIRROR].blobs.in_flight())
     response = await client.get(f"/v2/app/blobs/{digest}", headers={"Range": "bytes=1000-"})
     assert response.status == 206
     assert response.headers["Content-Range"] == f"bytes 1000-{len(layer) - 1}/{len(layer)}"
@@ -186,8 +189,10 @@ async def test_corrupt_blob_is_never_served_whole_or_cached(mirror: tuple[Client
         got = await response.read()
     assert got != image.layers[0]
     assert metric(client, "pullgate_digest_mismatches_total", {"upstream": "docker.io", "kind": "blob"}) == 1
+    # The client sees the cut before the download has removed its temp file.
+    await eventually(lambda: not client.app[MIRROR].blobs.in_flight())
     assert client.app[MIRROR].store.size(Digest.parse(digest)) is None
-    assert list((client.app[MIRROR].store.tmp).iterdir()) == []
+    await eventually(lambda: list((client.app[MIRROR].store.tmp).iterdir()) == [])
     origin.corrupt.clear()
     response = await client.get(f"/v2/app/blobs/{digest}")
     assert await response.read() == image.layers[0]
