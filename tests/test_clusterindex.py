@@ -308,7 +308,7 @@ async def test_records_reach_redis_in_batches_and_local_eviction_does_not_touch_
     clock = Clock()
     img = image("a")
     async with replicas(1, tmp_path, coordination, storage, s3_env, clock, max_size=0, low_water=0.9) as (node,):
-        client, prefix = node.coordinator._client, node.coordinator.prefix
+        client, prefix = node.coordinator.client, node.coordinator.prefix
         await store(node, img)
         assert await client.exists(prefix + SIZES) == 0  # nothing sent on the request path
         assert await node.catalog.push()
@@ -430,7 +430,7 @@ async def test_a_manifest_recorded_while_the_snapshot_is_read_keeps_its_blobs(
         await put(node.objects, layer, data)
         await node.catalog.add_blob(layer, len(data))  # an old blob nothing references yet...
         assert await node.catalog.push()
-        client, prefix = node.coordinator._client, node.coordinator.prefix
+        client, prefix = node.coordinator.client, node.coordinator.prefix
         await client.hset(prefix + REFS, "sha256:" + "ab" * 32, str(layer))  # ...until now
         assert await node.eviction.evict() == 0
         assert await in_bucket(node.objects) == {layer}

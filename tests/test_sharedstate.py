@@ -254,14 +254,14 @@ async def test_each_replica_serves_alone_when_a_shared_part_is_gone(
         # Known down: Redis is not asked per request (the health check turns it back on).
         assert coordinator.up is False
         commands = 0
-        ask = coordinator._call
+        ask = coordinator.call
 
         async def counted(operation: str, request: Callable[[], Awaitable[object]]) -> object:
             nonlocal commands
             commands += 1
             return await ask(operation, request)
 
-        monkeypatch.setattr(coordinator, "_call", counted)
+        monkeypatch.setattr(coordinator, "call", counted)
         other = upstream.add_image(APP, "2")
         assert (await b.get(f"{APP}/manifests/2"))[:2] == (200, other.manifest)
         for digest, data in other.blobs.items():  # downloads record proofs: not in Redis now

@@ -115,13 +115,13 @@ class ClusterIndex:
             for e in entries[start : start + _BATCH]:
                 children = "-" if e.children is None else " ".join(e.children)
                 args += [e.digest, e.size, children, repr(e.when)]
-            added += int(await self._coordinator._script(_RECORD, self._keys, args))
+            added += int(await self._coordinator.script(_RECORD, self._keys, args))
         times = list(pulls)
         for start in range(0, len(times), _BATCH):
             args = [0]
             for digest, when in times[start : start + _BATCH]:
                 args += [digest, repr(when)]
-            await self._coordinator._script(_RECORD, self._keys, args)
+            await self._coordinator.script(_RECORD, self._keys, args)
         return added
 
     async def forget(self, digests: Iterable[str]) -> int:
@@ -129,27 +129,27 @@ class ClusterIndex:
         keys = list(dict.fromkeys(digests))
         removed = 0
         for start in range(0, len(keys), _BATCH):
-            removed += int(await self._coordinator._script(_FORGET, self._keys, list(keys[start : start + _BATCH])))
+            removed += int(await self._coordinator.script(_FORGET, self._keys, list(keys[start : start + _BATCH])))
         return removed
 
     async def total_bytes(self) -> int:
-        client, key = self._coordinator._client, self._coordinator.prefix + BYTES
-        value = await self._coordinator._call("get", lambda: client.get(key))
+        client, key = self._coordinator.client, self._coordinator.prefix + BYTES
+        value = await self._coordinator.call("get", lambda: client.get(key))
         return int(value or 0)
 
     async def known(self, digests: Sequence[str]) -> set[str]:
         """Which of ``digests`` are recorded."""
         if not digests:
             return set()
-        client, key = self._coordinator._client, self._coordinator.prefix + SIZES
-        sizes: list[Any] = await self._coordinator._call("hmget", lambda: client.hmget(key, list(digests)))
+        client, key = self._coordinator.client, self._coordinator.prefix + SIZES
+        sizes: list[Any] = await self._coordinator.call("hmget", lambda: client.hmget(key, list(digests)))
         return {d for d, size in zip(digests, sizes, strict=True) if size is not None}
 
     async def rows(self, cursor: int, count: int) -> tuple[int, list[IndexRow]]:
         """About ``count`` recorded objects from ``cursor`` on (``HSCAN``: 0 starts, and a
         returned 0 means the pass is complete)."""
-        prefix, client = self._coordinator.prefix, self._coordinator._client
-        step: tuple[int, Any] = await self._coordinator._call(
+        prefix, client = self._coordinator.prefix, self._coordinator.client
+        step: tuple[int, Any] = await self._coordinator.call(
             "hscan", partial(client.hscan, prefix + SIZES, cursor=cursor, count=count)
         )
         found: dict[str, str] = step[1]
@@ -164,7 +164,7 @@ class ClusterIndex:
                 result: list[Any] = await pipe.execute()
                 return result
 
-        refs, used = await self._coordinator._call("rows", details)
+        refs, used = await self._coordinator.call("rows", details)
         rows = [
             IndexRow(d, int(found[d]), ref is not None, float(score or 0.0))
             for d, ref, score in zip(digests, refs, used, strict=True)
@@ -195,12 +195,12 @@ class ClusterIndex:
 
     async def _scan(self, command: str, name: str) -> dict[str, Any]:
         """A whole hash (``hscan``) or sorted set (``zscan``), ``_SCAN_COUNT`` entries a command."""
-        client, key = self._coordinator._client, self._coordinator.prefix + name
+        client, key = self._coordinator.client, self._coordinator.prefix + name
         scan = client.hscan if command == "hscan" else client.zscan
         found: dict[str, Any] = {}
         cursor = 0
         while True:
-            step: tuple[int, Any] = await self._coordinator._call(
+            step: tuple[int, Any] = await self._coordinator.call(
                 command, partial(scan, key, cursor=cursor, count=_SCAN_COUNT)
             )
             cursor = int(step[0])
@@ -210,13 +210,13 @@ class ClusterIndex:
 
     async def downloading(self) -> frozenset[str]:
         """Digests some replica holds the download lease of (``lease:blob:<digest>``)."""
-        client = self._coordinator._client
+        client = self._coordinator.client
         pattern = f"{self._coordinator.prefix}lease:{BLOB_LEASE}*"
         strip = len(pattern) - 1
         found: set[str] = set()
         cursor = 0
         while True:
-            step: tuple[int, list[Any]] = await self._coordinator._call(
+            step: tuple[int, list[Any]] = await self._coordinator.call(
                 "scan", partial(client.scan, cursor=cursor, match=pattern, count=_SCAN_COUNT)
             )
             cursor, keys = int(step[0]), step[1]

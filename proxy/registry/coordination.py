@@ -115,7 +115,7 @@ class Lease:
         return self.holder.token
 
     async def renew(self) -> bool:
-        ok = await self._coordinator._script(_RENEW, [self.name], [self.holder.value, _ms(self.ttl)])
+        ok = await self._coordinator.script(_RENEW, [self.name], [self.holder.value, _ms(self.ttl)])
         if ok:
             self.renewed = time.monotonic()
         else:
@@ -125,7 +125,7 @@ class Lease:
     async def release(self) -> bool:
         """Give the lease up; False when it was no longer ours."""
         self.lost.set()
-        return bool(await self._coordinator._script(_RELEASE, [self.name], [self.holder.value]))
+        return bool(await self._coordinator.script(_RELEASE, [self.name], [self.holder.value]))
 
     async def keep_alive(self) -> None:
         """Renew every third of the TTL until cancelled or lost."""
@@ -147,7 +147,7 @@ class Coordinator:
         owner: str | None = None,
         on_health: Callable[[bool], None] = lambda up: None,
     ) -> None:
-        self._client = client
+        self.client = client  # for callers' own commands, each sent through ``call``
         self.prefix = config.key_prefix
         self.timeout = config.timeout
         self.lease_ttl = config.lease_ttl
@@ -179,7 +179,9 @@ class Coordinator:
             await client.aclose()
 
     # --- every command goes through here ----------------------------------------------------
-    async def _call(self, operation: str, request: Callable[[], Awaitable[T]]) -> T:
+    async def call(self, operation: str, request: Callable[[], Awaitable[T]]) -> T:
+        """Send one command within the timeout; ``CoordinationUnavailable`` (and ``up``
+        flipped) when Redis does not answer."""
         try:
             async with asyncio.timeout(self.timeout):
                 result = await request()
@@ -199,17 +201,18 @@ class Coordinator:
             self._log.warning("coordination_down", operation=operation, error=error.__class__.__name__)
         self._on_health(up)
 
-    async def _script(self, source: str, names: list[str], args: list[str | int]) -> Any:
+    async def script(self, source: str, names: list[str], args: list[str | int]) -> Any:
+        """Run a Lua script (registered once) on ``names`` under the key prefix."""
         script = self._scripts.get(source)
         if script is None:
-            script = self._scripts[source] = self._client.register_script(source)
+            script = self._scripts[source] = self.client.register_script(source)
         keys = [self.prefix + name for name in names]
-        return await self._call("script", lambda: script(keys=keys, args=args))
+        return await self.call("script", lambda: script(keys=keys, args=args))
 
     async def ping(self) -> bool:
         """Whether Redis answers now (updates ``up``); never raises."""
         with suppress(CoordinationUnavailable):
-            await self._call("ping", self._client.ping)
+            await self.call("ping", self.client.ping)
         return bool(self.up)
 
     # --- leases -----------------------------------------------------------------------------
@@ -217,13 +220,13 @@ class Coordinator:
         """The lease ``name`` if nobody holds it, else None."""
         seconds = self.lease_ttl if ttl is None else ttl
         lease_key = f"lease:{name}"
-        token = await self._script(_ACQUIRE, [lease_key, "fence"], [self.owner, note, _ms(seconds)])
+        token = await self.script(_ACQUIRE, [lease_key, "fence"], [self.owner, note, _ms(seconds)])
         if token is None:
             return None
         return Lease(self, lease_key, LeaseHolder(int(token), self.owner, note), seconds)
 
     async def holder(self, name: str) -> LeaseHolder | None:
-        value = await self._call("get", lambda: self._client.get(f"{self.prefix}lease:{name}"))
+        value = await self.call("get", lambda: self.client.get(f"{self.prefix}lease:{name}"))
         return None if value is None else LeaseHolder.parse(_text(value))
 
     @asynccontextmanager
@@ -256,12 +259,12 @@ class Coordinator:
     # --- fenced records ---------------------------------------------------------------------
     async def fenced_set(self, lease: Lease, name: str, value: str, *, ttl: float) -> bool:
         """Write ``value`` unless a holder with a newer token already wrote ``name``."""
-        return bool(await self._script(_FENCED_SET, [f"record:{name}"], [lease.token, value, _ms(ttl)]))
+        return bool(await self.script(_FENCED_SET, [f"record:{name}"], [lease.token, value, _ms(ttl)]))
 
     async def fenced_get(self, name: str) -> tuple[int, str] | None:
         """(token of the writer, value) of a fenced record."""
         key = f"{self.prefix}record:{name}"
-        record: dict[Any, Any] = await self._call("hgetall", lambda: self._client.hgetall(key))
+        record: dict[Any, Any] = await self.call("hgetall", lambda: self.client.hgetall(key))
         if not record:
             return None
         return int(record["token"]), _text(record["value"])
@@ -272,8 +275,8 @@ class Coordinator:
         asks (``SET NX``), read by the others."""
         key = f"{self.prefix}secret:{name}"
         candidate = secrets.token_urlsafe(32)
-        await self._call("set", lambda: self._client.set(key, candidate, nx=True))
-        value = await self._call("get", lambda: self._client.get(key))
+        await self.call("set", lambda: self.client.set(key, candidate, nx=True))
+        value = await self.call("get", lambda: self.client.get(key))
         if value is None:  # removed between the two commands: ask again next time
             raise CoordinationUnavailable(f"redis lost {name}")
         return _text(value)
@@ -292,11 +295,11 @@ class Coordinator:
         """Remember ``tag`` -> ``digest`` for ``ttl`` seconds (the longest a stale answer may live)."""
         value = f"{digest}|{time.time() if checked is None else checked!r}"
         key = self._tag_key(upstream, repository, tag)
-        await self._call("set", lambda: self._client.set(key, value, px=_ms(ttl)))
+        await self.call("set", lambda: self.client.set(key, value, px=_ms(ttl)))
 
     async def get_tag(self, upstream: str, repository: str, tag: str) -> TagRecord | None:
         key = self._tag_key(upstream, repository, tag)
-        value = await self._call("get", lambda: self._client.get(key))
+        value = await self.call("get", lambda: self.client.get(key))
         if value is None:
             return None
         digest, _, checked = _text(value).partition("|")
@@ -308,7 +311,7 @@ class Coordinator:
 
     async def forget_tag(self, upstream: str, repository: str, tag: str) -> None:
         key = self._tag_key(upstream, repository, tag)
-        await self._call("del", lambda: self._client.delete(key))
+        await self.call("del", lambda: self.client.delete(key))
 
 
     # --- proofs (proxy.registry.provenance) --------------------------------------------------
@@ -325,12 +328,12 @@ class Coordinator:
     ) -> None:
         """``upstream`` showed at ``checked`` that ``repository`` holds ``digest``; kept ``ttl`` seconds."""
         key = self._proof_key(upstream, repository, digest)
-        await self._call("set", lambda: self._client.set(key, repr(checked), px=_ms(ttl)))
+        await self.call("set", lambda: self.client.set(key, repr(checked), px=_ms(ttl)))
 
     async def get_proof(self, upstream: str, repository: str, digest: Digest) -> float | None:
         """When the proof was last shown (epoch seconds), or None."""
         key = self._proof_key(upstream, repository, digest)
-        value = await self._call("get", lambda: self._client.get(key))
+        value = await self.call("get", lambda: self.client.get(key))
         if value is None:
             return None
         try:
@@ -341,7 +344,7 @@ class Coordinator:
 
     async def forget_proof(self, upstream: str, repository: str, digest: Digest) -> None:
         key = self._proof_key(upstream, repository, digest)
-        await self._call("del", lambda: self._client.delete(key))
+        await self.call("del", lambda: self.client.delete(key))
 
 
 def _text(value: str | bytes) -> str:
