@@ -34,7 +34,7 @@ from proxy.errors import PullgateError
 from proxy.oci.digest import Digest
 from proxy.ops.metrics import Metrics
 from proxy.registry.cluster import Cluster
-from proxy.registry.coordination import CoordinationUnavailable, Lease
+from proxy.registry.coordination import CoordinationUnavailable, Coordinator, Lease
 from proxy.registry.download import Flight
 from proxy.registry.routing import Route
 from proxy.registry.s3client import StorageUnavailable
@@ -77,51 +77,68 @@ class Sharing:
         objects = self._cluster.objects
         if objects is None:
             return upstream
-        if alone:
-            self._upload(flight, None)
-            return upstream
-        if await self._stored(flight.digest):
+        stored = ObjectSource(objects, flight.digest)
+        if not alone and await self._stored(flight.digest):
             await authorize()
-            return ObjectSource(objects, flight.digest)
+            return stored
         coordinator = self._cluster.coordinator
-        if coordinator is None or coordinator.up is False:
-            self._upload(flight, None)  # alone: Redis not configured, or down until a ping answers
-            return upstream
+        if alone or coordinator is None or coordinator.up is False:
+            return self._alone(flight, upstream)  # or Redis down until a ping answers
+        try:
+            return await self._through_lease(coordinator, flight, upstream, stored, dead, authorize)
+        except CoordinationUnavailable:
+            return self._alone(flight, upstream)
+
+    async def _through_lease(
+        self,
+        coordinator: Coordinator,
+        flight: Flight,
+        upstream: UpstreamSource,
+        stored: ObjectSource,
+        dead: set[str],
+        authorize: _Authorize,
+    ) -> BlobSource:
+        """Take the blob's lease and download it, or stream from its holder, or wait for the
+        holder's object."""
         name = f"blob:{flight.digest}"
         deadline = time.monotonic() + 2 * coordinator.lease_ttl
         while True:
-            try:
-                lease = await coordinator.acquire(name, note=self._cluster.advertise_url or "")
-                holder = None if lease is not None else await coordinator.holder(name)
-            except CoordinationUnavailable:
-                self._upload(flight, None)
-                return upstream
+            lease = await coordinator.acquire(name, note=self._cluster.advertise_url or "")
             if lease is not None:
                 if await self._stored(flight.digest):
                     # A holder finished (uploaded, released) between our look and our lease.
                     await self._release(lease, None)
                     await authorize()
-                    return ObjectSource(objects, flight.digest)
+                    return stored
                 self._upload(flight, lease)
                 return upstream
+            holder = await coordinator.holder(name)
             if holder is not None and holder.note and holder.note not in dead and holder.owner != coordinator.owner:
-                token = await self._cluster.peer_secret()
-                if token is not None:
+                peer = await self._peer(coordinator, holder.note, flight.digest)
+                if peer is not None:
                     await authorize()
-                    url = self._cluster.peer_url(holder.note, str(flight.digest))
-                    tls = await self._cluster.peer_tls()
-                    return PeerSource(
-                        self._session, holder.note, url, token, timeout=coordinator.timeout * 5, tls=tls
-                    )
+                    return peer
             if (holder is not None and holder.note in dead) or time.monotonic() >= deadline:
                 # The holder is unreachable (its lease outlives it until it expires) or
                 # slower than we wait: fetch alone rather than keep the clients waiting.
-                self._upload(flight, None)
-                return upstream
+                return self._alone(flight, upstream)
             await asyncio.sleep(_POLL)
             if await self._stored(flight.digest):
                 await authorize()
-                return ObjectSource(objects, flight.digest)
+                return stored
+
+    async def _peer(self, coordinator: Coordinator, base: str, digest: Digest) -> PeerSource | None:
+        token = await self._cluster.peer_secret()
+        if token is None:
+            return None
+        url = self._cluster.peer_url(base, str(digest))
+        tls = await self._cluster.peer_tls()
+        return PeerSource(self._session, base, url, token, timeout=coordinator.timeout * 5, tls=tls)
+
+    def _alone(self, flight: Flight, upstream: UpstreamSource) -> UpstreamSource:
+        """The upstream without the cluster's lease (the upload still shares the result)."""
+        self._upload(flight, None)
+        return upstream
 
     async def presigned(self, digest: Digest, authorize: _Authorize) -> str | None:
         """Redirect mode (``storage.redirect``): a presigned GET URL of the blob, once the
