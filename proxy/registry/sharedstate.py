@@ -20,7 +20,6 @@ digest covers the type a replica serves.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -29,7 +28,7 @@ from proxy.errors import BlobUnknown, DigestMismatch, ManifestInvalid
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import ParsedManifest, parse_manifest
 from proxy.ops.supervisor import Supervisor
-from proxy.registry.cluster import HEALTH_INTERVAL, Cluster
+from proxy.registry.cluster import Cluster
 from proxy.registry.coordination import CoordinationUnavailable, Coordinator, TagRecord
 from proxy.registry.objectstore import ObjectStore
 from proxy.registry.s3client import StorageUnavailable
@@ -48,10 +47,8 @@ def sniff(data: bytes, media_type: str | None = None) -> ParsedManifest | None:
 class SharedState:
     """One replica's view of what the others share (inert without a cluster)."""
 
-    def __init__(self, cluster: Cluster | None, *, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cluster: Cluster | None) -> None:
         self._cluster = cluster
-        self._monotonic = monotonic
-        self._storage_retry = 0.0  # object-store calls are skipped until then (monotonic)
         self._publishing: set[asyncio.Event] = set()  # publications not finished yet
         self._log = structlog.get_logger("pullgate.sharedstate")
 
@@ -91,13 +88,14 @@ class SharedState:
         return coordinator
 
     def _objects(self) -> ObjectStore | None:
-        objects = self._cluster.objects if self._cluster is not None else None
-        if objects is None or self._monotonic() < self._storage_retry:
+        # After a failure the store is skipped until the cluster's health check (or another
+        # caller's request) finds it answering again: one rule for blobs and manifests.
+        cluster = self._cluster
+        if cluster is None or cluster.objects is None or not cluster.storage_up:
             return None
-        return objects
+        return cluster.objects
 
     def _storage_failed(self, exc: StorageUnavailable) -> None:
-        self._storage_retry = self._monotonic() + HEALTH_INTERVAL
         if self._cluster is not None:
             self._cluster.storage_health(False, exc)
 
