@@ -490,7 +490,10 @@ def _alarm(signum: int, frame: FrameType | None) -> None:
     raise TimeoutError("benchmark exceeded its deadline")
 
 
-def measure(plan: Plan, work: Path) -> dict[str, Any]:
+PHASES = ("warm", "cold_pull", "concurrent")
+
+
+def measure(plan: Plan, work: Path, only: tuple[str, ...] = PHASES) -> dict[str, Any]:
     phases: list[tuple[str, Callable[[], dict[str, Any]]]] = []
     with running(Registry(work / "upstream")) as upstream:
         big, cold = build_and_push(work, upstream, plan)
@@ -498,7 +501,7 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
         phases = [("warm", lambda: phase_warm(work, upstream, big, plan)),
                   ("cold_pull", lambda: phase_cold_pull(work, upstream, cold, plan)),
                   ("concurrent", lambda: phase_concurrent(work, upstream, big, plan))]
-        return {name: fn() for name, fn in phases}
+        return {name: fn() for name, fn in phases if name in only}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs, caches) for inspection")
     parser.add_argument("--pullgate-src", type=Path, default=ROOT,
                         help="directory holding the proxy/ package to run (default: this checkout)")
+    parser.add_argument("--phase", action="append", choices=PHASES,
+                        help="run only this phase (repeatable; default: all) -- for A/B runs of one change")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
     Pullgate.src = args.pullgate_src.resolve()
@@ -518,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: dict[str, Any] = {"mode": "quick" if args.quick else "full", "plan": plan.__dict__,
                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "env": environment()}
-        result.update(measure(plan, work))
+        result.update(measure(plan, work, tuple(args.phase or PHASES)))
     finally:
         signal.alarm(0)
         if args.keep:
@@ -526,11 +531,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     result["seconds"] = round(time.monotonic() - started, 1)
-    result["verdicts"] = verdicts(result)
+    whole = all(name in result for name in PHASES)
+    if whole:
+        result["verdicts"] = verdicts(result)
     out = args.out or ROOT / "bench" / "results" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
+    # One phase alone has no table (its verdicts compare phases): its log lines and JSON say it.
+    print(table(result) if whole else json.dumps({k: result[k] for k in PHASES if k in result}, indent=1))
     print(f"\n{result['mode']} run, {result['seconds']} s, {result['env']['cpus']} CPUs, loopback; "
           f"GB = 10^9 bytes; JSON: {out}")
     return 0

@@ -60,7 +60,6 @@ class AdmissionRequest:
         )
 
 
-
 def parse_review(body: bytes) -> AdmissionRequest:
     """The request of an AdmissionReview body; ``ReviewInvalid`` (400) for anything else,
     including JSON nested deeper than any Kubernetes object (``MAX_DEPTH``). The size is
@@ -136,7 +135,6 @@ def sites_to_check(request: AdmissionRequest) -> tuple[ImageSite, ...]:
 
 def _admitted(site: ImageSite) -> tuple[str, int | None, bool | None]:
     return site.image, site.run_as_user, site.run_as_non_root
-
 
 
 def review_response(

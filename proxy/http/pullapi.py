@@ -10,21 +10,32 @@ from __future__ import annotations
 
 import asyncio
 import re
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from io import FileIO
 from typing import BinaryIO
 
 from aiohttp import web
 from multidict import CIMultiDict
+from prometheus_client import Counter
 
 from proxy.access.control import ANONYMOUS, Access, Identity
-from proxy.errors import BlobUnknown, NameUnknown, RangeInvalid, Unauthorized, Unsupported, UpstreamError
+from proxy.errors import (
+    BlobUnknown,
+    NameUnknown,
+    RangeInvalid,
+    Unauthorized,
+    Unsupported,
+    UpstreamError,
+    UpstreamUnavailable,
+)
 from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import INDEX_TYPES, acceptable, parse_accept, parse_manifest, pick_platform
 from proxy.oci.reference import validate_tag
 from proxy.ops.limits import FETCH_CLIENT, client_key
 from proxy.registry.blobs import CachedBlob
-from proxy.registry.download import Flight
+from proxy.registry.download import FileWindow, Flight
 from proxy.registry.manifests import Manifest
 from proxy.registry.mirror import Mirror
 from proxy.registry.routing import Route
@@ -230,19 +241,22 @@ async def send_cached(
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start
         await response.prepare(request)
-        if await _sendfile(request, file, start, end):
+        if await _sendfile(request, file, start, end, mirror.metrics.served_from_cache):
             await response.write_eof()
     finally:
         file.close()
     return response
 
 
-async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) -> bool:
+async def _sendfile(
+    request: web.Request, file: BinaryIO | FileIO, start: int, end: int, served: Counter, *, fallback: bool = True
+) -> bool:
     """``loop.sendfile`` in pieces, each bounded by ``limits.send_timeout``; False when the
     client was cut off. A piece doubles (up to 16 MiB) while the client takes it within a
     16th of the timeout and halves (down to 1 MiB) past a quarter: a fast client costs a
     few calls per blob (each call has a price: 1 MiB pieces cost 2.5x the CPU of one call),
-    and only a client that stops, or slows more than 4-16 times within one piece, is cut."""
+    and only a client that stops, or slows more than 4-16 times within one piece, is cut.
+    ``fallback=False``: never read through the file's position (a shared descriptor)."""
     loop = asyncio.get_running_loop()
     send_timeout = request.app[CONFIG].limits.send_timeout
     details = info(request)
@@ -255,11 +269,13 @@ async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) 
         began = loop.time()
         try:
             async with asyncio.timeout(send_timeout):
-                await loop.sendfile(transport, file, offset, count)
+                sent = await loop.sendfile(transport, file, offset, count, fallback=fallback)
         except TimeoutError:
             details.extra["aborted"] = "SEND_TIMEOUT"
             transport.abort()
             return False
+        if sent != count:  # the file is shorter than it was said to be: never pad, never go on
+            raise UpstreamUnavailable(f"blob file ended after {offset + sent} of {end} bytes")
         took = loop.time() - began
         if took < send_timeout / 16:
             piece = min(piece * 2, _PIECE_MAX)
@@ -267,12 +283,14 @@ async def _sendfile(request: web.Request, file: BinaryIO, start: int, end: int) 
             piece = max(piece // 2, _PIECE_MIN)
         offset += count
         details.bytes += count
-        request.app[MIRROR].metrics.served_from_cache.inc(count)
+        served.inc(count)
     return True
 
 
 async def stream_flight(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
-    """Stream a blob that is still downloading, honouring a single ``Range``."""
+    """Stream a blob that is still downloading, honouring a single ``Range``. Over a plain
+    socket, what a reader is behind on goes by ``sendfile`` from the download's file
+    (``FileWindow``); what it keeps up with comes from memory."""
     start, end, status = 0, flight.size, 200
     range_header = request.headers.get("Range")
     if range_header and flight.size is not None:
@@ -283,17 +301,29 @@ async def stream_flight(request: web.Request, flight: Flight, headers: dict[str,
     if end is not None:
         response.content_length = end - start
     await response.prepare(request)
-    metrics = request.app[MIRROR].metrics
+    served = request.app[MIRROR].metrics.served_from_upstream
     send_timeout = request.app[CONFIG].limits.send_timeout
     details = info(request)
+    # TLS cannot sendfile (and its fallback would read through the shared descriptor's
+    # position); chunked encoding (unknown length) frames every write.
+    transport = request.transport
+    windows = end is not None and transport is not None and transport.get_extra_info("sslcontext") is None
     try:
-        async for chunk in flight.read(start, end):
-            # A client that takes no byte for send_timeout is cut off. (A slow one only
-            # slows itself: the download writes to disk whatever clients do.)
-            async with asyncio.timeout(send_timeout):
-                await response.write(chunk)
-            details.bytes += len(chunk)
-            metrics.served_from_upstream.inc(len(chunk))
+        async with aclosing(flight.read(start, end, windows=windows)) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, FileWindow):
+                    file = FileIO(piece.fd, closefd=False)
+                    if not await _sendfile(
+                        request, file, piece.offset, piece.offset + piece.count, served, fallback=False
+                    ):
+                        return response
+                    continue
+                # A client that takes no byte for send_timeout is cut off. (A slow one only
+                # slows itself: the download writes to disk whatever clients do.)
+                async with asyncio.timeout(send_timeout):
+                    await response.write(piece)
+                details.bytes += len(piece)
+                served.inc(len(piece))
     except (UpstreamError, TimeoutError) as exc:
         # Headers are sent; the only honest signal left is a connection closed short of
         # Content-Length, so the client discards what it got.

@@ -56,8 +56,10 @@ class RequestSeries(Collector):
         observed[1][0] += seconds
 
     def describe(self) -> Iterable[Metric]:
-        return [CounterMetricFamily(*self._REQUESTS, labels=self.label_names[self._REQUESTS[0]]),
-                HistogramMetricFamily(*self._SECONDS, labels=self.label_names[self._SECONDS[0]])]
+        return [
+            CounterMetricFamily(*self._REQUESTS, labels=self.label_names[self._REQUESTS[0]]),
+            HistogramMetricFamily(*self._SECONDS, labels=self.label_names[self._SECONDS[0]]),
+        ]
 
     def collect(self) -> Iterable[Metric]:
         requests = CounterMetricFamily(*self._REQUESTS, labels=self.label_names[self._REQUESTS[0]])
@@ -163,8 +165,7 @@ class Metrics:
         )
         self.object_store_up = Gauge(
             "pullgate_object_store_up",
-            "1 while the S3 object store answers, 0 while blobs pass through from upstream; "
-            "1 with filesystem storage.",
+            "1 while the S3 object store answers, 0 while blobs pass through from upstream; 1 with filesystem storage.",
             registry=registry,
         )
         self.shared_tier = Counter(

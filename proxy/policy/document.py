@@ -65,9 +65,7 @@ class Policy:
         return self.match.applies(ref, namespace)
 
 
-def parse_policy(
-    doc: object, source: str = "", base: Path | None = None, roots: RootHolder | None = None
-) -> Policy:
+def parse_policy(doc: object, source: str = "", base: Path | None = None, roots: RootHolder | None = None) -> Policy:
     """Build a policy from one YAML document; raises ``FieldError`` naming the field.
     ``base`` is where relative file names in the policy (key files) are looked up; ``roots``
     the default Sigstore trusted root (default: the shipped one)."""

@@ -269,9 +269,7 @@ class BlobService:
         log.info("blob_cached", size=flight.written)
         self._on_stored()
 
-    async def _receive(
-        self, flight: Flight, chunks: AsyncIterator[bytes], update: Callable[[bytes], object]
-    ) -> None:
+    async def _receive(self, flight: Flight, chunks: AsyncIterator[bytes], update: Callable[[bytes], object]) -> None:
         # Bytes are written (and hashed) in a worker thread while the next ones arrive; what
         # arrives meanwhile is written in one go next (at most _WRITE_BEHIND bytes wait).
         writing: asyncio.Future[None] | None = None
@@ -348,4 +346,3 @@ class BlobService:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-

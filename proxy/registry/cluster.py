@@ -156,4 +156,3 @@ class Cluster:
 
     def peer_url(self, base: str, digest: str) -> str:
         return base.rstrip("/") + PEER_PATH + digest
-

@@ -32,9 +32,7 @@ class ClusterCatalog:
     """A ``Catalog``. ``index`` answers the cluster index once Redis is configured and
     opened (None before: writes are buffered until then)."""
 
-    def __init__(
-        self, local: Catalog, index: Callable[[], ClusterIndex | None], *, clock: Callable[[], float]
-    ) -> None:
+    def __init__(self, local: Catalog, index: Callable[[], ClusterIndex | None], *, clock: Callable[[], float]) -> None:
         self.local = local
         self._index = index
         self._clock = clock

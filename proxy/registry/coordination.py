@@ -313,7 +313,6 @@ class Coordinator:
         key = self._tag_key(upstream, repository, tag)
         await self.call("del", lambda: self.client.delete(key))
 
-
     # --- proofs (proxy.registry.provenance) --------------------------------------------------
     def _proof_key(self, upstream: str, repository: str, digest: Digest) -> str:
         # A digest is ``algorithm:hex`` with exactly one ':' and a repository has none
@@ -323,9 +322,7 @@ class Coordinator:
             raise ValueError(f"repository cannot contain ':': {repository!r}")
         return f"{self.prefix}proof:{upstream}:{repository}:{digest}"
 
-    async def set_proof(
-        self, upstream: str, repository: str, digest: Digest, *, checked: float, ttl: float
-    ) -> None:
+    async def set_proof(self, upstream: str, repository: str, digest: Digest, *, checked: float, ttl: float) -> None:
         """``upstream`` showed at ``checked`` that ``repository`` holds ``digest``; kept ``ttl`` seconds."""
         key = self._proof_key(upstream, repository, digest)
         await self.call("set", lambda: self.client.set(key, repr(checked), px=_ms(ttl)))

@@ -14,6 +14,13 @@ attached reader still needs is also kept in memory, up to ``RECENT`` bytes: read
 up with the download (the usual case: clients at the pace of the upstream) take their bytes
 from there without a thread hop; a reader further behind reads ``READ_AHEAD`` bytes per hop.
 
+A reader that sends to a plain socket asks for *windows* (``read(windows=True)``): where it
+is behind the memory, it gets ``FileWindow`` ranges of the file (written, and verified for
+the last byte) to ``sendfile`` instead of bytes — zero copies through Python and no worker
+thread, so a storm of clients behind one download costs neither memory nor the thread pool
+the download's own writes need (200 clients reading 1 MiB pieces: 510 MiB RSS, writes
+queued behind hundreds of reads). The bytes were just written: they come from the page cache.
+
 The last byte is released as soon as the digest matches (``verified``), before the
 writer makes the file durable (fsync, rename): no client waits for the disk flush.
 
@@ -30,9 +37,11 @@ import errno
 import itertools
 import os
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Literal, overload
 
 from proxy.errors import PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
@@ -42,6 +51,17 @@ RECENT = 8 << 20  # at most this much of the download's end is kept in memory fo
 READ_AHEAD = 1 << 20  # bytes per disk read for readers further behind
 SPILL_WINDOW = 64 << 20  # memory kept for readers of a pass-through download
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+@dataclass(frozen=True, slots=True)
+class FileWindow:
+    """Bytes ``[offset, offset + count)`` of the blob, on disk in descriptor ``fd`` — valid
+    (open) until the reader asks for its next piece. Send them with ``os.sendfile`` or
+    ``pread``: the descriptor is shared, its file position means nothing."""
+
+    fd: int
+    offset: int
+    count: int
 
 
 class State(Enum):
@@ -165,9 +185,20 @@ class Flight:
         event.set()
 
     # --- reader side ----------------------------------------------------------------------
-    async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes | memoryview]:
+    @overload
+    def read(
+        self, start: int = 0, end: int | None = None, *, windows: Literal[False] = False
+    ) -> AsyncGenerator[bytes | memoryview, None]: ...
+    @overload
+    def read(
+        self, start: int, end: int | None, *, windows: bool
+    ) -> AsyncGenerator[bytes | memoryview | FileWindow, None]: ...
+    async def read(
+        self, start: int = 0, end: int | None = None, *, windows: bool = False
+    ) -> AsyncGenerator[bytes | memoryview | FileWindow, None]:
         """Bytes ``[start, end)`` of the blob as they become available (and verified, for
-        the last one). Raises the download's error if it fails."""
+        the last one). With ``windows``, what is on disk and no longer in memory comes as
+        ``FileWindow`` ranges instead of bytes. Raises the download's error if it fails."""
         reader = self._next_reader
         self._next_reader += 1
         self._readers[reader] = start
@@ -185,8 +216,8 @@ class Flight:
                 if end is not None:
                     limit = min(limit, end)
                 if offset < limit:
-                    data = await self._chunk(fd, offset, limit)
-                    offset += len(data)
+                    data = await self._chunk(fd, offset, limit, windows)
+                    offset += data.count if isinstance(data, FileWindow) else len(data)
                     self._readers[reader] = offset
                     yield data
                 elif self._complete:
@@ -201,12 +232,14 @@ class Flight:
             del self._readers[reader]
             self._maybe_close()
 
-    async def _chunk(self, fd: int, offset: int, limit: int) -> bytes | memoryview:
+    async def _chunk(self, fd: int, offset: int, limit: int, windows: bool) -> bytes | memoryview | FileWindow:
         if self.disk_bytes is None or offset < self.disk_bytes:
             stop = limit if self.disk_bytes is None else min(limit, self.disk_bytes)
             recent = _slice(self._recent, offset, stop)
             if recent is not None:
                 return recent
+            if windows:
+                return FileWindow(fd, offset, stop - offset)
             return await asyncio.to_thread(os.pread, fd, min(stop - offset, READ_AHEAD), offset)
         spilled = _slice(self._spill, offset, limit)
         if spilled is None:

@@ -246,4 +246,3 @@ class Sharing:
             task.cancel()
         if pending:
             await asyncio.wait(pending)
-

@@ -173,4 +173,3 @@ async def _peer_chunks(response: aiohttp.ClientResponse, skip: int) -> AsyncIter
             yield chunk
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise SourceFailed(f"peer transfer failed: {exc.__class__.__name__}") from exc
-

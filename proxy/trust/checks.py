@@ -246,9 +246,7 @@ def _entries(sig: Signature) -> tuple[LogEntry, ...]:
     return sig.log_entries
 
 
-def _log(
-    sig: Signature, good: tuple[bytes, ...], logs: LogKeys, signers: frozenset[bytes]
-) -> Outcome | list[datetime]:
+def _log(sig: Signature, good: tuple[bytes, ...], logs: LogKeys, signers: frozenset[bytes]) -> Outcome | list[datetime]:
     """Step 4: the SET integrated times of the entries that prove this signature logged."""
     best = Outcome(Reason.NOT_IN_TLOG, f"{sig.origin}: no transparency log entry")
     proven, times = False, []

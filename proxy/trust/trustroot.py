@@ -189,4 +189,3 @@ def _bytes(text: Any) -> bytes:
     if not isinstance(text, str):
         raise ValueError("expected base64 text")
     return base64.b64decode(text, validate=True)
-
