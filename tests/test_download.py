@@ -14,7 +14,7 @@ import pytest
 
 from proxy.errors import DigestMismatch, PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
-from proxy.registry.download import CHUNK, RECENT, Flight, State
+from proxy.registry.download import CHUNK, RECENT, FileWindow, Flight, State
 from tests.support.polling import eventually
 
 DATA = os.urandom(3 * CHUNK + 1234)
@@ -129,3 +129,22 @@ async def test_readers_keeping_up_take_their_bytes_from_memory(tmp_path: Path, r
         with pytest.raises(OSError):
             await collect(flight, bytearray())
     flight.writer_closed()
+
+
+async def test_a_reader_asking_for_windows_gets_the_file_where_memory_has_let_go(flight: Flight) -> None:
+    """No reader attached while the bytes were written: nothing is kept in memory, so a
+    windows reader is given the file itself — up to the last byte, which waits for the
+    digest."""
+    for offset in range(0, len(DATA), CHUNK):
+        await flight.write(DATA[offset : offset + CHUNK])
+    pieces = flight.read(0, len(DATA), windows=True)
+    first = await anext(pieces)
+    assert isinstance(first, FileWindow) and (first.offset, first.count) == (0, len(DATA) - 1)
+    assert os.pread(first.fd, first.count, first.offset) == DATA[:-1]
+    last = asyncio.ensure_future(anext(pieces))
+    await asyncio.sleep(0.05)
+    assert not last.done(), "the last byte waits for verification"
+    flight.verified()
+    window = await asyncio.wait_for(last, 5)
+    assert isinstance(window, FileWindow) and os.pread(window.fd, window.count, window.offset) == DATA[-1:]
+    await pieces.aclose()

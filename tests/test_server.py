@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from proxy.config.settings import CacheConfig, Config, TimeoutConfig, UpstreamConfig
-from proxy.http.appkeys import METRICS, MIRROR
+from proxy.http.appkeys import METRICS, MIRROR, SENDER
 from proxy.oci.digest import Digest
+from proxy.registry.download import RECENT
 from tests.support.aio import Client
 from tests.support.images import sha256_digest
 from tests.support.origin import OCI_INDEX, OCI_MANIFEST, MirrorUnderTest, Origin, StartMirror
@@ -404,3 +405,31 @@ async def test_range_on_a_blob_still_downloading(mirror: tuple[Client, Origin]) 
     assert origin.count("GET", f"/blobs/{digest}") == 1
     bad = await client.get(f"/v2/app/blobs/{digest}", headers={"Range": f"bytes={len(layer)}-"})
     assert bad.status == 416
+
+
+async def test_a_client_far_behind_a_download_gets_the_file_by_sendfile(
+    mirror: tuple[Client, Origin], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past what the download keeps in memory, a joining client is sent windows of the
+    download's file (``FileSender``), every byte right and the last one after verification."""
+    client, origin = mirror
+    image = origin.add_image("library/app", "1.0", layers=[RECENT + (4 << 20)])
+    await client.get("/v2/app/manifests/1.0")
+    layer, digest = image.layers[0], sha256_digest(image.layers[0])
+    sender = client.app[SENDER]
+    windows: list[tuple[int, int]] = []
+    send = sender.send
+
+    async def recording(transport: Any, fd: int, offset: int, count: int, **kwargs: Any) -> None:
+        windows.append((offset, count))
+        await send(transport, fd, offset, count, **kwargs)
+
+    monkeypatch.setattr(sender, "send", recording)
+    origin.chunk_delay = 0.003  # 192 chunks of 64 KiB: the download runs ~0.6 s
+    first = await client.get(f"/v2/app/blobs/{digest}")
+    early = await first.content.readexactly(RECENT + (1 << 20))
+    late = await client.get(f"/v2/app/blobs/{digest}")
+    assert await late.read() == layer
+    assert early + await first.read() == layer
+    assert windows and windows[0][0] == 0, "the late client started from the file, not from memory"
+    assert origin.count("GET", f"/blobs/{digest}") == 1

@@ -20,6 +20,7 @@ from proxy.http.appkeys import (
     MIRROR,
     POLICIES,
     PULL_POLICY,
+    SENDER,
     TRUST_REFRESH,
     TRUST_ROOTS,
     Lifecycle,
@@ -27,6 +28,7 @@ from proxy.http.appkeys import (
 from proxy.http.boundary import RequestIds, on_prepare, request_middleware
 from proxy.http.peerapi import add_peer_routes
 from proxy.http.pullapi import add_routes
+from proxy.http.sendfile import FileSender
 from proxy.http.trustrefresh import refresher
 from proxy.http.webhook_listener import serve_webhook
 from proxy.ops.limits import FetchLimiter
@@ -56,6 +58,7 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     app[TRUST_ROOTS] = RootHolder()
     if config.trust.tuf.url is not None:  # a bad anchor file is a ConfigError now, not at the first refresh
         app[TRUST_REFRESH] = refresher(config, app[TRUST_ROOTS], app[METRICS], structlog.get_logger("pullgate.trust"))
+    app.cleanup_ctx.append(_sender_ctx)
     app.cleanup_ctx.append(_mirror_ctx)
     app.cleanup_ctx.append(_trust_ctx)
     app.cleanup_ctx.append(_policies_ctx)
@@ -79,6 +82,14 @@ def handler_args(limits: LimitsConfig) -> dict[str, float]:
         "max_headers": limits.max_headers,
         "keepalive_timeout": limits.idle_timeout,
     }
+
+
+async def _sender_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[SENDER] = sender = FileSender()
+    try:
+        yield
+    finally:
+        await sender.close()
 
 
 async def _mirror_ctx(app: web.Application) -> AsyncIterator[None]:

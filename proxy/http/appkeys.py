@@ -9,6 +9,7 @@ from aiohttp import web
 
 from proxy.access.control import Access
 from proxy.config.settings import Config
+from proxy.http.sendfile import FileSender
 from proxy.http.trustrefresh import TrustRootRefresher
 from proxy.ops.limits import FetchLimiter
 from proxy.ops.metrics import Metrics
@@ -34,5 +35,6 @@ METRICS = web.AppKey("metrics", Metrics)
 MIRROR = web.AppKey("mirror", Mirror)
 POLICIES = web.AppKey("policies", PolicyStore)
 PULL_POLICY = web.AppKey("pull_policy", PullPolicy)
+SENDER = web.AppKey("sender", FileSender)  # blob bytes to clients by sendfile, off the event loop
 TRUST_ROOTS = web.AppKey("trust_roots", RootHolder)  # the default Sigstore root (shipped, or refreshed: trust.tuf)
 TRUST_REFRESH = web.AppKey("trust_refresh", TrustRootRefresher)  # only when trust.tuf.url is set

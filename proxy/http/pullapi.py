@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from io import FileIO
@@ -29,7 +30,7 @@ from proxy.errors import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY
+from proxy.http.appkeys import ACCESS, CONFIG, MIRROR, PULL_POLICY, SENDER
 from proxy.oci.digest import Digest
 from proxy.oci.mediatypes import INDEX_TYPES, acceptable, parse_accept, parse_manifest, pick_platform
 from proxy.oci.reference import validate_tag
@@ -44,7 +45,7 @@ API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 _MAX_PAGE = 10_000
-_PIECE_MIN, _PIECE_MAX = 1 << 20, 16 << 20  # bytes per sendfile call on the cached path
+_TLS_PIECE = 1 << 20  # bytes per send_timeout through a TLS connection
 _HEADERS_REMEMBERED = 1024
 # A manifest response's headers by (digest, media type, ns echoed): built once, copied into
 # each response (cheaper than building them from a dict every time).
@@ -248,43 +249,52 @@ async def send_cached(
     return response
 
 
-async def _sendfile(
-    request: web.Request, file: BinaryIO | FileIO, start: int, end: int, served: Counter, *, fallback: bool = True
-) -> bool:
-    """``loop.sendfile`` in pieces, each bounded by ``limits.send_timeout``; False when the
-    client was cut off. A piece doubles (up to 16 MiB) while the client takes it within a
-    16th of the timeout and halves (down to 1 MiB) past a quarter: a fast client costs a
-    few calls per blob (each call has a price: 1 MiB pieces cost 2.5x the CPU of one call),
-    and only a client that stops, or slows more than 4-16 times within one piece, is cut.
-    ``fallback=False``: never read through the file's position (a shared descriptor)."""
-    loop = asyncio.get_running_loop()
+async def _sendfile(request: web.Request, file: BinaryIO | FileIO, start: int, end: int, served: Counter) -> bool:
+    """Bytes ``[start, end)`` of ``file`` to the client (``proxy.http.sendfile``: off the
+    event loop), each piece bounded by ``limits.send_timeout``; False when the client was
+    cut off for taking nothing that long."""
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the client closed the connection")
     send_timeout = request.app[CONFIG].limits.send_timeout
     details = info(request)
-    offset, piece = start, _PIECE_MIN
-    while offset < end:
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client closed the connection")
-        count = min(piece, end - offset)
-        began = loop.time()
-        try:
-            async with asyncio.timeout(send_timeout):
-                sent = await loop.sendfile(transport, file, offset, count, fallback=fallback)
-        except TimeoutError:
-            details.extra["aborted"] = "SEND_TIMEOUT"
-            transport.abort()
-            return False
-        if sent != count:  # the file is shorter than it was said to be: never pad, never go on
-            raise UpstreamUnavailable(f"blob file ended after {offset + sent} of {end} bytes")
-        took = loop.time() - began
-        if took < send_timeout / 16:
-            piece = min(piece * 2, _PIECE_MAX)
-        elif took > send_timeout / 4:
-            piece = max(piece // 2, _PIECE_MIN)
-        offset += count
+
+    def sent(count: int) -> None:
         details.bytes += count
         served.inc(count)
+
+    try:
+        sender = request.app[SENDER]
+        if sender.supports(transport):
+            await sender.send(transport, file.fileno(), start, end - start, timeout=send_timeout, on_sent=sent)
+        else:
+            await _sendfile_tls(transport, file, start, end, send_timeout, sent)
+    except TimeoutError:
+        details.extra["aborted"] = "SEND_TIMEOUT"
+        transport.abort()
+        return False
+    except EOFError as exc:  # the file is shorter than it was said to be: never pad, never go on
+        raise UpstreamUnavailable(f"blob file too short: {exc}") from None
     return True
+
+
+async def _sendfile_tls(
+    transport: asyncio.WriteTransport,
+    file: BinaryIO | FileIO,
+    start: int,
+    end: int,
+    send_timeout: float,
+    sent: Callable[[int], None],
+) -> None:
+    """TLS encrypts in user space: asyncio reads the file and writes through the TLS
+    transport (reading at the file's position: only for a file object of this response)."""
+    loop = asyncio.get_running_loop()
+    for offset in range(start, end, _TLS_PIECE):
+        count = min(_TLS_PIECE, end - offset)
+        async with asyncio.timeout(send_timeout):
+            if await loop.sendfile(transport, file, offset, count) != count:
+                raise EOFError(f"file ended before byte {offset + count}")
+        sent(count)
 
 
 async def stream_flight(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
@@ -304,7 +314,7 @@ async def stream_flight(request: web.Request, flight: Flight, headers: dict[str,
     served = request.app[MIRROR].metrics.served_from_upstream
     send_timeout = request.app[CONFIG].limits.send_timeout
     details = info(request)
-    # TLS cannot sendfile (and its fallback would read through the shared descriptor's
+    # TLS cannot sendfile (its fallback would read through the shared descriptor's
     # position); chunked encoding (unknown length) frames every write.
     transport = request.transport
     windows = end is not None and transport is not None and transport.get_extra_info("sslcontext") is None
@@ -313,9 +323,7 @@ async def stream_flight(request: web.Request, flight: Flight, headers: dict[str,
             async for piece in pieces:
                 if isinstance(piece, FileWindow):
                     file = FileIO(piece.fd, closefd=False)
-                    if not await _sendfile(
-                        request, file, piece.offset, piece.offset + piece.count, served, fallback=False
-                    ):
+                    if not await _sendfile(request, file, piece.offset, piece.offset + piece.count, served):
                         return response
                     continue
                 # A client that takes no byte for send_timeout is cut off. (A slow one only
