@@ -273,6 +273,10 @@ async def _sendfile(request: web.Request, file: BinaryIO | FileIO, start: int, e
         details.extra["aborted"] = "SEND_TIMEOUT"
         transport.abort()
         return False
+    except ConnectionError:
+        # Part of the body went out: the connection must not carry another response.
+        transport.abort()
+        raise
     except EOFError as exc:  # the file is shorter than it was said to be: never pad, never go on
         raise UpstreamUnavailable(f"blob file too short: {exc}") from None
     return True
