@@ -9,10 +9,10 @@ Starts in a temp dir, all on 127.0.0.1: one upstream (Debian's ``docker-registry
   2. the storm: ``clients`` threads at once, each GETs the manifest by tag and then every
      layer (sequentially, like one node) through a cold pullgate; wall time, every byte
      counted, a sample of clients hashes what it got; meanwhile a prober GETs the manifest
-     every 20 ms from a process of its own (``probes.py``: latency percentiles, and the lag of
-     a bare asyncio loop there — what the machine alone does to an event loop under this
-     load), pullgate's RSS is sampled, and its ``pullgate_event_loop_lag_seconds`` histogram
-     is read before and after;
+     every 20 ms from a process of its own at a raised priority (``probes.py``: latency
+     percentiles), a bare asyncio loop in another process records its own lag (what the
+     machine alone does to an event loop under this load), pullgate's RSS is sampled, and
+     its ``pullgate_event_loop_lag_seconds`` histogram is read before and after;
   3. warm fan-out time: the same storm again, now warm — the serving limit of this machine
      for this fan-out (lag and manifest latency measured again, for comparison).
 
@@ -154,6 +154,7 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
             "manifest_p50_seconds": percentile(cold_probes["latencies"], 0.5),
             "manifest_p99_seconds": percentile(cold_probes["latencies"], 0.99),
             "manifest_probes": len(cold_probes["latencies"]), "manifest_probe_errors": cold_probes["errors"],
+            "manifest_probe_nice": cold_probes["nice"],
             # The machine's floor: a bare asyncio loop in its own process during the storm.
             "canary_lag_p99_seconds": percentile(cold_probes["canary_lags"], 0.99),
             # The warm fan-out (cached blobs only), for comparison.
@@ -195,7 +196,8 @@ def table(r: dict[str, Any], plan: Plan) -> str:
          f"(bare loop {ms(r.get('warm_canary_lag_p99_seconds'))})",
          "< 20", mark[ok["loop_lag"]]),
         ("manifest GET p99 during the storm (ms)", ms(r["manifest_p99_seconds"]),
-         f"p50 {ms(r['manifest_p50_seconds'])}, {r['manifest_probes']} probes from their own process; "
+         f"p50 {ms(r['manifest_p50_seconds'])}, {r['manifest_probes']} probes from their own process "
+         f"(nice {r.get('manifest_probe_nice', 0)}); "
          f"warm fan-out: {ms(r.get('warm_manifest_p99_seconds'))}", "< 50", mark[ok["manifest_p99"]]),
     ]
     head = ("measurement", "pullgate", "context", "target", "met")

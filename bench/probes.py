@@ -1,27 +1,30 @@
 #!/usr/bin/env python3
-"""Latency probes for a load benchmark, in a process of their own.
+"""Latency probes for a load benchmark, in processes of their own.
 
 A manifest prober in the benchmark's own process measures that process: with 200 client
 threads reading bodies, a probe thread waits for the GIL for hundreds of milliseconds
 (first full storm run: manifest p99 607 ms, most of it spent before the request left).
-Here, with stdin as the stop signal (the benchmark closes it), this process
+So, with stdin as the stop signal (the benchmark closes it), two child processes run:
 
-  * GETs ``url`` every ``interval`` seconds on its own connection (manifest latency as a
-    client beside the storm sees it), and
-  * runs a bare asyncio loop that sleeps 100 ms and records how late it wakes up — the same
-    measurement as ``pullgate_event_loop_lag_seconds``, for a loop that does nothing: what
-    the machine's CPU scheduling alone does to any event loop under this load (the floor
-    pullgate's own lag is read against),
+  * ``manifest``: GETs ``url`` every ``interval`` seconds on its own connection, at a raised
+    CPU priority (nice -10, where allowed — on a cluster the prober and the pulling nodes
+    are different machines; here they share 2 cores with 200 busy client threads, and the
+    probe's own wait for a core would be counted as pullgate's latency);
+  * ``canary``: a bare asyncio loop at normal priority that sleeps 100 ms and records how
+    late it wakes up — the same measurement as ``pullgate_event_loop_lag_seconds``, for a
+    loop that does nothing: what the machine's CPU scheduling alone does to an event loop
+    under this load (the floor pullgate's own lag is read against).
 
-then prints one JSON object: ``latencies``, ``errors``, ``canary_lags`` (seconds).
-
-As a library: ``with Probes(url) as probes: ...`` then ``probes.result``.
+Each prints one JSON object when stopped. As a library: ``with Probes(url) as probes: ...``,
+then ``probes.result``: ``latencies``, ``errors``, ``nice`` (the prober's), ``canary_lags``
+(seconds).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -42,22 +45,25 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class Probes:
-    """Runs this file as a child process for the duration of a ``with`` block."""
+    """Runs the two probes as child processes for the duration of a ``with`` block."""
 
     def __init__(self, url: str, interval: float = 0.02) -> None:
-        self._args = [sys.executable, str(Path(__file__).resolve()), url, str(interval)]
-        self._child: subprocess.Popen[str] | None = None
-        self.result: dict[str, Any] = {"latencies": [], "errors": 0, "canary_lags": []}
+        me = [sys.executable, str(Path(__file__).resolve())]
+        self._commands = {"manifest": [*me, "manifest", url, str(interval)], "canary": [*me, "canary"]}
+        self._children: dict[str, subprocess.Popen[str]] = {}
+        self.result: dict[str, Any] = {"latencies": [], "errors": 0, "nice": 0, "canary_lags": []}
 
     def __enter__(self) -> Probes:
-        self._child = subprocess.Popen(self._args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self._child.stdout.readline()  # type: ignore[union-attr]  # "ready": the probes run
+        for name, command in self._commands.items():
+            child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            self._children[name] = child
+            child.stdout.readline()  # type: ignore[union-attr]  # "ready": the probe runs
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._child is not None
-        out, _ = self._child.communicate(timeout=60)  # closes stdin: the child stops
-        self.result = json.loads(out)
+        for child in self._children.values():
+            out, _ = child.communicate(timeout=60)  # closes stdin: the child stops
+            self.result.update(json.loads(out))
 
 
 def _probe(url: str, interval: float, stop: threading.Event, result: dict[str, Any]) -> None:
@@ -80,16 +86,29 @@ async def _canary(stop: threading.Event, lags: list[float], interval: float = 0.
         lags.append(max(time.perf_counter() - started - interval, 0.0))
 
 
-def main() -> None:
-    url, interval = sys.argv[1], float(sys.argv[2])
+def _until_stdin_closes() -> threading.Event:
     stop = threading.Event()
-    result: dict[str, Any] = {"latencies": [], "errors": 0, "canary_lags": []}
-    prober = threading.Thread(target=_probe, args=(url, interval, stop, result), daemon=True)
-    prober.start()
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    return stop
+
+
+def main() -> None:
+    stop = _until_stdin_closes()
+    if sys.argv[1] == "canary":
+        lags: list[float] = []
+        print("ready", flush=True)
+        asyncio.run(_canary(stop, lags))
+        print(json.dumps({"canary_lags": lags}))
+        return
+    url, interval = sys.argv[2], float(sys.argv[3])
+    result: dict[str, Any] = {"latencies": [], "errors": 0, "nice": 0}
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, -10)
+        result["nice"] = -10
+    except PermissionError:  # not root: the probe competes with the clients like they do
+        pass
     print("ready", flush=True)
-    asyncio.run(_canary(stop, result["canary_lags"]))
-    prober.join()
+    _probe(url, interval, stop, result)
     print(json.dumps(result))
 
 
