@@ -131,6 +131,9 @@ async def test_redirect(
         with structlog.testing.capture_logs() as logs:
             async with session.request(case.method, url, headers=headers, allow_redirects=False) as response:
                 body = await response.read()
+            # The client can hold every byte (sent by a sender thread) a moment before the
+            # handler returns and logs the request.
+            await eventually(lambda: any(e["event"] == "http_request" and e["endpoint"] == "blob" for e in logs))
         assert response.status == case.status, body[:300]
         requests = [e for e in logs if e["event"] == "http_request" and e["endpoint"] == "blob"]
         metrics = subject.mirror.metrics

@@ -194,14 +194,24 @@ async def test_redirect_drops_credentials(
 
 
 @pytest.mark.parametrize(
-    "target", ["http://169.254.169.254/latest/meta-data", "http://127.0.0.2:1/x", "ftp://example/x"]
+    ("target", "error"),
+    [
+        ("http://169.254.169.254/latest/meta-data", "disallowed location"),
+        ("http://127.0.0.2:1/x", "disallowed location"),
+        ("ftp://example/x", "disallowed location"),
+        ("http://[::1", "unparsable Location"),  # a hostile upstream's Location is a 502, never a 500
+        ("http://a:99999/x", "unparsable Location"),
+        ("//][@", "unparsable Location"),
+    ],
 )
-async def test_redirect_to_plain_http_elsewhere_is_refused(upstream: tuple[Upstream, TestServer], target: str) -> None:
+async def test_redirect_to_plain_http_elsewhere_is_refused(
+    upstream: tuple[Upstream, TestServer], target: str, error: str
+) -> None:
     state, server = upstream
     state.redirect_to = target
     client, session = await client_for(server, Metrics(CollectorRegistry()))
     async with session:
-        with pytest.raises(UpstreamError, match="disallowed location"):
+        with pytest.raises(UpstreamError, match=error):
             async with client.open("GET", "x", "blobs/sha256:" + "0" * 64):
                 pass
 

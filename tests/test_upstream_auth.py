@@ -60,6 +60,8 @@ def basic_user(header: str | None) -> str | None:
         ("http://[::1/token", None),  # unparsable
         ("http://registry.example:99999/token", None),
         ("http://127.0.0.1:5000\\@127.0.0.1:6000/token", None),  # parser differential bait
+        ("//][@", None),  # yarl 1.25 raises IndexError for an empty host after '@' (found by fuzz_origin)
+        ("http://x@/token", None),
         ("", None),
     ],
 )

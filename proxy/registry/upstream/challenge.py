@@ -102,7 +102,8 @@ def origin_of(url: str | URL) -> Origin | None:
     try:
         parsed = url if isinstance(url, URL) else URL(url)
         host, port, scheme = parsed.raw_host, parsed.port, (parsed.scheme or "").lower()
-    except (ValueError, TypeError, UnicodeError):
+    except (ValueError, TypeError, UnicodeError, IndexError):
+        # IndexError: yarl 1.25 on an empty host after user info ("//][@"; fuzz_origin).
         return None
     if scheme not in _DEFAULT_PORTS or not host or parsed.raw_user is not None or parsed.raw_password is not None:
         return None

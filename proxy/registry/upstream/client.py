@@ -226,7 +226,10 @@ class RegistryClient:
             response.release()
             if not location:
                 raise UpstreamError(f"upstream {self.name} redirected without a Location")
-            target = URL(urljoin(base, location))
+            try:
+                target = URL(urljoin(base, location))
+            except (ValueError, TypeError, UnicodeError, IndexError):  # IndexError: see challenge.origin_of
+                raise UpstreamError(f"upstream {self.name} redirected to an unparsable Location") from None
             url, server_hostname = await self._check_redirect(target)
             plain = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "host")}
             if url is not target:  # pinned to the checked address: name for Host and TLS
@@ -403,7 +406,7 @@ def _host_of(url: str) -> str:
     """A realm's host for logs: never its query or user info."""
     try:
         return (URL(url).raw_host or "")[:255]
-    except (ValueError, TypeError, UnicodeError):
+    except (ValueError, TypeError, UnicodeError, IndexError):
         return "(unparsable)"
 
 
