@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -105,6 +106,11 @@ async def serve(config: Config, path: Path | None = None, environ: dict[str, str
             await runner.setup()
             for sock in sockets:
                 await web.SockSite(runner, sock, ssl_context=tls.context if tls else None).start()
+            # What start-up built (modules, config, trust roots, policies, catalog) lives as
+            # long as the process: kept out of the cyclic collector, a full collection walks
+            # only what requests made. (Measured in the 200-client storm: gen-2 pauses up to
+            # 135 ms over ~94k objects — the event loop stood still that long.)
+            gc.freeze()
             log.info(
                 "mirror_listening",
                 address=f"{host}:{port}",
