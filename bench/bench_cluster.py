@@ -90,7 +90,23 @@ def measure_setup(setup: Setup, upstream: Registry, image: ImageInfo, plan: Plan
     bm.log(f"{setup.name}: {result['wall_seconds']:.2f} s, {result['ok']}/{result['clients']} ok, "
            f"upstream GETs per blob {sorted(set(gets))}, RSS {[round(k / 1024) for k in rss]} MiB")  # fmt: skip
     return {**result, "upstream_gets_per_blob": sorted(set(gets)), "upstream_gets": sum(gets),
-            "rss_peak_kib": rss}  # fmt: skip
+            "rss_peak_kib": rss, "cluster_metrics": [cluster_metrics(url) for url in setup.urls]}  # fmt: skip
+
+
+_CLUSTER_SERIES = ("pullgate_coordination_up", "pullgate_object_store_up", "pullgate_shared_tier_blobs_total",
+                   "pullgate_upstream_errors_total")  # fmt: skip
+
+
+def cluster_metrics(base: str) -> list[str]:
+    """What a replica says of the shared tier (where its blobs came from, whether Redis and
+    the object store answered): the first thing to read when a blob went upstream twice."""
+    try:
+        with bm._OPENER.open(f"{base}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    except OSError as exc:  # the reference has no such endpoint
+        return [f"({exc.__class__.__name__})"]
+    return [line for line in text.splitlines()
+            if line.startswith(_CLUSTER_SERIES) and ("_up " in line or not line.endswith(" 0.0"))]  # fmt: skip
 
 
 @contextlib.contextmanager

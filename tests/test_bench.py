@@ -71,5 +71,7 @@ def test_cluster_quick(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     for setup in ("one", "three", "reference"):
         assert result[setup]["ok"] == result[setup]["clients"] == 10, result[setup]
-    assert result["one"]["upstream_gets_per_blob"] == result["three"]["upstream_gets_per_blob"] == [1]
+    assert result["one"]["upstream_gets_per_blob"] == result["three"]["upstream_gets_per_blob"] == [1], (
+        result["three"]["cluster_metrics"]
+    )
     assert len(result["three"]["rss_peak_kib"]) == 3

@@ -27,8 +27,6 @@ from tests.support.polling import eventually
 MANIFEST_HEADERS = {"Accept": f"{OCI_MANIFEST}, {OCI_INDEX}"}
 
 
-
-
 def make_config(tmp_path: Path, origin_url: str, **cache: Any) -> Config:
     return Config(
         cache=CacheConfig(dir=tmp_path / "cache", **cache),
@@ -434,3 +432,27 @@ async def test_clients_of_a_download_get_the_file_by_sendfile(
     assert early + await first.read() == layer
     assert sorted(offset for offset, _ in windows)[:2] == [0, 0], "both clients started from the file"
     assert origin.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_pipelined_blob_requests_on_one_connection_get_their_own_bytes(mirror: tuple[Client, Origin]) -> None:
+    """Two GETs written at once on one keep-alive connection (the second a download still
+    running when the first is sent by sendfile): each response carries exactly its blob,
+    in order — bytes a sender thread writes never interleave with the next response."""
+    client, origin = mirror
+    image = origin.add_image("library/app", "1.0", layers=[3 << 20, 5 << 20])
+    await client.get("/v2/app/manifests/1.0")
+    first, second = image.layers
+    cached = await client.get(f"/v2/app/blobs/{sha256_digest(first)}")
+    assert await cached.read() == first
+    origin.chunk_delay = 0.002  # the second blob downloads while the first is sent
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    request = "GET /v2/app/blobs/{} HTTP/1.1\r\nHost: m\r\n\r\n"
+    writer.write((request.format(sha256_digest(first)) + request.format(sha256_digest(second))).encode())
+    try:
+        for layer in (first, second):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+            assert await asyncio.wait_for(reader.readexactly(length), 10) == layer
+    finally:
+        writer.close()
