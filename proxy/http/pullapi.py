@@ -303,8 +303,8 @@ async def _sendfile_tls(
 
 async def stream_flight(request: web.Request, flight: Flight, headers: dict[str, str]) -> web.StreamResponse:
     """Stream a blob that is still downloading, honouring a single ``Range``. Over a plain
-    socket, what a reader is behind on goes by ``sendfile`` from the download's file
-    (``FileWindow``); what it keeps up with comes from memory."""
+    socket the bytes go by ``sendfile`` from the download's file as they are written
+    (``FileWindow``, the last one once verified); over TLS they come as bytes."""
     start, end, status = 0, flight.size, 200
     range_header = request.headers.get("Range")
     if range_header and flight.size is not None:

@@ -75,9 +75,7 @@ class FileSender:
             end = offset + count
             while offset < end:
                 await _writable(loop, transport, watched, timeout)
-                sent = await loop.run_in_executor(
-                    self._pool, _send_some, os.dup(watched), os.dup(fd), offset, min(end - offset, PIECE)
-                )
+                sent = await self._submit(loop, watched, fd, offset, min(end - offset, PIECE))
                 if sent == 0:
                     raise EOFError(f"file ended at byte {offset} of {end}")
                 if sent > 0:
@@ -85,6 +83,20 @@ class FileSender:
                     on_sent(sent)
         finally:
             os.close(watched)
+
+    def _submit(
+        self, loop: asyncio.AbstractEventLoop, sock: int, fd: int, offset: int, count: int
+    ) -> asyncio.Future[int]:
+        """One worker call on duplicates it owns: once submitted, the call closes them."""
+        own_sock, own_fd = os.dup(sock), -1
+        try:
+            own_fd = os.dup(fd)
+            return loop.run_in_executor(self._pool, _send_some, own_sock, own_fd, offset, count)
+        except BaseException:
+            os.close(own_sock)
+            if own_fd >= 0:
+                os.close(own_fd)
+            raise
 
     async def close(self) -> None:
         await asyncio.to_thread(self._pool.shutdown)
