@@ -147,7 +147,7 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
             warm_after = lag_buckets(pg.url)
             bm.log(f"warm fan-out: {warm['wall_seconds']:.2f} s, {warm['ok']}/{warm['clients']} ok")
             hwm = bm.proc_status_kib(pg.pid, "VmHWM")
-    cold_probes, warm_probes_ = probes.result, warm_probes.result
+    cold_probes, warm_result = probes.result, warm_probes.result
     return {"upstream_transfer_seconds": transfer, "storm": cold, "warm": warm,
             "upstream_gets_per_blob": sorted(set(gets.values())), "rss_peak_kib": max(rss.peak, hwm),
             "loop_lag_p99_seconds": histogram_quantile(before, after, 0.99),
@@ -159,8 +159,8 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
             "canary_lag_p99_seconds": percentile(cold_probes["canary_lags"], 0.99),
             # The warm fan-out (cached blobs only), for comparison.
             "warm_loop_lag_p99_seconds": histogram_quantile(after, warm_after, 0.99),
-            "warm_manifest_p99_seconds": percentile(warm_probes_["latencies"], 0.99),
-            "warm_canary_lag_p99_seconds": percentile(warm_probes_["canary_lags"], 0.99)}
+            "warm_manifest_p99_seconds": percentile(warm_result["latencies"], 0.99),
+            "warm_canary_lag_p99_seconds": percentile(warm_result["canary_lags"], 0.99)}
 
 
 def verdicts(r: dict[str, Any]) -> dict[str, bool]:

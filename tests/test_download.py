@@ -54,9 +54,7 @@ async def test_readers_stream_their_range_and_wait_for_verification_for_the_last
     assert await asyncio.wait_for(reader, 5) == expected
 
 
-@pytest.mark.parametrize(
-    "error", [DigestMismatch("bytes do not match"), UpstreamUnavailable("upstream went away")]
-)
+@pytest.mark.parametrize("error", [DigestMismatch("bytes do not match"), UpstreamUnavailable("upstream went away")])
 async def test_a_failed_download_ends_every_reader_with_its_error(flight: Flight, error: PullgateError) -> None:
     readers = [asyncio.create_task(collect(flight, bytearray(), start)) for start in (0, 100)]
     await flight.write(DATA[:CHUNK])
@@ -131,10 +129,11 @@ async def test_readers_keeping_up_take_their_bytes_from_memory(tmp_path: Path, r
     flight.writer_closed()
 
 
-async def test_a_reader_asking_for_windows_gets_the_file_where_memory_has_let_go(flight: Flight) -> None:
-    """No reader attached while the bytes were written: nothing is kept in memory, so a
-    windows reader is given the file itself — up to the last byte, which waits for the
-    digest."""
+async def test_a_reader_asking_for_windows_gets_the_file_and_the_last_byte_after_verification(
+    flight: Flight,
+) -> None:
+    """A windows reader is given ranges of the file itself — up to the last byte, which
+    waits for the digest."""
     for offset in range(0, len(DATA), CHUNK):
         await flight.write(DATA[offset : offset + CHUNK])
     pieces = flight.read(0, len(DATA), windows=True)
@@ -148,3 +147,36 @@ async def test_a_reader_asking_for_windows_gets_the_file_where_memory_has_let_go
     window = await asyncio.wait_for(last, 5)
     assert isinstance(window, FileWindow) and os.pread(window.fd, window.count, window.offset) == DATA[-1:]
     await pieces.aclose()
+
+
+@pytest.mark.parametrize(("attached", "from_memory"), [("bytes", True), ("windows", False)])
+async def test_only_readers_of_bytes_keep_the_download_in_memory(
+    tmp_path: Path, attached: str, from_memory: bool
+) -> None:
+    """A reader that stays near the start keeps what it still needs in memory — unless it
+    reads windows (it takes the file, so memory need not wait for it): a reader of bytes
+    starting at 0 afterwards is then served from disk."""
+    flight = Flight(Digest.of(DATA), tmp_path / "blob.part")
+    await flight.create()
+    flight.begin(len(DATA))
+    idle = flight.read(0, len(DATA), windows=attached == "windows")
+    # Attaches the reader at offset 0; it takes one piece at most and then stays there.
+    registered = asyncio.ensure_future(anext(idle))
+    await asyncio.sleep(0)
+    for offset in range(0, len(DATA), CHUNK):
+        await flight.write(DATA[offset : offset + CHUNK])
+    unreadable = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(unreadable, flight.fd)  # from here on, any read of the file fails
+    finally:
+        os.close(unreadable)
+    flight.finish()
+    if from_memory:
+        assert await asyncio.wait_for(collect(flight, bytearray()), 5) == DATA
+    else:
+        with pytest.raises(OSError):
+            await collect(flight, bytearray())
+    registered.cancel()
+    await asyncio.gather(registered, return_exceptions=True)
+    await idle.aclose()
+    flight.writer_closed()

@@ -321,7 +321,7 @@ async def stream_flight(request: web.Request, flight: Flight, headers: dict[str,
     # TLS cannot sendfile (its fallback would read through the shared descriptor's
     # position); chunked encoding (unknown length) frames every write.
     transport = request.transport
-    windows = end is not None and transport is not None and transport.get_extra_info("sslcontext") is None
+    windows = end is not None and transport is not None and request.app[SENDER].supports(transport)
     try:
         async with aclosing(flight.read(start, end, windows=windows)) as pieces:
             async for piece in pieces:

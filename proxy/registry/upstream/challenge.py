@@ -94,6 +94,11 @@ Origin = tuple[str, str, int]  # (scheme, host as connected to, port)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+# What yarl raises for a URL it cannot parse. IndexError: yarl 1.25 on an empty host after
+# user info ("//][@", found by fuzz_origin) — a hostile upstream's realm or Location.
+URL_ERRORS = (ValueError, TypeError, UnicodeError, IndexError)
+
+
 def origin_of(url: str | URL) -> Origin | None:
     """The origin of an http(s) URL — scheme and host lower-cased (IDNA-encoded), the
     default port filled in — or ``None`` when it is not one: unparsable, another scheme, no
@@ -102,8 +107,7 @@ def origin_of(url: str | URL) -> Origin | None:
     try:
         parsed = url if isinstance(url, URL) else URL(url)
         host, port, scheme = parsed.raw_host, parsed.port, (parsed.scheme or "").lower()
-    except (ValueError, TypeError, UnicodeError, IndexError):
-        # IndexError: yarl 1.25 on an empty host after user info ("//][@"; fuzz_origin).
+    except URL_ERRORS:
         return None
     if scheme not in _DEFAULT_PORTS or not host or parsed.raw_user is not None or parsed.raw_password is not None:
         return None

@@ -38,7 +38,14 @@ from proxy.oci.reference import DOCKER_HUB, normalize_host
 from proxy.ops.limits import FetchLimiter
 from proxy.ops.metrics import Metrics
 from proxy.registry.upstream import netguard
-from proxy.registry.upstream.challenge import AuthOrigins, Challenge, RealmBackoff, TokenCache, parse_challenge
+from proxy.registry.upstream.challenge import (
+    URL_ERRORS,
+    AuthOrigins,
+    Challenge,
+    RealmBackoff,
+    TokenCache,
+    parse_challenge,
+)
 
 # Token hosts of the big public registries, by API host. Only Docker Hub keeps its realm on
 # another host; ghcr.io, quay.io, gcr.io, public.ecr.aws serve tokens from the API host.
@@ -228,7 +235,7 @@ class RegistryClient:
                 raise UpstreamError(f"upstream {self.name} redirected without a Location")
             try:
                 target = URL(urljoin(base, location))
-            except (ValueError, TypeError, UnicodeError, IndexError):  # IndexError: see challenge.origin_of
+            except URL_ERRORS:
                 raise UpstreamError(f"upstream {self.name} redirected to an unparsable Location") from None
             url, server_hostname = await self._check_redirect(target)
             plain = {k: v for k, v in headers.items() if k.lower() not in ("authorization", "host")}
@@ -406,7 +413,7 @@ def _host_of(url: str) -> str:
     """A realm's host for logs: never its query or user info."""
     try:
         return (URL(url).raw_host or "")[:255]
-    except (ValueError, TypeError, UnicodeError, IndexError):
+    except URL_ERRORS:
         return "(unparsable)"
 
 
