@@ -6,9 +6,10 @@ Starts in a temp dir, all on 127.0.0.1: one upstream (Debian's ``docker-registry
 
   1. upstream transfer time: the image's blobs fetched once, straight from the upstream
      (all layers in parallel, one client) — the least time any cache needs to get the bytes;
-  2. the storm: ``clients`` threads at once, each GETs the manifest by tag and then every
-     layer (sequentially, like one node) through a cold pullgate; wall time, every byte
-     counted, a sample of clients hashes what it got; meanwhile a prober GETs the manifest
+  2. the storm: ``clients`` nodes at once (``nodes.py``: asyncio loops, one process per
+     core), each GETs the manifest by tag and then every layer (sequentially, like one
+     node) through a cold pullgate; wall time, every byte counted, every manifest and a
+     sample of nodes' layers hashed; meanwhile a prober GETs the manifest
      every 20 ms from a process of its own at a raised priority (``probes.py``: latency
      percentiles), a bare asyncio loop in another process records its own lag (what the
      machine alone does to an event loop under this load), pullgate's RSS is sampled, and
@@ -18,18 +19,18 @@ Starts in a temp dir, all on 127.0.0.1: one upstream (Debian's ``docker-registry
 
 Target (issue 16): storm wall <= 1.5 x (upstream transfer + warm fan-out), exactly one upstream
 GET per blob, RSS < 200 MiB, loop lag p99 < 20 ms, manifest p99 < 50 ms during the storm.
+``--clients-nice`` sets the nodes' nice value (default 0, pullgate's own).
 ``--quick`` shrinks it to a smoke run of a few seconds. Prints one markdown table and writes
 the raw numbers to bench/results/.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
+import dataclasses
+import os
 import statistics
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any
 
 import bench_mirror as bm
 import harness
+import nodes
 from probes import Probes, percentile
 
 from tests.support.images import ImageInfo, build_image
@@ -53,46 +55,20 @@ class Plan:
     clients: int
     sample_every: int  # every Nth client hashes its bytes (hashing all would measure the client)
     deadline: int
+    clients_nice: int = 0  # the client processes' nice value (--clients-nice)
 
 
 FULL = Plan(layers=10, layer_mib=100, clients=200, sample_every=25, deadline=1500)
 QUICK = Plan(layers=10, layer_mib=2, clients=20, sample_every=5, deadline=240)
 
 
-def pull(base: str, image: ImageInfo, verify: bool) -> dict[str, Any]:
-    """One node's pull: manifest by tag, then each layer; (bytes, ok, seconds)."""
-    started = time.monotonic()
-    request = urllib.request.Request(f"{base}/v2/{REPO}/manifests/{TAG}", headers={"Accept": bm.ACCEPT})
-    with bm._OPENER.open(request, timeout=300) as response:
-        manifest = response.read()
-    ok = hashlib.sha256(manifest).hexdigest() == image.manifest_digest.removeprefix("sha256:")
-    got = 0
-    conn = http.client.HTTPConnection("127.0.0.1", int(base.rsplit(":", 1)[1]), timeout=300)
-    buffer = memoryview(bytearray(4 * MiB))
-    try:
-        for digest, size in zip(image.layer_digests, image.layer_sizes, strict=True):
-            conn.request("GET", f"/v2/{REPO}/blobs/{digest}")
-            response = conn.getresponse()
-            hasher = hashlib.sha256() if verify else None
-            n_layer = 0
-            while n := response.readinto(buffer):
-                n_layer += n
-                if hasher is not None:
-                    hasher.update(buffer[:n])
-            ok = ok and response.status == 200 and n_layer == size
-            if hasher is not None:
-                ok = ok and f"sha256:{hasher.hexdigest()}" == digest
-            got += n_layer
-    finally:
-        conn.close()
-    return {"bytes": got, "ok": ok, "seconds": time.monotonic() - started}
-
-
 def storm(base: str, image: ImageInfo, plan: Plan) -> dict[str, Any]:
-    started = time.monotonic()
-    with ThreadPoolExecutor(plan.clients) as pool:
-        results = list(pool.map(lambda i: pull(base, image, i % plan.sample_every == 0), range(plan.clients)))
-    wall = time.monotonic() - started
+    """Every node pulls the image at once (``nodes.py``: one asyncio loop per core)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    job = nodes.Job(host, int(port), REPO, TAG, bm.ACCEPT, image.manifest_digest,
+                    list(zip(image.layer_digests, image.layer_sizes, strict=True)),
+                    list(range(plan.clients)), plan.sample_every)
+    wall, results = nodes.run(job, processes=os.cpu_count() or 2, nice=plan.clients_nice)
     return {"wall_seconds": wall, "clients": plan.clients, "ok": sum(r["ok"] for r in results),
             "bytes": sum(r["bytes"] for r in results), "client_seconds_p50": statistics.median(
                 r["seconds"] for r in results)}
@@ -119,12 +95,29 @@ def lag_buckets(base: str) -> dict[float, float]:
 
 
 def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
-    """The upper bound of the bucket holding the q-quantile of what was observed in between."""
+    """The upper bound of the bucket holding the q-quantile of what was observed in between:
+    at least a fraction q of the observations were at most this long."""
     deltas = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
     if not deltas or deltas[-1][1] <= 0:
         return None
     target = q * deltas[-1][1]
     return next(le for le, count in deltas if count >= target)
+
+
+def histogram_quantile_interpolated(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The q-quantile as Prometheus' ``histogram_quantile`` estimates it (linear within the
+    bucket; what a Grafana panel on the metric shows)."""
+    deltas = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    if not deltas or deltas[-1][1] <= 0:
+        return None
+    rank, lower, below = q * deltas[-1][1], 0.0, 0.0
+    for le, count in deltas:
+        if count >= rank:
+            if le == float("inf"):
+                return lower
+            return lower + (le - lower) * (rank - below) / (count - below) if count > below else le
+        lower, below = le, count
+    return lower
 
 
 def measure(plan: Plan, work: Path) -> dict[str, Any]:
@@ -151,6 +144,7 @@ def measure(plan: Plan, work: Path) -> dict[str, Any]:
     return {"upstream_transfer_seconds": transfer, "storm": cold, "warm": warm,
             "upstream_gets_per_blob": sorted(set(gets.values())), "rss_peak_kib": max(rss.peak, hwm),
             "loop_lag_p99_seconds": histogram_quantile(before, after, 0.99),
+            "loop_lag_p99_interpolated_seconds": histogram_quantile_interpolated(before, after, 0.99),
             "manifest_p50_seconds": percentile(cold_probes["latencies"], 0.5),
             "manifest_p99_seconds": percentile(cold_probes["latencies"], 0.99),
             "manifest_probes": len(cold_probes["latencies"]), "manifest_probe_errors": cold_probes["errors"],
@@ -171,7 +165,10 @@ def verdicts(r: dict[str, Any]) -> dict[str, bool]:
         "one_get_per_blob": r["upstream_gets_per_blob"] == [1],
         "all_ok": r["storm"]["ok"] == r["storm"]["clients"] and r["warm"]["ok"] == r["warm"]["clients"],
         "rss": r["rss_peak_kib"] < 200 * 1024,
-        "loop_lag": lag is not None and lag < 0.020,
+        # The bucket bound is an upper bound of the p99 (every one of 99 % of the samples was
+        # at most that late): a bound of 20 ms meets "p99 < 20 ms" but for samples of exactly
+        # 20.000 ms, which a continuous clock does not produce.
+        "loop_lag": lag is not None and lag <= 0.020,
         "manifest_p99": p99 is not None and p99 < 0.050,
     }
 
@@ -191,7 +188,8 @@ def table(r: dict[str, Any], plan: Plan) -> str:
          mark[ok["one_get_per_blob"]]),
         ("peak RSS (MiB)", f"{r['rss_peak_kib'] / 1024:.0f}", "", "< 200", mark[ok["rss"]]),
         ("event-loop lag p99 during the storm (ms)", ms(r["loop_lag_p99_seconds"]),
-         f"histogram bucket bound; a bare asyncio loop beside it: {ms(r.get('canary_lag_p99_seconds'))}; "
+         f"at most (bucket bound; Prometheus' estimate {ms(r.get('loop_lag_p99_interpolated_seconds'))}); "
+         f"a bare asyncio loop beside it: {ms(r.get('canary_lag_p99_seconds'))}; "
          f"warm fan-out: {ms(r.get('warm_loop_lag_p99_seconds'))} "
          f"(bare loop {ms(r.get('warm_canary_lag_p99_seconds'))})",
          "< 20", mark[ok["loop_lag"]]),
@@ -205,8 +203,12 @@ def table(r: dict[str, Any], plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = harness.parser(__doc__, "storm", "small sizes (smoke test, a few seconds)").parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    parser = harness.parser(__doc__, "storm", "small sizes (smoke test, a few seconds)")
+    parser.add_argument("--clients-nice", type=int, default=FULL.clients_nice,
+                        help="the client processes' nice value (default 0, pullgate's own; 19: they "
+                             "take only the CPU pullgate leaves, like nodes on machines of their own)")
+    args = parser.parse_args(argv)
+    plan = dataclasses.replace(QUICK if args.quick else FULL, clients_nice=args.clients_nice)
     result = harness.run("storm", args, plan, plan.deadline, lambda work: measure(plan, work))
     result["verdicts"] = verdicts(result)
     out = harness.save("storm", args, result)

@@ -4,22 +4,27 @@ the upstream exactly once (request coalescing) with every client getting the who
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
+from tests.support.aio import ServerFactory
 from tests.support.procs import run
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import nodes  # noqa: E402  # bench/ is scripts, not a package
 
 
 @pytest.mark.e2e
 def test_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    done = run([sys.executable, str(ROOT / "bench" / "bench_mirror.py"), "--quick", "--out", str(out)],
-               timeout=120)
+    done = run([sys.executable, str(ROOT / "bench" / "bench_mirror.py"), "--quick", "--out", str(out)], timeout=120)
     assert "| measurement | pullgate | reference (Distribution proxy) |" in done.stdout
     assert "warm manifest by tag" in done.stdout
     result = json.loads(out.read_text())
@@ -71,7 +76,70 @@ def test_cluster_quick(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     for setup in ("one", "three", "reference"):
         assert result[setup]["ok"] == result[setup]["clients"] == 10, result[setup]
-    assert result["one"]["upstream_gets_per_blob"] == result["three"]["upstream_gets_per_blob"] == [1], (
-        result["three"]["cluster_metrics"]
-    )
+    assert result["one"]["upstream_gets_per_blob"] == result["three"]["upstream_gets_per_blob"] == [1], result["three"][
+        "cluster_metrics"
+    ]
     assert len(result["three"]["rss_peak_kib"]) == 3
+
+
+# --- the storm's clients (bench/nodes.py) ------------------------------------------------
+MANIFEST, LAYER = b'{"schemaVersion": 2}', b"layer bytes " * 1000
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _serve(manifest: bytes, layer: bytes, *, short: bool = False) -> web.Application:
+    async def get_manifest(request: web.Request) -> web.Response:
+        return web.Response(body=manifest, content_type="application/vnd.oci.image.manifest.v1+json")
+
+    async def get_blob(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Length": str(len(LAYER))})
+        await response.prepare(request)
+        await response.write(layer[: len(layer) // 2] if short else layer)
+        if short:  # the connection is cut short of Content-Length
+            assert request.transport is not None
+            request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/v2/library/x/manifests/1", get_manifest)
+    app.router.add_get("/v2/library/x/blobs/{digest}", get_blob)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("served_manifest", "served_layer", "short", "ok_nodes"),
+    [
+        (MANIFEST, LAYER, False, [0, 1, 2, 3]),
+        # Same size, other bytes: only the nodes that hash (every 2nd) can tell.
+        (MANIFEST, LAYER.replace(b"l", b"L"), False, [1, 3]),
+        # The manifest is always hashed: every node fails.
+        (MANIFEST + b" ", LAYER, False, []),
+        # A body cut short of its Content-Length: no node counts it complete.
+        (MANIFEST, LAYER, True, []),
+    ],
+)
+async def test_storm_nodes_count_only_verified_complete_pulls(
+    aiohttp_server: ServerFactory, served_manifest: bytes, served_layer: bytes, short: bool, ok_nodes: list[int]
+) -> None:
+    """The storm's verdict "complete, verified pulls" rests on its clients: a node is ok only
+    if the manifest hashed to its digest, every body was whole, and (nodes that sample)
+    every layer hashed to its digest."""
+    server = await aiohttp_server(_serve(served_manifest, served_layer, short=short))
+    job = nodes.Job(
+        "127.0.0.1",
+        server.port,
+        "library/x",
+        "1",
+        "*/*",
+        _sha(MANIFEST),
+        [(_sha(LAYER), len(LAYER))],
+        nodes=[0, 1, 2, 3],
+        sample_every=2,
+    )
+    wall, results = await asyncio.to_thread(nodes.run, job, 2, 0)
+    assert wall > 0 and len(results) == 4
+    assert sorted(r["node"] for r in results) == [0, 1, 2, 3]
+    assert sorted(r["node"] for r in results if r["ok"]) == ok_nodes
