@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,10 +18,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from proxy.errors import PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
-from proxy.trust import verification
+from proxy.trust import rekor, verification
 from proxy.trust.attestations import StatementRequirements
 from proxy.trust.checks import SIGNATURE, Purpose
-from proxy.trust.cosign import DSSE_MEDIA_TYPE, Reason
+from proxy.trust.cosign import DSSE_MEDIA_TYPE, MAX_PER_OBJECT, Reason
 from proxy.trust.identity import KeylessIdentity, Matcher
 from proxy.trust.service import Subject, VerificationCache, VerificationService
 from proxy.trust.trustroot import TrustedRoot
@@ -339,11 +338,10 @@ async def test_service_caches_and_shares_one_verification(world: World) -> None:
     assert all(r.allowed for r in results)
     assert len(recorder.results) == 1, "ten concurrent askers, one verification"
     requests = len(source.requests)
-    started = time.perf_counter()
     warm = await service.verify(subject, policy, cache)
-    elapsed = time.perf_counter() - started
+    # A cache hit: the same result object, not one registry request (its speed is a
+    # benchmark's business, not a unit test's).
     assert warm is results[0] and len(source.requests) == requests
-    assert elapsed < 0.001, f"a cache hit took {elapsed * 1000:.2f} ms"
     assert recorder.lookups.count(True) >= 1
     found = recorder.results[0][1].keys[0].identity
     assert found is not None and (found.subject, found.issuer) == (WORKFLOW, GITHUB)
@@ -405,15 +403,19 @@ async def test_one_certificate_counts_once_toward_the_threshold(world: World) ->
     assert (await verify_image(registry(second), REPO, [Digest.parse(IMAGE)], policy)).allowed
 
 
-async def test_many_log_entries_are_capped(world: World) -> None:
-    """An upstream padding a bundle with log entries cannot make verification cost seconds."""
+async def test_many_log_entries_are_capped(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upstream padding a bundle with log entries cannot make verification cost seconds:
+    at most MAX_PER_OBJECT of them are even parsed (counted, not timed: a shared machine's
+    timings prove nothing)."""
     doc = world.sigstore.dsse_bundle(statement(IMAGE, REF), signer(world))
     entry = doc["verificationMaterial"]["tlogEntries"][0]
     # Padding indexes that cannot be the real entry's (a fresh log starts at 0: run alone,
     # one copy was the real entry and verified).
     padding = [{**entry, "logIndex": str(int(entry["logIndex"]) + 1 + i)} for i in range(1000)]
     doc["verificationMaterial"]["tlogEntries"] = [*padding, entry]
-    started = time.perf_counter()
+    parsed: list[object] = []
+    parse = rekor.from_bundle_entry
+    monkeypatch.setattr(rekor, "from_bundle_entry", lambda item: parsed.append(item) or parse(item))
     result = await verify_image(registry(bundles(doc)), REPO, [Digest.parse(IMAGE)], world.policy())
-    assert time.perf_counter() - started < 1.0
+    assert 0 < len(parsed) <= MAX_PER_OBJECT
     assert result.keys[0].reason is Reason.UNTRUSTED_LOG, "only the first entries are read; their SETs do not verify"
