@@ -94,11 +94,18 @@ def lag_buckets(base: str) -> dict[float, float]:
     return buckets
 
 
+def _observed(before: dict[float, float], after: dict[float, float]) -> list[tuple[float, float]] | None:
+    """Cumulative counts per bucket bound of what was observed between the two readings
+    (None: nothing was)."""
+    deltas = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    return deltas if deltas and deltas[-1][1] > 0 else None
+
+
 def histogram_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
     """The upper bound of the bucket holding the q-quantile of what was observed in between:
     at least a fraction q of the observations were at most this long."""
-    deltas = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
-    if not deltas or deltas[-1][1] <= 0:
+    deltas = _observed(before, after)
+    if deltas is None:
         return None
     target = q * deltas[-1][1]
     return next(le for le, count in deltas if count >= target)
@@ -107,8 +114,8 @@ def histogram_quantile(before: dict[float, float], after: dict[float, float], q:
 def histogram_quantile_interpolated(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
     """The q-quantile as Prometheus' ``histogram_quantile`` estimates it (linear within the
     bucket; what a Grafana panel on the metric shows)."""
-    deltas = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
-    if not deltas or deltas[-1][1] <= 0:
+    deltas = _observed(before, after)
+    if deltas is None:
         return None
     rank, lower, below = q * deltas[-1][1], 0.0, 0.0
     for le, count in deltas:

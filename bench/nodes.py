@@ -86,19 +86,16 @@ async def _request(sock: socket.socket, job: Job, path: str, sink: _Sink) -> int
 
 
 class _Sink:
-    """Where a body goes: counted, and hashed or kept when asked."""
+    """Where a body goes: counted, and hashed when asked."""
 
-    def __init__(self, buffer: memoryview, *, hash_it: bool, keep: bool = False) -> None:
+    def __init__(self, buffer: memoryview, *, hash_it: bool) -> None:
         self.buffer, self.count = buffer, 0
         self._hasher = hashlib.sha256() if hash_it else None
-        self._kept: list[bytes] | None = [] if keep else None
 
     def take(self, data: bytes | memoryview) -> None:
         self.count += len(data)
         if self._hasher is not None:
             self._hasher.update(data)
-        if self._kept is not None:
-            self._kept.append(bytes(data))
 
     def digest(self) -> str:
         assert self._hasher is not None
@@ -127,7 +124,7 @@ async def _node(job: Job, number: int, shared: memoryview) -> dict[str, Any]:
                 status = await _request(sock, job, f"/v2/{job.repository}/blobs/{digest}", sink)
                 ok = ok and status == 200 and sink.count == size and (not verify or sink.digest() == digest)
                 got += sink.count
-    except (OSError, TimeoutError, Fail, ValueError):
+    except (OSError, TimeoutError, Fail, ValueError, IndexError):  # IndexError: a malformed status line
         ok = False
     finally:
         sock.close()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from aiohttp import web
@@ -17,8 +19,19 @@ from tests.support.aio import ServerFactory
 from tests.support.procs import run
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-import nodes  # noqa: E402  # bench/ is scripts, not a package
+
+
+def _load_nodes() -> ModuleType:
+    """bench/nodes.py by its path: bench/ is scripts, not a package, and putting it on
+    sys.path would let its module names shadow others for the whole test session."""
+    spec = importlib.util.spec_from_file_location("pullgate_bench_nodes", ROOT / "bench" / "nodes.py")
+    assert spec is not None and spec.loader is not None
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+nodes = _load_nodes()
 
 
 @pytest.mark.e2e
@@ -120,6 +133,7 @@ def _serve(manifest: bytes, layer: bytes, *, short: bool = False) -> web.Applica
         # A body cut short of its Content-Length: no node counts it complete.
         (MANIFEST, LAYER, True, []),
     ],
+    ids=["all-good", "wrong-layer-bytes", "wrong-manifest", "cut-short"],
 )
 async def test_storm_nodes_count_only_verified_complete_pulls(
     aiohttp_server: ServerFactory, served_manifest: bytes, served_layer: bytes, short: bool, ok_nodes: list[int]
