@@ -8,11 +8,14 @@ wrote is scanned."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import logging
+import re
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,6 +55,12 @@ def lines(out: io.StringIO) -> list[dict[str, object]]:
         ('Bearer realm="https://auth.example/token",service="registry"', None),  # a challenge: kept
         ('WWW-Authenticate: Basic realm="pullgate"', None),
         ("basically fine", None),
+        # Other spellings the regex matches case-insensitively: each still redacted.
+        ("BASIC dXNlcjpwYXNz", "BASIC [redacted]"),
+        ("BEARER%20abc", "BEARER%20[redacted]"),
+        ("ba\u017f\u0131c dXNlcjpwYXNz", "ba\u017f\u0131c [redacted]"),  # long s, dotless i
+        ("Bas\u0130c dXNlcjpwYXNz", "Bas\u0130c [redacted]"),  # dotted capital I
+        ("hello world", None),
     ],
 )
 def test_credentials_are_redacted_in_every_text(stream: io.StringIO, text: str, logged: str | None) -> None:
@@ -60,12 +69,55 @@ def test_credentials_are_redacted_in_every_text(stream: io.StringIO, text: str, 
     assert event["detail"] == (text if logged is None else logged)
 
 
+@pytest.mark.parametrize("letter", sorted(set("basebearer")))
+def test_the_cheap_precheck_agrees_with_the_regex_for_every_character(letter: str) -> None:
+    """``_may_hold_credential`` skips the regex on texts without "bas"/"bearer" after
+    casefold: sound only if every character the regex takes for one of these letters
+    casefolds to exactly that letter."""
+    every_character = "".join(map(chr, range(sys.maxunicode + 1)))
+    takes = [m.group() for m in re.finditer(letter, every_character, re.IGNORECASE)]
+    assert takes and all(c.casefold() == letter for c in takes), takes
+
+
 def test_library_records_are_events_too(stream: io.StringIO) -> None:
     logging.getLogger("asyncio").error("Task exception was never retrieved: %s", "Basic dXNlcjpwYXNz")
     logging.getLogger("aiohttp.server").info("below the library threshold")
     (event,) = lines(stream)
     assert event["event"] == "library_log" and event["logger"] == "asyncio" and event["level"] == "error"
     assert event["message"] == "Task exception was never retrieved: Basic [redacted]"
+
+
+async def test_lines_of_one_loop_turn_are_written_together_in_order(stream: io.StringIO) -> None:
+    log = structlog.get_logger("pullgate.test")
+    writes: list[str] = []
+    write = stream.write
+    stream.write = lambda text: writes.append(text) or write(text)  # type: ignore[method-assign]
+    for number in range(3):
+        log.info("in_the_loop", number=number)
+    assert stream.getvalue() == ""  # not yet: at the end of this turn
+    await asyncio.sleep(0)
+    assert [event["number"] for event in lines(stream)] == [0, 1, 2]
+    assert len(writes) == 1  # one write for the turn's three lines
+
+
+async def test_a_line_from_another_thread_goes_out_at_once_after_the_pending_ones(stream: io.StringIO) -> None:
+    log = structlog.get_logger("pullgate.test")
+    log.info("first_in_the_loop")
+    await asyncio.to_thread(log.warning, "from_a_worker")
+    log.info("second_in_the_loop")
+    await asyncio.sleep(0)
+    assert [event["event"] for event in lines(stream)] == ["first_in_the_loop", "from_a_worker", "second_in_the_loop"]
+
+
+async def test_a_library_record_comes_after_the_lines_before_it(stream: io.StringIO) -> None:
+    structlog.get_logger("pullgate.test").info("ours_first")
+    logging.getLogger("asyncio").error("then the library's")
+    assert [event["event"] for event in lines(stream)] == ["ours_first", "library_log"]
+
+
+def test_without_a_running_loop_every_line_goes_out_at_once(stream: io.StringIO) -> None:
+    structlog.get_logger("pullgate.test").info("at_start_up")
+    assert [event["event"] for event in lines(stream)] == ["at_start_up"]
 
 
 def test_parser_refusals_are_logged_without_the_bytes_they_quote(stream: io.StringIO) -> None:
