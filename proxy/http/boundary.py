@@ -36,6 +36,7 @@ from structlog.typing import FilteringBoundLogger
 from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
 from proxy.http.appkeys import METRICS
 from proxy.http.pullapi import API_VERSION, INFO, RequestInfo, info
+from proxy.ops.logs import emit_info
 from proxy.ops.metrics import Metrics
 
 CLIENT_CLOSED = 499  # the client left before any response was sent
@@ -168,21 +169,23 @@ def _observe(request: web.Request, details: RequestInfo, status: int, endpoint: 
         return
     if not _emits_info(structlog.get_config()["wrapper_class"]):
         return  # the event would be filtered: not worth building
-    structlog.get_logger("pullgate.http").info(
+    emit_info(
         "http_request",
-        request_id=details.request_id,
-        method=request.method,
-        endpoint=endpoint,
-        status=status,
-        upstream=details.upstream,
-        repository=details.repository,
-        reference=details.reference,
-        cache=details.cache,
-        bytes=details.bytes,
-        duration_ms=round(elapsed * 1000, 2),
-        remote=request.remote,
-        user_agent=request.headers.get("User-Agent", "")[:100],
-        **details.extra,
+        {
+            "request_id": details.request_id,
+            "method": request.method,
+            "endpoint": endpoint,
+            "status": status,
+            "upstream": details.upstream,
+            "repository": details.repository,
+            "reference": details.reference,
+            "cache": details.cache,
+            "bytes": details.bytes,
+            "duration_ms": round(elapsed * 1000, 2),
+            "remote": request.remote,
+            "user_agent": request.headers.get("User-Agent", "")[:100],
+            **details.extra,
+        },
     )
 
 

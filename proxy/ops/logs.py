@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import re
 import sys
 import threading
-from typing import TextIO
+from typing import Any, TextIO
 
+import orjson
 import structlog
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -39,7 +41,9 @@ _REDACTED = r"\1\2[redacted]"
 
 def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
     renderer: Processor = (
-        structlog.processors.JSONRenderer() if config.format == "json" else structlog.dev.ConsoleRenderer(colors=False)
+        structlog.processors.JSONRenderer(serializer=_json_line)
+        if config.format == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
     )
     level = logging.getLevelName(config.level.upper())
     writer = LineWriter(stream or sys.stderr)
@@ -57,6 +61,36 @@ def configure_logging(config: LogConfig, stream: TextIO | None = None) -> None:
         cache_logger_on_first_use=False,
     )
     _route_stdlib(renderer, stream, max(level, logging.WARNING), writer)
+
+
+def emit_info(event: str, fields: dict[str, Any]) -> None:
+    """An info event, through the configured processors to the configured logger, as
+    ``structlog.get_logger().info(event, **fields)`` would send it (the level is the
+    caller's to check). For the line every request leaves: making a bound logger per call
+    and dispatching through it cost as much as the processors themselves (~15 us of ~27).
+    ``fields`` becomes the event (not copied)."""
+    config = structlog.get_config()
+    logger = config["logger_factory"]()
+    fields["event"] = event
+    try:
+        for processor in config["processors"]:
+            fields = processor(logger, "info", fields)
+    except structlog.DropEvent:
+        return
+    logger.info(fields)
+
+
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+
+
+def _json_line(event: dict[str, Any], **kwargs: Any) -> str:
+    """``JSONRenderer``'s serializer: orjson, with the standard library's output where they
+    differ in kind (dataclasses and datetimes go to structlog's ``default``, as json does);
+    what orjson refuses (an int past 64 bits, a lone surrogate) goes to json.dumps."""
+    try:
+        return orjson.dumps(event, default=kwargs.get("default"), option=_ORJSON_OPTIONS).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(event, **kwargs)
 
 
 class LineWriter:
