@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from proxy.config.settings import AdmissionConfig, CacheConfig, Config, LogConfig, TimeoutConfig, UpstreamConfig
 from proxy.http.app import create_app
 from proxy.http.appkeys import METRICS, MIRROR
+from proxy.http.pullapi import prepare
 from proxy.http.webhook_listener import serve_webhook
 from proxy.oci.digest import Digest
 from proxy.oci.reference import ImageReference
@@ -61,7 +62,7 @@ async def mirror(
     async def headers_then_bug(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
         response.content_length = 1000
-        await response.prepare(request)
+        await prepare(request, response)  # how the mirror's handlers send streamed headers
         await response.write(b"x" * 100)
         raise RuntimeError("a bug after the headers went out")
 
@@ -241,6 +242,45 @@ async def test_the_request_event_follows_the_log_level(
         structlog.configure(**saved)
     events = [json.loads(line)["event"] for line in out.getvalue().splitlines()]
     assert [e for e in events if e == "http_request"] == expected_events
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v2/", 200),
+        ("/healthz", 200),
+        ("/metrics", 200),
+        ("/v2/app/manifests/1", 200),
+        ("/v2/app/blobs/{digest}", 200),  # streamed: headers out before the handler returns
+        ("/v2/app/manifests/nosuch", 404),  # the spec's error body
+        ("/v2/app/nosuch-endpoint", 404),  # unrouted under /v2/: a spec-shaped body too
+        ("/nosuch", 404),  # aiohttp's own answer
+        ("/v2/a%2Fb/manifests/1", 400),  # refused before routing (an encoded separator)
+        ("/v2/test/after-headers", 200),  # cut short after the headers
+    ],
+)
+async def test_every_response_carries_the_request_id(
+    mirror: tuple[Client, Origin], path: str, status: int
+) -> None:
+    client, origin = mirror
+    image = origin.add_image("library/app", "1", layers=[1000])
+    path = path.format(digest=sha256_digest(image.layers[0]))
+    async with client.get(path, headers={"X-Request-Id": "req-7"}) as response:
+        assert (response.status, response.headers.get("X-Request-Id")) == (status, "req-7")
+
+
+def test_streamed_headers_go_out_only_through_pullapi_prepare() -> None:
+    """The boundary learns that headers are out from ``pullapi.prepare`` (no signal): a
+    handler calling ``response.prepare`` itself would, on a later error, have a second
+    response written after the first one's headers."""
+    root = Path(__file__).parent.parent / "proxy"
+    calls = [
+        f"{path.relative_to(root)}:{number}"
+        for path in sorted(root.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if ".prepare(request)" in line
+    ]
+    assert [call.partition(":")[0] for call in calls] == ["http/pullapi.py"], calls  # in prepare itself
 
 
 async def test_request_ids_are_unique_and_short_unless_the_client_sent_one(mirror: tuple[Client, Origin]) -> None:

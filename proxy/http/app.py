@@ -25,7 +25,7 @@ from proxy.http.appkeys import (
     TRUST_ROOTS,
     Lifecycle,
 )
-from proxy.http.boundary import RequestIds, on_prepare, request_middleware
+from proxy.http.boundary import RequestIds, request_middleware
 from proxy.http.peerapi import add_peer_routes
 from proxy.http.pullapi import add_routes
 from proxy.http.sendfile import FileSender
@@ -48,7 +48,6 @@ def create_app(config: Config, registry: CollectorRegistry | None = None) -> web
     app[CONFIG] = config
     app[LIFECYCLE] = Lifecycle()
     app[METRICS] = Metrics(registry if registry is not None else CollectorRegistry())
-    app.on_response_prepare.append(on_prepare)
     if config.access.enabled:
         app[ACCESS] = Access(config.access, app[METRICS])  # reads the credential files: ConfigError
         app.cleanup_ctx.append(_access_ctx)

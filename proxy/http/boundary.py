@@ -30,17 +30,15 @@ from functools import lru_cache, partial
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
-from multidict import istr
 from structlog.typing import FilteringBoundLogger
 
 from proxy.errors import NameInvalid, NameUnknown, PullgateError, Unsupported
 from proxy.http.appkeys import METRICS
-from proxy.http.pullapi import API_VERSION, INFO, RequestInfo, info
+from proxy.http.pullapi import API_VERSION, INFO, X_REQUEST_ID, RequestInfo, info
 from proxy.ops.logs import emit_info
 from proxy.ops.metrics import Metrics
 
 CLIENT_CLOSED = 499  # the client left before any response was sent
-X_REQUEST_ID = istr("X-Request-Id")  # case-insensitive once, not per lookup
 
 
 class InternalError(PullgateError):
@@ -78,6 +76,7 @@ def request_middleware(ids: RequestIds, max_url_length: int) -> Middleware:
         except web.HTTPException as exc:
             # Unrouted paths under /v2/ still get spec-shaped error bodies.
             if not request.path.startswith("/v2/") or exc.status not in (404, 405):
+                exc.headers[X_REQUEST_ID] = details.request_id  # aiohttp's own answer carries it too
                 _observe(request, details, exc.status, endpoint, time.monotonic() - started)
                 raise
             if request.method in ("GET", "HEAD"):
@@ -102,15 +101,6 @@ def request_middleware(ids: RequestIds, max_url_length: int) -> Middleware:
         return response
 
     return middleware
-
-
-async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: every response carries the request id, and the boundary
-    learns that headers went out."""
-    details = info(request)
-    if details.request_id:
-        response.headers[X_REQUEST_ID] = details.request_id
-    details.prepared = response
 
 
 def _gone(request: web.Request) -> bool:

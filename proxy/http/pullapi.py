@@ -17,7 +17,7 @@ from io import FileIO
 from typing import BinaryIO
 
 from aiohttp import web
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 from prometheus_client import Counter
 
 from proxy.access.control import ANONYMOUS, Access, Identity
@@ -42,6 +42,7 @@ from proxy.registry.mirror import Mirror
 from proxy.registry.routing import Route
 
 API_VERSION = {"Docker-Distribution-API-Version": "registry/2.0"}
+X_REQUEST_ID = istr("X-Request-Id")  # case-insensitive once, not per lookup
 _RANGE_RE = re.compile(r"^bytes=(\d+)-(\d*)$")
 _HOST_RE = re.compile(r"^(?:[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\])(?::\d{1,5})?$")
 _MAX_PAGE = 10_000
@@ -69,6 +70,19 @@ class RequestInfo:
 
 
 INFO = web.RequestKey("pullgate_info", RequestInfo)
+
+
+async def prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Send a streamed response's headers, the request id among them, and tell the
+    boundary they are out (after this an error can only cut the connection short). The
+    boundary's middleware adds the id to every response a handler returns; a response
+    prepared here goes out before the handler returns. (No ``on_response_prepare`` signal
+    for this: sending it cost every warm manifest request a coroutine call.)"""
+    details = info(request)
+    if details.request_id:
+        response.headers[X_REQUEST_ID] = details.request_id
+    details.prepared = response
+    await response.prepare(request)
 
 
 def info(request: web.Request) -> RequestInfo:
@@ -241,7 +255,7 @@ async def send_cached(
     try:
         response = web.StreamResponse(status=status, headers=headers)
         response.content_length = end - start
-        await response.prepare(request)
+        await prepare(request, response)
         if await _sendfile(request, file, start, end, mirror.metrics.served_from_cache):
             await response.write_eof()
     finally:
@@ -314,7 +328,7 @@ async def stream_flight(request: web.Request, flight: Flight, headers: dict[str,
     response = web.StreamResponse(status=status, headers=headers)
     if end is not None:
         response.content_length = end - start
-    await response.prepare(request)
+    await prepare(request, response)
     served = request.app[MIRROR].metrics.served_from_upstream
     send_timeout = request.app[CONFIG].limits.send_timeout
     details = info(request)
