@@ -22,7 +22,7 @@ import pytest
 import structlog
 
 from proxy.config.settings import LogConfig
-from proxy.ops.logs import configure_logging
+from proxy.ops.logs import configure_logging, emit_info
 from tests.support.daemon import Daemon
 
 SECRET = "s3cret-pa55word-for-the-log-scan"
@@ -113,6 +113,16 @@ async def test_a_library_record_comes_after_the_lines_before_it(stream: io.Strin
     structlog.get_logger("pullgate.test").info("ours_first")
     logging.getLogger("asyncio").error("then the library's")
     assert [event["event"] for event in lines(stream)] == ["ours_first", "library_log"]
+
+
+def test_emit_info_writes_what_a_bound_logger_would(stream: io.StringIO) -> None:
+    fields = {"status": 200, "user_agent": "curl Bearer abc.def", "big": 2**70, "text": "caf\u00e9"}
+    structlog.get_logger("pullgate.test").info("same_event", **fields)
+    emit_info("same_event", dict(fields))
+    ours, theirs = lines(stream)
+    assert ours.pop("timestamp") and theirs.pop("timestamp")
+    assert ours == theirs
+    assert ours["user_agent"] == "curl Bearer [redacted]" and ours["big"] == 2**70  # scrubbed; json's fallback
 
 
 def test_without_a_running_loop_every_line_goes_out_at_once(stream: io.StringIO) -> None:

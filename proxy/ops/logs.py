@@ -71,13 +71,20 @@ def emit_info(event: str, fields: dict[str, Any]) -> None:
     ``fields`` becomes the event (not copied)."""
     config = structlog.get_config()
     logger = config["logger_factory"]()
-    fields["event"] = event
+    rendered: Any = fields
+    rendered["event"] = event
     try:
         for processor in config["processors"]:
-            fields = processor(logger, "info", fields)
+            rendered = processor(logger, "info", rendered)
     except structlog.DropEvent:
         return
-    logger.info(fields)
+    # What the last processor returned, passed on as structlog passes it.
+    if isinstance(rendered, dict):
+        logger.info(**rendered)
+    elif isinstance(rendered, tuple):
+        logger.info(*rendered[0], **rendered[1])
+    else:
+        logger.info(rendered)
 
 
 _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
@@ -216,7 +223,8 @@ def _may_hold_credential(text: str) -> bool:
     runs on every text value of every event (an ``http_request`` line per request; the
     regex on each of its values cost ~15 us, half of the event). For the letters b, a, s,
     e and r, ``casefold`` agrees with the regex's case-insensitive matching character by
-    character (checked over all of Unicode in tests/test_logs.py; not so for i: U+0131, the dotless i), so a
-    text whose casefold holds neither "bas" nor "bearer" has no credential to redact."""
+    character (checked over all of Unicode in tests/test_logs.py; not so for i: U+0131,
+    the dotless i), so a text whose casefold holds neither "bas" nor "bearer" has no
+    credential to redact."""
     folded = text.casefold()
     return "bas" in folded or "bearer" in folded
