@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -103,10 +104,33 @@ async def test_lines_of_one_loop_turn_are_written_together_in_order(stream: io.S
 async def test_a_line_from_another_thread_goes_out_at_once_after_the_pending_ones(stream: io.StringIO) -> None:
     log = structlog.get_logger("pullgate.test")
     log.info("first_in_the_loop")
-    await asyncio.to_thread(log.warning, "from_a_worker")
+    worker = threading.Thread(target=log.warning, args=("from_a_worker",))
+    worker.start()
+    worker.join()  # the loop's turn has not ended: only the worker's line can have flushed
+    assert [event["event"] for event in lines(stream)] == ["first_in_the_loop", "from_a_worker"]
     log.info("second_in_the_loop")
     await asyncio.sleep(0)
     assert [event["event"] for event in lines(stream)] == ["first_in_the_loop", "from_a_worker", "second_in_the_loop"]
+
+
+def test_a_flush_due_on_a_loop_that_closed_holds_no_later_line_back(stream: io.StringIO) -> None:
+    log = structlog.get_logger("pullgate.test")
+
+    def log_and_stop() -> None:
+        log.info("last_turn")  # its flush is due at the end of this turn, which is the last
+        loop.stop()
+
+    loop = asyncio.new_event_loop()
+    loop.call_soon(log_and_stop)
+    loop.run_forever()
+    loop.close()  # the due flush never ran
+    assert stream.getvalue() == ""
+
+    async def log_again() -> None:
+        log.info("next_loop")
+
+    asyncio.run(log_again())
+    assert [event["event"] for event in lines(stream)] == ["last_turn", "next_loop"]
 
 
 async def test_a_library_record_comes_after_the_lines_before_it(stream: io.StringIO) -> None:

@@ -115,6 +115,7 @@ class LineWriter:
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
         self._pending: list[str] = []
+        self._scheduled: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
         self._lock = threading.Lock()  # lines come from worker threads too
         atexit.register(self.flush)
 
@@ -123,20 +124,27 @@ class LineWriter:
         return self
 
     def msg(self, message: str) -> None:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread
+            loop = None
         with self._lock:
             self._pending.append(message)
-            if len(self._pending) > 1:
-                return  # the first pending line's writer takes this one too
-        try:
-            asyncio.get_running_loop().call_soon(self.flush)
-        except RuntimeError:  # no loop in this thread
+            # Per loop, not "a flush is due": one due on a loop that closed before running
+            # it must not hold later lines back.
+            schedule = loop is not None and self._scheduled is not loop
+            if schedule:
+                self._scheduled = loop
+        if loop is None:
             self.flush()
+        elif schedule:
+            loop.call_soon(self.flush)
 
     log = debug = info = warn = warning = error = err = critical = exception = fatal = failure = msg
 
     def flush(self) -> None:
         with self._lock:
-            lines, self._pending = self._pending, []
+            lines, self._pending, self._scheduled = self._pending, [], None
             if lines:
                 self._stream.write("\n".join(lines) + "\n")
                 self._stream.flush()
