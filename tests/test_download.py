@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from proxy.errors import DigestMismatch, PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
-from proxy.registry.download import CHUNK, RECENT, FileWindow, Flight, State
+from proxy.registry.download import CHUNK, RECENT, FileWindow, Flight, State, _split
 from tests.support.polling import eventually
 
 DATA = os.urandom(3 * CHUNK + 1234)
@@ -180,3 +182,101 @@ async def test_only_readers_of_bytes_keep_the_download_in_memory(
     await asyncio.gather(registered, return_exceptions=True)
     await idle.aclose()
     flight.writer_closed()
+
+
+def _cut(data: bytes, sizes: list[int]) -> list[bytes]:
+    """``data`` in pieces of ``sizes`` (the last piece takes the rest)."""
+    pieces, at = [], 0
+    for size in sizes:
+        pieces.append(data[at : at + size])
+        at += size
+    return [*pieces, data[at:]]
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[], [1], [CHUNK, 0, 5], [0, 0], [7] * 40, [CHUNK * 2, 1, CHUNK]],
+    ids=["whole", "one-byte-first", "an-empty-piece", "empty-first", "many-small", "uneven"],
+)
+async def test_pieces_are_written_in_order_and_read_back_alike(flight: Flight, sizes: list[int]) -> None:
+    """The download hands over what arrived as pieces (no join on the event loop): the
+    file, the hash and every reader (from memory, from disk, by windows) see them in order."""
+    hashed = bytearray()
+    memory, windows = bytearray(), bytearray()
+    from_memory = asyncio.create_task(collect(flight, memory))
+    by_windows = asyncio.create_task(_windows(flight, windows))
+    await flight.write(_cut(DATA, sizes), hashed.extend)
+    flight.verified()
+    assert bytes(hashed) == DATA and flight.written == len(DATA)
+    assert os.pread(flight.fd, len(DATA) + 1, 0) == DATA
+    assert await asyncio.wait_for(from_memory, 5) == DATA
+    assert await asyncio.wait_for(by_windows, 5) == DATA
+    assert await collect(flight, bytearray(), 1000) == DATA[1000:]  # a late reader, from disk
+
+
+async def _windows(flight: Flight, got: bytearray) -> bytes:
+    async for window in flight.read(0, len(DATA), windows=True):
+        assert isinstance(window, FileWindow)
+        got += os.pread(window.fd, window.count, window.offset)
+    return bytes(got)
+
+
+_PARTIAL_WRITE = """
+import os, resource, signal, sys
+from proxy.registry.download import _pwrite_all
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+limit, path = int(sys.argv[1]), sys.argv[2]
+pieces = [bytes([n]) * size for n, size in enumerate([100, 0, 300, 50, 1000])]
+fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+hashed = []
+print(*_pwrite_all(fd, pieces, 0, hashed.append), sum(map(len, hashed)))
+"""
+
+
+@pytest.mark.parametrize(
+    ("limit", "written", "filled"),
+    [(10_000, 1450, False), (1450, 1450, False), (400, 400, True), (250, 250, True), (100, 100, True), (0, 0, True)],
+)
+def test_a_disk_that_fills_midway_through_the_pieces_says_where(
+    tmp_path: Path, limit: int, written: int, filled: bool
+) -> None:
+    """A file size limit (EFBIG, a real short write from the kernel) inside a piece, at a
+    piece's edge, before the first: the bytes written and the disk-full flag are exact, and
+    every piece was hashed first (the download goes on in memory from there)."""
+    path = tmp_path / "blob.part"
+    done = subprocess.run(
+        [sys.executable, "-c", _PARTIAL_WRITE, str(limit), str(path)],
+        capture_output=True, text=True, timeout=30, check=True, cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert done.stdout.split() == [str(written), str(filled), "1450"]
+    expected = b"".join(bytes([n]) * size for n, size in enumerate([100, 0, 300, 50, 1000]))[:written]
+    assert path.read_bytes() == expected
+
+
+@pytest.mark.parametrize(
+    ("n", "kept", "rest"),
+    [(0, [], [b"abc", b"", b"de"]), (2, [b"ab"], [b"c", b"", b"de"]), (3, [b"abc", b""], [b"de"]),
+     (4, [b"abc", b"", b"d"], [b"e"]), (5, [b"abc", b"", b"de"], [])],
+)
+def test_split_cuts_the_pieces_at_the_bytes_written(n: int, kept: list[bytes], rest: list[bytes]) -> None:
+    assert _split([b"abc", b"", b"de"], n) == (kept, rest)
+
+
+async def test_a_disk_that_fills_inside_the_pieces_keeps_the_rest_in_memory(tmp_path: Path) -> None:
+    """The bytes past a full disk go to the readers from memory, in order."""
+    flight = Flight(Digest.of(DATA), tmp_path / "blob.part")
+    await flight.create()
+    flight.begin(len(DATA))
+    got = bytearray()
+    reader = asyncio.create_task(collect(flight, got))
+    await flight.write(_cut(DATA[: CHUNK + 10], [CHUNK]))  # on disk
+    full = os.open("/dev/full", os.O_WRONLY)
+    try:
+        os.dup2(full, flight.fd)
+    finally:
+        os.close(full)
+    await flight.write(_cut(DATA[CHUNK + 10 :], [5, 0, CHUNK]))
+    assert (flight.spilled, flight.disk_bytes, flight.written) == (True, CHUNK + 10, len(DATA))
+    flight.finish()
+    assert await asyncio.wait_for(reader, 5) == DATA

@@ -17,13 +17,14 @@ import re
 import socket
 import sys
 import threading
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import structlog
 
 from proxy.config.settings import LogConfig
-from proxy.ops.logs import configure_logging, emit_info
+from proxy.ops.logs import UtcTimestamp, configure_logging, emit_info
 from tests.support.daemon import Daemon
 
 SECRET = "s3cret-pa55word-for-the-log-scan"
@@ -147,6 +148,37 @@ def test_emit_info_writes_what_a_bound_logger_would(stream: io.StringIO) -> None
     assert ours.pop("timestamp") and theirs.pop("timestamp")
     assert ours == theirs
     assert ours["user_agent"] == "curl Bearer [redacted]" and ours["big"] == 2**70  # scrubbed; json's fallback
+
+
+@pytest.mark.parametrize("source", ["ours", "library"])
+def test_every_line_is_stamped_in_utc_to_the_microsecond(stream: io.StringIO, source: str) -> None:
+    before = datetime.now(UTC)
+    for _ in range(3):
+        if source == "ours":
+            structlog.get_logger("pullgate.test").info("stamped")
+        else:
+            logging.getLogger("asyncio").warning("stamped")
+    after = datetime.now(UTC)
+    stamps = [str(event["timestamp"]) for event in lines(stream)]
+    assert len(stamps) == 3
+    for stamp in stamps:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamp), stamp
+        assert before - timedelta(milliseconds=1) <= datetime.fromisoformat(stamp) <= after
+    assert stamps == sorted(stamps)
+
+
+def test_the_stamp_follows_the_clock_across_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The date and time of day are cached per second: a new second (or a clock set back)
+    gets its own text, never the previous second's."""
+    stamper = UtcTimestamp()
+    for now, expected in [
+        (1_796_169_599.999999, "2026-12-01T23:59:59.999999Z"),
+        (1_796_169_600.0, "2026-12-02T00:00:00.000000Z"),
+        (1_796_169_600.25, "2026-12-02T00:00:00.250000Z"),
+        (1_796_169_599.5, "2026-12-01T23:59:59.500000Z"),  # set back
+    ]:
+        monkeypatch.setattr("proxy.ops.logs.time.time", lambda now=now: now)
+        assert stamper(None, "info", {})["timestamp"] == expected
 
 
 def test_without_a_running_loop_every_line_goes_out_at_once(stream: io.StringIO) -> None:

@@ -306,8 +306,7 @@ class BlobService:
             self._check_spill(flight)
         if not pending:
             return None
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        return asyncio.ensure_future(flight.write(data, update))
+        return asyncio.ensure_future(flight.write(pending, update))  # pieces: no join on the loop
 
     def _check_spill(self, flight: Flight) -> None:
         if flight.spilled and self._flights.get(flight.digest) is flight:

@@ -54,6 +54,7 @@ RECENT = 8 << 20  # at most this much of the download's end is kept in memory fo
 READ_AHEAD = 1 << 20  # bytes per disk read for readers further behind
 SPILL_WINDOW = 64 << 20  # memory kept for readers of a pass-through download
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_IOV_MAX = 1024  # pieces per pwritev (Linux's IOV_MAX)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,23 +115,30 @@ class Flight:
         if not self.started.done():
             self.started.set_result(size)
 
-    async def write(self, data: bytes, digest_update: Callable[[bytes], object] | None = None) -> None:
-        """Append ``data``; ``digest_update`` (the download's hasher) sees it first, in the
-        same worker thread as the write (hashing is CPU the event loop need not spend)."""
-        view = memoryview(data)
+    async def write(self, data: bytes | list[bytes], digest_update: Callable[[bytes], object] | None = None) -> None:
+        """Append ``data`` (bytes, or pieces of it in order); ``digest_update`` (the
+        download's hasher) sees it first, in the same worker thread as the write (hashing is
+        CPU the event loop need not spend). Pieces go to the file in one ``pwritev``: joining
+        them on the loop copied every byte once more there, into fresh memory (16 clients of
+        a cold 256 MiB blob: a tenth of the loop's samples in that copy)."""
+        pieces = [data] if isinstance(data, bytes) else data
+        rest = pieces
         if self.disk_bytes is None:
-            n, full = await asyncio.to_thread(_pwrite_all, self._fd, view, self.written, digest_update)
-            self._remember(self.written, data if n == len(data) else bytes(view[:n]))
-            self.written += n
-            view = view[n:]
+            n, full = await asyncio.to_thread(_pwrite_all, self._fd, pieces, self.written, digest_update)
+            kept, rest = _split(pieces, n)
+            for piece in kept:
+                self._remember(self.written, piece)
+                self.written += len(piece)
             if full:
                 self.disk_bytes = self.written
         elif digest_update is not None:
-            digest_update(data)
-        if view:
-            self._spill.append((self.written, bytes(view)))
-            self._spill_bytes += len(view)
-            self.written += len(view)
+            for piece in pieces:
+                digest_update(piece)
+        for piece in rest:
+            self._spill.append((self.written, piece))
+            self._spill_bytes += len(piece)
+            self.written += len(piece)
+        if rest:
             self._trim_spill()
         self._notify()
 
@@ -295,17 +303,39 @@ def _slice(chunks: deque[tuple[int, bytes]], offset: int, limit: int) -> bytes |
 
 
 def _pwrite_all(
-    fd: int, view: memoryview, offset: int, digest_update: Callable[[bytes], object] | None
+    fd: int, pieces: list[bytes], offset: int, digest_update: Callable[[bytes], object] | None
 ) -> tuple[int, bool]:
-    """Write ``view`` at ``offset``; returns (bytes written, whether the disk filled)."""
+    """Write ``pieces`` in order at ``offset``; returns (bytes written, whether the disk
+    filled)."""
     if digest_update is not None:
-        digest_update(view)  # type: ignore[arg-type]  # hashlib takes any buffer
-    done = 0
-    while done < len(view):
+        for piece in pieces:
+            digest_update(piece)
+    views = [memoryview(piece) for piece in pieces if piece]
+    first, done = 0, 0
+    while first < len(views):
         try:
-            done += os.pwrite(fd, view[done:], offset + done)
+            n = os.pwritev(fd, views[first : first + _IOV_MAX], offset + done)
         except OSError as exc:
             if exc.errno not in _DISK_FULL:
                 raise
             return done, True
+        done += n
+        while first < len(views) and n >= len(views[first]):
+            n -= len(views[first])
+            first += 1
+        if n:
+            views[first] = views[first][n:]
     return done, False
+
+
+def _split(pieces: list[bytes], n: int) -> tuple[list[bytes], list[bytes]]:
+    """``pieces`` as (the first ``n`` bytes, the rest), cut inside a piece if need be."""
+    kept: list[bytes] = []
+    for index, piece in enumerate(pieces):
+        if n < len(piece):
+            if n:
+                kept.append(piece[:n])
+            return kept, [piece[n:], *pieces[index + 1 :]]
+        kept.append(piece)
+        n -= len(piece)
+    return kept, []
