@@ -49,6 +49,12 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert result["warm"]["manifest"]["limit"]["tag"]["rps"] > 0
     for name in ("nginx_warm", "pullgate_warm"):
         assert result["concurrent"][name]["ok"] == 16, name
+    # The cold floor: never below nginx's own wall time, every part of it measured.
+    floor = result["concurrent"]["cold_floor"]
+    assert floor["wall_seconds"] >= result["concurrent"]["nginx_warm"]["wall_seconds"]
+    assert floor["sha256_cpu_seconds"] > 0 and floor["write_new_file_cpu_seconds"] > 0
+    assert floor["upstream_get_machine_cpu_seconds"] >= 0  # /proc/stat ticks: 16 MiB may take under one
+    assert "the least any cache could take cold here" in done.stdout
 
 
 @pytest.mark.e2e
