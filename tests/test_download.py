@@ -9,13 +9,14 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
 from proxy.errors import DigestMismatch, PullgateError, UpstreamUnavailable
 from proxy.oci.digest import Digest
+from proxy.registry import download
 from proxy.registry.download import CHUNK, RECENT, FileWindow, Flight, State, _split
 from tests.support.polling import eventually
 
@@ -247,7 +248,11 @@ def test_a_disk_that_fills_midway_through_the_pieces_says_where(
     path = tmp_path / "blob.part"
     done = subprocess.run(
         [sys.executable, "-c", _PARTIAL_WRITE, str(limit), str(path)],
-        capture_output=True, text=True, timeout=30, check=True, cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
     )
     assert done.stdout.split() == [str(written), str(filled), "1450"]
     expected = b"".join(bytes([n]) * size for n, size in enumerate([100, 0, 300, 50, 1000]))[:written]
@@ -256,8 +261,13 @@ def test_a_disk_that_fills_midway_through_the_pieces_says_where(
 
 @pytest.mark.parametrize(
     ("n", "kept", "rest"),
-    [(0, [], [b"abc", b"", b"de"]), (2, [b"ab"], [b"c", b"", b"de"]), (3, [b"abc", b""], [b"de"]),
-     (4, [b"abc", b"", b"d"], [b"e"]), (5, [b"abc", b"", b"de"], [])],
+    [
+        (0, [], [b"abc", b"", b"de"]),
+        (2, [b"ab"], [b"c", b"", b"de"]),
+        (3, [b"abc", b""], [b"de"]),
+        (4, [b"abc", b"", b"d"], [b"e"]),
+        (5, [b"abc", b"", b"de"], []),
+    ],
 )
 def test_split_cuts_the_pieces_at_the_bytes_written(n: int, kept: list[bytes], rest: list[bytes]) -> None:
     assert _split([b"abc", b"", b"de"], n) == (kept, rest)
@@ -280,3 +290,71 @@ async def test_a_disk_that_fills_inside_the_pieces_keeps_the_rest_in_memory(tmp_
     assert (flight.spilled, flight.disk_bytes, flight.written) == (True, CHUNK + 10, len(DATA))
     flight.finish()
     assert await asyncio.wait_for(reader, 5) == DATA
+
+
+@pytest.fixture
+def edge(monkeypatch: pytest.MonkeyPatch) -> Callable[[int, float], None]:
+    def set_edge(window: int, wait: float) -> None:
+        monkeypatch.setattr(download, "EDGE_WINDOW", window)
+        monkeypatch.setattr(download, "EDGE_WAIT", wait)
+
+    return set_edge
+
+
+async def test_a_reader_of_windows_at_the_edge_waits_for_a_whole_window(
+    tmp_path: Path, edge: Callable[[int, float], None]
+) -> None:
+    """Keeping up with the download, a reader of windows is sent ``EDGE_WINDOW`` bytes at a
+    time, not each write as it lands; the rest once verified."""
+    edge(2 * CHUNK, 60.0)
+    data = os.urandom(8 * CHUNK)
+    flight = Flight(Digest.of(data), tmp_path / "blob.part")
+    await flight.create()
+    flight.begin(len(data))
+    sizes: list[tuple[int, bool]] = []
+
+    async def read() -> None:
+        async for window in flight.read(0, len(data), windows=True):
+            assert isinstance(window, FileWindow)
+            at, count = window.offset, window.count
+            assert os.pread(window.fd, count, at) == data[at : at + count]
+            sizes.append((count, flight.state is State.RUNNING))
+
+    reader = asyncio.create_task(read())
+    for offset in range(0, len(data), CHUNK // 4):
+        await flight.write(data[offset : offset + CHUNK // 4])
+        await asyncio.sleep(0)
+    flight.verified()
+    await asyncio.wait_for(reader, 5)
+    flight.finish()
+    flight.writer_closed()
+    assert sum(size for size, _ in sizes) == len(data)
+    before_verified = [size for size, _ in sizes[:-1]]
+    assert before_verified and all(size >= 2 * CHUNK for size in before_verified), sizes
+
+
+@pytest.mark.parametrize(
+    ("windows", "end", "edge_wait", "held"),
+    [
+        (True, None, 0.05, True),  # held back, but only for EDGE_WAIT: a slow download still flows
+        (True, CHUNK // 2, 30.0, False),  # the range's end is written: nothing more to wait for
+        (False, None, 30.0, False),  # readers of bytes (TLS) take each write as it lands
+    ],
+)
+async def test_what_a_reader_at_the_edge_is_given_at_once(
+    flight: Flight, edge: Callable[[int, float], None], windows: bool, end: int | None, edge_wait: float, held: bool
+) -> None:
+    """Less than a window written and more to come: held for ``EDGE_WAIT`` at most (30 s
+    here where it must not apply: the read would time out)."""
+    edge(1 << 30, edge_wait)
+    pieces = flight.read(0, end, windows=windows)
+    first = asyncio.ensure_future(anext(pieces))
+    await asyncio.sleep(0)
+    started = asyncio.get_running_loop().time()
+    await flight.write(DATA[:CHUNK])
+    got = await asyncio.wait_for(first, 5)
+    if held:
+        assert asyncio.get_running_loop().time() - started >= 0.04
+    count = got.count if isinstance(got, FileWindow) else len(got)
+    assert 0 < count <= (end or CHUNK - 1)
+    await pieces.aclose()

@@ -19,7 +19,9 @@ A reader that sends to a plain socket asks for *windows* (``read(windows=True)``
 instead of bytes, keeping up or behind alike — the bytes were just written and come from
 the page cache, nothing is copied through Python, and the copying runs in the HTTP layer's
 sender threads instead of on the event loop next to the download (16 clients of one cold
-256 MiB blob: 2.2-2.8 s from memory on the loop, 1.7-2.0 s by windows). A storm of clients
+256 MiB blob: 2.2-2.8 s from memory on the loop, 1.7-2.0 s by windows). A reader keeping
+up is given a window once ``EDGE_WINDOW`` bytes are there for it (or ``EDGE_WAIT`` passed,
+or the end is written), not each write as it lands. A storm of clients
 behind a download costs neither memory nor the thread pool the download's own writes need
 (200 clients reading 1 MiB pieces from disk: 510 MiB RSS, writes queued behind hundreds of
 reads). Memory is kept for the readers that take bytes (TLS clients, the object-store upload).
@@ -52,6 +54,13 @@ from proxy.oci.digest import Digest
 CHUNK = 1 << 18
 RECENT = 8 << 20  # at most this much of the download's end is kept in memory for its readers
 READ_AHEAD = 1 << 20  # bytes per disk read for readers further behind
+# A reader of windows that keeps up with the download waits until this much is written past
+# it (or EDGE_WAIT seconds, or the end): sent as the writes come (a few hundred KiB each),
+# every client woke for small reads and the senders made small calls (16 clients of a cold
+# 256 MiB blob, 5 alternating rounds: 16 MiB windows took 10 % less CPU, the wall 1.37 s
+# against 1.57).
+EDGE_WINDOW = 16 << 20
+EDGE_WAIT = 0.05
 SPILL_WINDOW = 64 << 20  # memory kept for readers of a pass-through download
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _IOV_MAX = 1024  # pieces per pwritev (Linux's IOV_MAX)
@@ -228,12 +237,17 @@ class Flight:
                 if self.state is not State.DONE or self.final is None:
                     raise self.error or PullgateError("download failed")
                 fd = own_fd = await asyncio.to_thread(os.open, self.final, os.O_RDONLY)
-            offset = start
+            offset, held_since = start, 0.0
             while end is None or offset < end:
                 limit = self.written if self._complete else max(self.written - 1, 0)
                 if end is not None:
                     limit = min(limit, end)
+                if offset < limit and windows and self._short_of_a_window(offset, limit, end):
+                    held_since = held_since or asyncio.get_running_loop().time()
+                    if await self._changed_before(held_since + EDGE_WAIT):
+                        continue
                 if offset < limit:
+                    held_since = 0.0
                     data = await self._chunk(fd, offset, limit, windows)
                     offset += data.count if isinstance(data, FileWindow) else len(data)
                     self._readers[reader] = offset
@@ -250,6 +264,30 @@ class Flight:
             del self._readers[reader]
             self._windowed.discard(reader)
             self._maybe_close()
+
+    def _short_of_a_window(self, offset: int, limit: int, end: int | None) -> bool:
+        """Whether a reader of windows at ``offset`` should wait for more than the download
+        has written (``limit``): less than ``EDGE_WINDOW`` is there, and more is coming."""
+        return (
+            limit - offset < EDGE_WINDOW
+            and not self._complete
+            and self.state is State.RUNNING
+            and self.disk_bytes is None
+            and (end is None or limit < end)
+        )
+
+    async def _changed_before(self, deadline: float) -> bool:
+        """Wait for the download to change until the loop's clock reads ``deadline``;
+        False if it did not."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return False
+        try:
+            async with asyncio.timeout(remaining):
+                await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def _chunk(self, fd: int, offset: int, limit: int, windows: bool) -> bytes | memoryview | FileWindow:
         if self.disk_bytes is None or offset < self.disk_bytes:
