@@ -143,7 +143,7 @@ async def test_a_library_record_comes_after_the_lines_before_it(stream: io.Strin
 def test_emit_info_writes_what_a_bound_logger_would(stream: io.StringIO) -> None:
     fields = {"status": 200, "user_agent": "curl Bearer abc.def", "big": 2**70, "text": "caf\u00e9"}
     structlog.get_logger("pullgate.test").info("same_event", **fields)
-    emit_info("same_event", dict(fields))
+    emit_info("same_event", lambda: dict(fields))
     ours, theirs = lines(stream)
     assert ours.pop("timestamp") and theirs.pop("timestamp")
     assert ours == theirs
@@ -179,6 +179,31 @@ def test_the_stamp_follows_the_clock_across_seconds(monkeypatch: pytest.MonkeyPa
     ]:
         monkeypatch.setattr("proxy.ops.logs.time.time", lambda now=now: now)
         assert stamper(None, "info", {})["timestamp"] == expected
+
+
+@pytest.mark.parametrize(("level", "built"), [("info", 1), ("debug", 1), ("warning", 0), ("error", 0)])
+def test_emit_info_builds_the_event_only_when_it_is_written(level: str, built: int) -> None:
+    """The request line's fields are built only if info events are written at all: at
+    ``warning`` a request costs no event."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, root_level = list(root.handlers), root.level
+    out = io.StringIO()
+    calls: list[int] = []
+
+    def fields() -> dict[str, object]:
+        calls.append(1)
+        return {"status": 200}
+
+    try:
+        configure_logging(LogConfig(level=level, format="json"), stream=out)
+        emit_info("built_or_not", fields)
+        structlog.get_logger("pullgate.test").error("flush")  # no loop: lines go out at once
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:], root.level = handlers, root_level
+    assert len(calls) == built
+    assert [event["event"] for event in lines(out)] == ["built_or_not"] * built + ["flush"]
 
 
 def test_without_a_running_loop_every_line_goes_out_at_once(stream: io.StringIO) -> None:

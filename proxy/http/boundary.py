@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import secrets
 import time
 import uuid
 from collections.abc import Callable
-from functools import lru_cache, partial
+from functools import partial
 
 import structlog
 from aiohttp import web
@@ -157,35 +156,27 @@ def _observe(request: web.Request, details: RequestInfo, status: int, endpoint: 
     request.app[METRICS].request_done(endpoint, request.method, status, elapsed)
     if endpoint in ("metrics", "healthz", "readyz"):
         return
-    if not _emits_info(structlog.get_config()["wrapper_class"]):
-        return  # the event would be filtered: not worth building
-    emit_info(
-        "http_request",
-        {
-            "request_id": details.request_id,
-            "method": request.method,
-            "endpoint": endpoint,
-            "status": status,
-            "upstream": details.upstream,
-            "repository": details.repository,
-            "reference": details.reference,
-            "cache": details.cache,
-            "bytes": details.bytes,
-            "duration_ms": round(elapsed * 1000, 2),
-            "remote": request.remote,
-            "user_agent": request.headers.get("User-Agent", "")[:100],
-            **details.extra,
-        },
-    )
+    emit_info("http_request", partial(_request_line, request, details, status, endpoint, elapsed))
 
 
-@lru_cache(maxsize=16)
-def _emits_info(wrapper_class: type) -> bool:
-    """Whether loggers of structlog's configured ``wrapper_class`` emit info events. The
-    level is fixed per class (``make_filtering_bound_logger`` makes one per level), so this
-    is asked once per configuration; another kind of logger is assumed to emit."""
-    is_enabled_for = getattr(wrapper_class(None, [], {}), "is_enabled_for", None)
-    return True if is_enabled_for is None else bool(is_enabled_for(logging.INFO))
+def _request_line(
+    request: web.Request, details: RequestInfo, status: int, endpoint: str, elapsed: float
+) -> dict[str, object]:
+    return {
+        "request_id": details.request_id,
+        "method": request.method,
+        "endpoint": endpoint,
+        "status": status,
+        "upstream": details.upstream,
+        "repository": details.repository,
+        "reference": details.reference,
+        "cache": details.cache,
+        "bytes": details.bytes,
+        "duration_ms": round(elapsed * 1000, 2),
+        "remote": request.remote,
+        "user_agent": request.headers.get("User-Agent", "")[:100],
+        **details.extra,
+    }
 
 
 # --- the webhook -------------------------------------------------------------------------
