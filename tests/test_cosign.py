@@ -95,7 +95,11 @@ def _tampered(w: World, field: str) -> Artifact:
         assert tampered != layer.payload
         layer = dataclasses.replace(layer, payload=tampered)
     else:
-        layer = dataclasses.replace(layer, signature=layer.signature[:-1] + b"\x00")
+        # Flip the last byte: setting it to a fixed value left the signature unchanged
+        # whenever it already held that value (1 run in 256 "verified a tampered signature").
+        tampered = layer.signature[:-1] + bytes([layer.signature[-1] ^ 0xFF])
+        assert tampered != layer.signature
+        layer = dataclasses.replace(layer, signature=tampered)
     return legacy_artifact(IMAGE, [layer])
 
 
