@@ -1,11 +1,15 @@
 """``FileSender`` on real loopback sockets: the exact byte range after what the transport
-buffered, a stalled or vanished client ends the send (and every descriptor it opened is
-closed again), a file shorter than the range is an error rather than padding, a cancelled
-send never writes elsewhere, and TLS connections are left to asyncio's fallback."""
+buffered, told to the loop once per ``REPORT_EVERY`` bytes (not per system call), many
+clients at once over few threads, a stalled or vanished client ends the send (and every
+descriptor it opened is closed again), a file shorter than the range is an error rather
+than padding, a cancelled send never writes elsewhere and lets go of its descriptors,
+stopping the sender ends the sends still running, and TLS connections are left to
+asyncio's fallback."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -15,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from proxy.http.sendfile import PIECE, FileSender
+from proxy.http import sendfile
+from proxy.http.sendfile import PIECE, REPORT_EVERY, FileSender
 from tests.support.certs import write_cert
+from tests.support.polling import eventually
 
 DATA = os.urandom(3 * PIECE + 12345)
 Connection = tuple[asyncio.WriteTransport, asyncio.StreamReader]
@@ -86,7 +92,42 @@ async def test_sends_exactly_the_range_after_what_the_transport_holds(
             receiving = asyncio.ensure_future(reader.readexactly(len(buffered) + count))
             await sender.send(transport, file.fileno(), offset, count, timeout=5, on_sent=sent.append)
             assert await asyncio.wait_for(receiving, 10) == buffered + DATA[offset : offset + count]
-        assert sum(sent) == count
+        assert count < REPORT_EVERY
+        assert sent == [count]  # one report: the loop is not woken per system call
+
+
+@pytest.mark.parametrize(("report_every", "reports"), [(1 << 20, 13), (5 << 20, 3), (64 << 20, 1)])
+async def test_progress_is_told_in_parts_that_add_up(
+    sender: FileSender, blob: Path, monkeypatch: pytest.MonkeyPatch, report_every: int, reports: int
+) -> None:
+    """Long sends report what went out now and then (the served-bytes metric moves while a
+    slow client downloads), at least ``REPORT_EVERY`` bytes a time, and the parts add up."""
+    monkeypatch.setattr(sendfile, "REPORT_EVERY", report_every)
+    async with connection() as (transport, reader):
+        sent: list[int] = []
+        with blob.open("rb") as file:
+            receiving = asyncio.ensure_future(reader.readexactly(len(DATA)))
+            await sender.send(transport, file.fileno(), 0, len(DATA), timeout=5, on_sent=sent.append)
+            assert await asyncio.wait_for(receiving, 10) == DATA
+    assert sum(sent) == len(DATA)
+    assert 1 <= len(sent) <= reports
+    assert all(part >= report_every for part in sent[:-1])
+
+
+async def test_many_clients_at_once_each_get_their_own_range(sender: FileSender, blob: Path) -> None:
+    """Twenty sends share the sender threads, each socket served as it drains."""
+    ranges = [(n * 100_003 % len(DATA), len(DATA) - n * 100_003 % len(DATA)) for n in range(20)]
+    async with contextlib.AsyncExitStack() as stack:
+        connections = [await stack.enter_async_context(connection()) for _ in ranges]
+        file = stack.enter_context(blob.open("rb"))
+        receiving = [reader.readexactly(count) for (_, reader), (_, count) in zip(connections, ranges, strict=True)]
+        sending = [
+            sender.send(transport, file.fileno(), offset, count, timeout=5, on_sent=lambda _: None)
+            for (transport, _), (offset, count) in zip(connections, ranges, strict=True)
+        ]
+        results = await asyncio.wait_for(asyncio.gather(*receiving, *sending), 30)
+    for got, (offset, count) in zip(results, ranges, strict=False):
+        assert got == DATA[offset : offset + count]
 
 
 async def _stall(transport: asyncio.WriteTransport, reader: asyncio.StreamReader) -> None:
@@ -154,6 +195,38 @@ async def test_a_cancelled_send_writes_nothing_after_its_descriptors_are_reused(
             transport.close()
             rest = await asyncio.wait_for(reader.read(), 10)
         assert first + rest == DATA[: len(first) + len(rest)]
+
+
+async def test_a_cancelled_send_lets_go_of_its_descriptors(sender: FileSender, blob: Path) -> None:
+    async with connection(receive_buffer=64 << 10) as (transport, reader):
+        with blob.open("rb") as file:
+            before = open_descriptors()
+            sending = asyncio.ensure_future(
+                sender.send(transport, file.fileno(), 0, len(DATA), timeout=60, on_sent=lambda _: None)
+            )
+            await reader.readexactly(1000)  # under way, and the client reads no more
+            assert len(open_descriptors() - before) == 2  # the thread's duplicates
+            sending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await sending
+            await eventually(lambda: open_descriptors() - before == set(), timeout=2)
+
+
+async def test_stopping_the_sender_ends_the_sends_still_running(blob: Path) -> None:
+    sender = FileSender()
+    async with connection(receive_buffer=64 << 10) as (transport, _):
+        before = open_descriptors()
+        with blob.open("rb") as file:
+            sending = asyncio.ensure_future(
+                sender.send(transport, file.fileno(), 0, len(DATA), timeout=60, on_sent=lambda _: None)
+            )
+            await asyncio.sleep(0.2)  # the client reads nothing: the send waits for it
+            await asyncio.wait_for(sender.close(), 5)
+            with pytest.raises(ConnectionResetError):
+                await sending
+            with pytest.raises(ConnectionResetError):  # and no send starts any more
+                await sender.send(transport, file.fileno(), 0, 10, timeout=1, on_sent=lambda _: None)
+        assert open_descriptors() - before == set()
 
 
 async def test_tls_connections_are_not_for_sendfile(sender: FileSender, tmp_path: Path) -> None:
