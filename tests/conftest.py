@@ -14,12 +14,14 @@ import re
 import secrets
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.config.settings import Config
 from proxy.http.app import create_app
+from tests.support import hangs
 from tests.support.aio import ClientFactory, ServerFactory
 from tests.support.containerd import Containerd
 from tests.support.images import ImageFactory
@@ -53,6 +55,12 @@ MIN_SECRET_LENGTH = 8
 _SECRET_NAME = re.compile(r"PASSWORD|TOKEN|SECRET|_KEY$", re.IGNORECASE)
 _SECRETS = pytest.StashKey[set[str]]()
 _START_ENV = pytest.StashKey[dict[str, str]]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
+    """A test past ``timeout`` fails with its asyncio tasks printed (``tests.support.hangs``)."""
+    return hangs.set_timer(item, settings)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -122,11 +130,9 @@ def token_server(request: pytest.FixtureRequest) -> Iterator[TokenServer]:
 
 
 @pytest.fixture(scope="session")
-def auth_registry(tmp_path_factory: pytest.TempPathFactory,
-                  token_server: TokenServer) -> Iterator[Registry]:
+def auth_registry(tmp_path_factory: pytest.TempPathFactory, token_server: TokenServer) -> Iterator[Registry]:
     """A Distribution upstream that demands ``token_server``'s bearer tokens."""
-    with Registry(tmp_path_factory.mktemp("auth-registry"),
-                  token_server=token_server) as upstream:
+    with Registry(tmp_path_factory.mktemp("auth-registry"), token_server=token_server) as upstream:
         yield upstream
 
 

@@ -12,6 +12,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
+import redis.asyncio
+import structlog
 
 from proxy.config.storage import CoordinationConfig
 from proxy.oci.digest import Digest
@@ -25,16 +27,18 @@ DIGEST = Digest.of(b"layer")
 @pytest.fixture
 def config(redis_server: RedisServer, key_prefix: str) -> CoordinationConfig:
     """Each test under its own key prefix on the session's Redis."""
-    return CoordinationConfig(type="redis", url=redis_server.url, key_prefix=f"pg-{key_prefix.strip('/')}:",
-                              timeout=1.0, lease_ttl=3.0)
+    return CoordinationConfig(
+        type="redis", url=redis_server.url, key_prefix=f"pg-{key_prefix.strip('/')}:", timeout=1.0, lease_ttl=3.0
+    )
 
 
 @asynccontextmanager
 async def replicas(config: CoordinationConfig, count: int) -> AsyncIterator[list[Coordinator]]:
     """``count`` coordinators with their own connections, as separate replicas would have."""
     async with AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(Coordinator.open(config, {}, owner=f"replica-{i}"))
-               for i in range(count)]
+        yield [
+            await stack.enter_async_context(Coordinator.open(config, {}, owner=f"replica-{i}")) for i in range(count)
+        ]
 
 
 async def test_one_lease_among_racing_replicas(config: CoordinationConfig) -> None:
@@ -113,9 +117,7 @@ async def test_tags_expire_and_can_be_forgotten(config: CoordinationConfig) -> N
         assert await a.get_tag("docker.io", "library/alpine", "3") is None
 
 
-@pytest.mark.parametrize(
-    ("repository", "tag"), [("library/alpine:3", "latest"), ("library/alpine", "3:x")]
-)
+@pytest.mark.parametrize(("repository", "tag"), [("library/alpine:3", "latest"), ("library/alpine", "3:x")])
 async def test_tag_keys_cannot_alias(config: CoordinationConfig, repository: str, tag: str) -> None:
     async with replicas(config, 1) as (node,):
         with pytest.raises(ValueError, match="cannot contain ':'"):
@@ -171,8 +173,13 @@ async def test_redis_outage_flips_up_and_fails_fast(tmp_path: Path) -> None:
         (None, {}, "CoordinationUnavailable"),
     ],
 )
-async def test_password_from_environment(tmp_path: Path, secret: Callable[[str], str], password_env: str | None,
-                                         environ: dict[str, str], expected: str | None) -> None:
+async def test_password_from_environment(
+    tmp_path: Path,
+    secret: Callable[[str], str],
+    password_env: str | None,
+    environ: dict[str, str],
+    expected: str | None,
+) -> None:
     with RedisServer(tmp_path / "redis", password=secret("correct-horse-battery")) as server:
         config = CoordinationConfig(type="redis", url=server.url, password_env=password_env, timeout=1.0)
         async with Coordinator.open(config, environ) as node:
@@ -190,3 +197,21 @@ async def test_unreachable_redis_is_unavailable_not_an_exception_storm() -> None
         assert await node.ping() is False
         with pytest.raises(CoordinationUnavailable):
             await node.holder("blob")
+
+
+async def test_closing_never_waits_past_the_timeout(
+    config: CoordinationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica shutting down is not held by a client close that never returns."""
+    import redis.asyncio
+
+    async def never_returns(self: redis.asyncio.Redis, close_connection_pool: bool | None = None) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(redis.asyncio.Redis, "aclose", never_returns)
+    began = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        async with replicas(config, 1) as (node,):
+            assert await node.ping() is True
+    assert time.monotonic() - began < config.timeout + 2
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["coordination_close_timeout"]

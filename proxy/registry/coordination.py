@@ -176,7 +176,7 @@ class Coordinator:
         try:
             yield cls(client, config, owner=owner, on_health=on_health)
         finally:
-            await client.aclose()
+            await _close(client, config.timeout)
 
     # --- every command goes through here ----------------------------------------------------
     async def call(self, operation: str, request: Callable[[], Awaitable[T]]) -> T:
@@ -351,3 +351,16 @@ def _text(value: str | bytes) -> str:
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+
+async def _close(client: aioredis.Redis, timeout: float) -> None:
+    """Close the client's connections, within ``timeout``: a replica shutting down must not
+    wait on Redis forever (redis-py's close awaits each connection's close handshake and
+    its own housekeeping tasks; none of it carries a deadline of its own here). What is
+    left open then goes with the client object."""
+    try:
+        async with asyncio.timeout(timeout):
+            await client.aclose()
+    except TimeoutError:
+        structlog.get_logger("pullgate.coordination").warning("coordination_close_timeout", seconds=timeout)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from tests.support.procs import free_port, http_status, run, start_daemon, wait_until
+from tests.support.procs import CommandError, free_port, http_status, run, start_daemon, wait_until
 from tests.support.s3engine import S3Engine, S3Keys
 
 START_TIMEOUT = 30.0
@@ -116,7 +116,17 @@ class RadosGateway(S3Engine):
         run(["monmaptool", "-c", str(self.conf), "--create", "--addv", "a", f"[v2:127.0.0.1:{self.mon_port}]",
              "--fsid", self.fsid, str(monmap)], timeout=COMMAND_TIMEOUT)
         run(["ceph-mon", "-c", str(self.conf), "--mkfs", "-i", "a", "--monmap", str(monmap)], timeout=COMMAND_TIMEOUT)
-        self._start("mon.a", ["ceph-mon", "-c", str(self.conf), "-i", "a", "-f"])
+        proc = self._start("mon.a", ["ceph-mon", "-c", str(self.conf), "-i", "a", "-f"])
+        # The monitor may take longer than one client's connect timeout to answer (seen on
+        # a busy CI machine: the first command timed out with nothing in the mon's log yet).
+        wait_until(self._mon_answers, timeout=START_TIMEOUT, what="ceph-mon", proc=proc, log=self.logs / "mon.a.log")
+
+    def _mon_answers(self) -> bool:
+        try:
+            run(["ceph", "-c", str(self.conf), "--connect-timeout", "3", "mon", "stat"], timeout=10)
+        except CommandError:
+            return False
+        return True
 
     def _start_osd(self) -> None:
         osd_uuid = str(uuid.uuid4())
