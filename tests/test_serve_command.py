@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.procs import Completed, free_port, run
+from proxy.cli.serve_command import raise_open_files_limit
+from tests.support.procs import Completed, free_port, http_status, run, start_daemon, stop_daemon, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,3 +106,35 @@ def test_read_only_cache_dir_names_the_key_and_the_path(tmp_path: Path, existing
     result = serve(write_config(tmp_path, cache={"dir": str(cache)}), wrap=wrap)
     assert (result.returncode, result.stdout) == (2, ""), result.stderr
     assert result.stderr == f"pullgate: config error: cache.dir: {cache} is not writable (read-only file system)\n"
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit() -> None:
+    """Each blob being sent holds four descriptors: a soft limit of 1024 must not cap a fan-out."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard != resource.RLIM_INFINITY and hard > 600
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+        assert raise_open_files_limit() == hard
+        assert resource.getrlimit(resource.RLIMIT_NOFILE) == (hard, hard)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_serve_runs_with_the_raised_limit(tmp_path: Path) -> None:
+    port = free_port()
+    script = (
+        "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, resource.getrlimit("
+        "resource.RLIMIT_NOFILE)[1])); sys.argv = ['pullgate', 'serve', '--listen', sys.argv[1]]; "
+        "runpy.run_module('proxy', run_name='__main__')"
+    )
+    log = tmp_path / "serve.log"
+    proc = start_daemon([sys.executable, "-c", script, f"127.0.0.1:{port}"], stdout=log, stderr=log, cwd=tmp_path)
+    try:
+        wait_until(lambda: http_status(f"http://127.0.0.1:{port}/v2/", timeout=1.0) == 200, timeout=20,
+                   what="pullgate", proc=proc, log=log)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+        soft, hard = line.split()[3:5]
+        assert soft == hard != "256"
+    finally:
+        stop_daemon(proc)

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -75,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     if problems:
         return 2
     configure_logging(config.log)
+    raise_open_files_limit()
     try:
         asyncio.run(serve(config, path, overrides))
     except ConfigError as exc:  # files the config names (TLS, htpasswd, tokens, cache.dir) are opened at start
@@ -84,6 +86,20 @@ def run(args: argparse.Namespace) -> int:
         structlog.get_logger("pullgate").error("listen_failed", key=exc.key, address=exc.address, error=exc.reason)
         return 1
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open descriptors to the hard one (what Go programs and nginx's
+    ``worker_rlimit_nofile`` do): a blob being sent holds its client's socket, the blob's
+    file and the sender job's duplicates of both, and a soft limit of 1024 (a common default
+    outside containers) would cap a fan-out at a few hundred clients. The new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):  # not allowed here: keep what we have
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    structlog.get_logger("pullgate").debug("open_files_limit", soft=soft, hard=hard)
+    return soft
 
 
 async def serve(config: Config, path: Path | None = None, environ: dict[str, str] | None = None) -> None:
