@@ -67,6 +67,11 @@ class _Job:
     cancelled: bool = False  # set by the loop, seen by the thread at its next turn
     closed: bool = False
 
+    def close(self) -> None:
+        self.closed = True
+        os.close(self.sock)
+        os.close(self.fd)
+
 
 class FileSender:
     """``os.sendfile`` from files to client sockets in sender threads (one set per app)."""
@@ -101,13 +106,13 @@ class FileSender:
         await _flush(loop, transport, timeout)
         if count <= 0:
             return
-        job = _new_job(loop, transport, fd, offset, count, timeout, on_sent)
+        own_sock, own_fd = _duplicates(transport, fd)
+        job = _Job(own_sock, own_fd, offset, offset + count, timeout, loop, loop.create_future(), on_sent)
         worker = min(self._workers, key=self._load.__getitem__)
         try:
             worker.submit(job)
         except BaseException:
-            os.close(job.sock)
-            os.close(job.fd)
+            job.close()
             raise
         self._load[worker] += 1
         job.done.add_done_callback(lambda _: self._finished(worker))
@@ -126,24 +131,16 @@ class FileSender:
         await asyncio.to_thread(_join, self._workers)
 
 
-def _new_job(
-    loop: asyncio.AbstractEventLoop,
-    transport: asyncio.WriteTransport,
-    fd: int,
-    offset: int,
-    count: int,
-    timeout: float,
-    on_sent: Callable[[int], None],
-) -> _Job:
+def _duplicates(transport: asyncio.WriteTransport, fd: int) -> tuple[int, int]:
+    """A job's own descriptors: duplicates of the client's socket and of the file."""
     if transport.is_closing():
         raise ConnectionResetError("the client closed the connection")
     own_sock = os.dup(transport.get_extra_info("socket").fileno())
     try:
-        own_fd = os.dup(fd)
+        return own_sock, os.dup(fd)
     except BaseException:
         os.close(own_sock)
         raise
-    return _Job(own_sock, own_fd, offset, offset + count, timeout, loop, loop.create_future(), on_sent)
 
 
 def _join(workers: list[_Worker]) -> None:
@@ -299,12 +296,10 @@ class _Worker(threading.Thread):
         every descriptor of it is closed), then tell the loop."""
         if job.closed:
             return
-        job.closed = True
         if self._jobs.get(job.sock) is job:
             del self._jobs[job.sock]
             self._poll.unregister(job.sock)
-        os.close(job.sock)
-        os.close(job.fd)
+        job.close()
         _tell(job, _settle, job, error, job.unreported)
 
 
