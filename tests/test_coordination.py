@@ -6,9 +6,10 @@ with a TTL, and Redis going away and coming back (``up`` and the health callback
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ import structlog
 
 from proxy.config.storage import CoordinationConfig
 from proxy.oci.digest import Digest
-from proxy.registry.coordination import CoordinationUnavailable, Coordinator, LeaseHolder, TagRecord
+from proxy.registry.coordination import CoordinationUnavailable, Coordinator, Lease, LeaseHolder, TagRecord
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 
@@ -26,9 +27,11 @@ DIGEST = Digest.of(b"layer")
 
 @pytest.fixture
 def config(redis_server: RedisServer, key_prefix: str) -> CoordinationConfig:
-    """Each test under its own key prefix on the session's Redis."""
+    """Each test under its own key prefix on the session's Redis. The command timeout is
+    generous: a loaded 2-core CI machine has stalled a loopback Redis command past 1 s (40
+    racing acquires, 0.06 s when quiet); tests of timeouts set their own."""
     return CoordinationConfig(
-        type="redis", url=redis_server.url, key_prefix=f"pg-{key_prefix.strip('/')}:", timeout=1.0, lease_ttl=3.0
+        type="redis", url=redis_server.url, key_prefix=f"pg-{key_prefix.strip('/')}:", timeout=5.0, lease_ttl=15.0
     )
 
 
@@ -88,6 +91,54 @@ async def test_held_lease_is_renewed_past_its_ttl_and_released_on_exit(config: C
                 assert nothing is None
         assert await b.wait_released("blob", timeout=0.1)  # released, not expired
         assert await b.acquire("blob") is not None
+
+
+async def test_a_cancelled_command_ends_cancelled_wherever_the_cancel_lands(config: CoordinationConfig) -> None:
+    """A cancel at any point of a command (connect, send, read) ends it with CancelledError.
+    With redis-py's ``socket_timeout`` the send ran under ``asyncio.wait_for``, which on
+    Python 3.11 returned the result instead (cpython#86296): about a third of these cancels
+    were lost, and a cancelled lease renewer renewed forever."""
+    async with replicas(config, 1) as (node,):
+        lease = await node.acquire("blob", ttl=60)
+        assert lease is not None
+        lost, landed = [], 0
+        for yields in [n for n in range(10) for _ in range(12)]:
+            renewal = asyncio.create_task(lease.renew())
+            for _ in range(yields):
+                await asyncio.sleep(0)
+            if renewal.done():
+                continue
+            renewal.cancel()
+            landed += 1
+            try:
+                await renewal
+            except asyncio.CancelledError:
+                continue
+            lost.append(yields)
+        assert landed > 30, "the cancels should land while commands are in flight"
+        assert lost == [], f"cancellation swallowed after these many loop turns: {lost}"
+
+
+async def test_leaving_hold_ends_a_renewer_that_swallows_its_cancellation(
+    config: CoordinationConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defence in depth: should any library lose the renewer's cancellation again, leaving
+    ``hold`` still ends it after the renewal in flight, instead of waiting on it forever."""
+    renewing = asyncio.Event()
+
+    async def stubborn_renew(self: Lease) -> bool:
+        renewing.set()
+        with suppress(asyncio.CancelledError):  # what 3.11's wait_for did
+            await asyncio.sleep(0.3)
+        return True
+
+    monkeypatch.setattr(Lease, "renew", stubborn_renew)
+    async with replicas(config, 2) as (a, b):
+        async with asyncio.timeout(10):
+            async with a.hold("blob", ttl=0.3) as lease:
+                assert lease is not None
+                await renewing.wait()
+            assert await b.acquire("blob") is not None  # released on the way out
 
 
 async def test_wait_released_follows_release_and_gives_up_after_timeout(config: CoordinationConfig) -> None:
@@ -209,6 +260,7 @@ async def test_closing_never_waits_past_the_timeout(
         await asyncio.Event().wait()
 
     monkeypatch.setattr(redis.asyncio.Redis, "aclose", never_returns)
+    config = dataclasses.replace(config, timeout=1.0, lease_ttl=3.0)
     began = time.monotonic()
     with structlog.testing.capture_logs() as logs:
         async with replicas(config, 1) as (node,):

@@ -67,7 +67,7 @@ def replica_config(
         access_key_env="TEST_S3_ACCESS", secret_key_env="TEST_S3_SECRET", timeout=5.0,
     )  # fmt: skip
     coordination = (
-        CoordinationConfig(type="redis", url=redis_url, key_prefix=f"pg-{prefix.strip('/')}:", timeout=1.0)
+        CoordinationConfig(type="redis", url=redis_url, key_prefix=f"pg-{prefix.strip('/')}:", timeout=2.0)
         if redis_url else CoordinationConfig()
     )  # fmt: skip
     return Config(

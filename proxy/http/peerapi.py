@@ -47,7 +47,8 @@ async def peer_blob(request: web.Request) -> web.StreamResponse:
         return await send_cached(request, mirror, found, headers)
     details.cache = "miss"
     # The holder takes its lease before the upstream answered: a peer may ask that early.
-    await asyncio.wait_for(asyncio.shield(found.started), _START_TIMEOUT)
+    async with asyncio.timeout(_START_TIMEOUT):
+        await asyncio.shield(found.started)
     return await stream_flight(request, found, headers)
 
 

@@ -96,7 +96,8 @@ class BlobService:
         else:
             self._metrics.cache_results.labels("blob", "miss").inc()
             flight = self._start(route, digest)
-        await asyncio.wait_for(asyncio.shield(flight.started), _START_TIMEOUT)
+        async with asyncio.timeout(_START_TIMEOUT):
+            await asyncio.shield(flight.started)
         return flight
 
     async def redirect(self, route: Route, digest: Digest) -> str | None:

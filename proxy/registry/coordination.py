@@ -169,9 +169,15 @@ class Coordinator:
     ) -> AsyncIterator[Coordinator]:
         if config.url is None:
             raise ValueError("coordination.url is required")
+        # ``socket_timeout=None`` (redis-py 8 defaults to 5 s): ``call`` bounds every command.
+        # With a socket timeout redis-py sends each command under ``asyncio.wait_for``, which
+        # on Python 3.11 (our image) returns instead of raising when the cancel lands as the
+        # send completes (https://github.com/python/cpython/issues/86296, fixed in 3.12): a
+        # cancelled lease renewer then renewed forever, and the download holding it never
+        # finished. ``socket_connect_timeout`` runs under ``asyncio.timeout``, which is safe.
         client = aioredis.Redis.from_url(
             config.url, username=config.username, password=config.password(environ), decode_responses=True,
-            socket_timeout=config.timeout, socket_connect_timeout=config.timeout, health_check_interval=30,
+            socket_timeout=None, socket_connect_timeout=config.timeout, health_check_interval=30,
         )  # fmt: skip
         try:
             yield cls(client, config, owner=owner, on_health=on_health)
@@ -241,6 +247,9 @@ class Coordinator:
         try:
             yield lease
         finally:
+            # ``lost`` first: a renewer whose cancellation a library swallowed still ends
+            # after its current renewal instead of renewing (and holding us here) forever.
+            lease.lost.set()
             renewer.cancel()
             with suppress(asyncio.CancelledError):
                 await renewer

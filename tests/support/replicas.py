@@ -53,7 +53,7 @@ def cluster_config(
     coordination = CoordinationConfig()
     if redis_url is not None:
         coordination = CoordinationConfig(
-            type="redis", url=redis_url, key_prefix=f"pg-{prefix.strip('/')}:", timeout=1.0, lease_ttl=6.0
+            type="redis", url=redis_url, key_prefix=f"pg-{prefix.strip('/')}:", timeout=2.0, lease_ttl=6.0
         )
     return Config(
         cache=CacheConfig(dir=tmp_path),

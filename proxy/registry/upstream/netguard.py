@@ -149,7 +149,8 @@ async def resolve(host: str, port: int, timeout: float) -> list[IPAddress]:
     if address is not None:
         return [address]
     loop = asyncio.get_running_loop()
-    infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+    async with asyncio.timeout(timeout):
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     found: list[IPAddress] = []
     for info in infos:
         ip = ipaddress.ip_address(str(info[4][0]).partition("%")[0])
