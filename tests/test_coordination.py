@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import AsyncExitStack, asynccontextmanager, suppress
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -119,16 +119,19 @@ async def test_a_cancelled_command_ends_cancelled_wherever_the_cancel_lands(conf
         assert lost == [], f"cancellation swallowed after these many loop turns: {lost}"
 
 
-async def test_leaving_hold_ends_a_renewer_that_swallows_its_cancellation(
+async def test_finishing_a_lease_ends_a_renewer_that_swallows_its_cancellation(
     config: CoordinationConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Defence in depth: should any library lose the renewer's cancellation again, leaving
-    ``hold`` still ends it after the renewal in flight, instead of waiting on it forever."""
+    ``hold`` (``Lease.finish``) still ends it after the renewal in flight, instead of waiting
+    on it forever."""
     renewing = asyncio.Event()
 
     async def stubborn_renew(self: Lease) -> bool:
         renewing.set()
-        with suppress(asyncio.CancelledError):  # what 3.11's wait_for did
+        try:
+            await asyncio.sleep(0.3)
+        except asyncio.CancelledError:  # swallowed, as 3.11's wait_for did; and it takes a while
             await asyncio.sleep(0.3)
         return True
 
@@ -139,6 +142,18 @@ async def test_leaving_hold_ends_a_renewer_that_swallows_its_cancellation(
                 assert lease is not None
                 await renewing.wait()
             assert await b.acquire("blob") is not None  # released on the way out
+        # ... and finishing a lease does not swallow a cancel of its caller either.
+        lease = await a.acquire("other", ttl=0.3)
+        assert lease is not None
+        renewing.clear()
+        lease.start_renewing()
+        await renewing.wait()
+        finishing = asyncio.create_task(lease.finish())
+        await asyncio.sleep(0.05)  # waiting for the renewal in flight
+        finishing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await finishing
+        assert await b.wait_released("other", timeout=5)  # the renewer ended: the lease expired
 
 
 async def test_wait_released_follows_release_and_gives_up_after_timeout(config: CoordinationConfig) -> None:

@@ -109,6 +109,7 @@ class Lease:
         self.ttl = ttl
         self.lost = asyncio.Event()
         self.renewed = time.monotonic()
+        self._renewer: asyncio.Task[None] | None = None
 
     @property
     def token(self) -> int:
@@ -136,6 +137,26 @@ class Lease:
             except CoordinationUnavailable:
                 if time.monotonic() - self.renewed >= self.ttl:
                     self.lost.set()
+
+    def start_renewing(self) -> None:
+        """Run ``keep_alive`` in the background until ``finish``."""
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self.keep_alive())
+
+    async def finish(self) -> None:
+        """Stop renewing, then release (when Redis is away it expires on its own).
+
+        ``lost`` is set first, so a renewer whose cancellation a library swallowed (as
+        redis-py's ``wait_for`` did, see ``Coordinator.open``) still ends after the renewal
+        in flight instead of renewing forever; ``asyncio.wait`` waits for it without the
+        ``suppress(CancelledError)`` that would also swallow a cancel of our caller."""
+        self.lost.set()
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None:
+            renewer.cancel()
+            await asyncio.wait([renewer])
+        with suppress(CoordinationUnavailable):
+            await self.release()
 
 
 class Coordinator:
@@ -243,18 +264,11 @@ class Coordinator:
         if lease is None:
             yield None
             return
-        renewer = asyncio.create_task(lease.keep_alive())
+        lease.start_renewing()
         try:
             yield lease
         finally:
-            # ``lost`` first: a renewer whose cancellation a library swallowed still ends
-            # after its current renewal instead of renewing (and holding us here) forever.
-            lease.lost.set()
-            renewer.cancel()
-            with suppress(asyncio.CancelledError):
-                await renewer
-            with suppress(CoordinationUnavailable):  # unreachable: it expires on its own
-                await lease.release()
+            await lease.finish()
 
     async def wait_released(self, name: str, timeout: float) -> bool:
         """Wait until nobody holds ``name`` (released or expired); False after ``timeout``."""

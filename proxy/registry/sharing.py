@@ -22,7 +22,6 @@ blob on local disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -107,7 +106,7 @@ class Sharing:
             if lease is not None:
                 if await self._stored(flight.digest):
                     # A holder finished (uploaded, released) between our look and our lease.
-                    await self._release(lease, None)
+                    await lease.finish()
                     await authorize()
                     return stored
                 self._upload(flight, lease)
@@ -189,7 +188,7 @@ class Sharing:
     def _upload(self, flight: Flight, lease: Lease | None) -> None:
         if self._cluster.objects is None or not self._cluster.storage_up:
             if lease is not None:
-                self._spawn(self._release(lease, None))
+                self._spawn(lease.finish())
             return
         if lease is None and flight in self._uploading:
             return  # a download that went back to the upstream keeps its first uploader
@@ -207,7 +206,8 @@ class Sharing:
         makes the object visible only after its own check (``ObjectUpload.commit``)."""
         objects = self._cluster.objects
         assert objects is not None
-        renewer = asyncio.create_task(lease.keep_alive()) if lease is not None else None
+        if lease is not None:
+            lease.start_renewing()
         log = self._log.bind(digest=str(flight.digest))
         result = "failed"
         try:
@@ -225,16 +225,8 @@ class Sharing:
             log.info("blob_share_abandoned", reason=exc.message, code=exc.code)
         finally:
             self._metrics.object_uploads.labels(result).inc()
-            await self._release(lease, renewer)
-
-    async def _release(self, lease: Lease | None, renewer: asyncio.Task[None] | None) -> None:
-        if renewer is not None:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-        if lease is not None:
-            with contextlib.suppress(CoordinationUnavailable):  # unreachable: it expires on its own
-                await lease.release()
+            if lease is not None:
+                await lease.finish()
 
     async def close(self) -> None:
         """Let running uploads finish (bounded), then cancel them: an upload cut short is
